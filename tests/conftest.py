@@ -1,0 +1,52 @@
+"""Shared fixtures: a small generated corpus, a shared token cache, and a runner for the real CLI."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SCRIPT = ROOT / "run_scaling_experiments_enhanced.py"
+
+# Arguments that make a real end-to-end run take seconds on a 2-core CPU.
+SECONDS_SIZED = ["--mode", "tiny", "--vocab-size", "512", "--param-sizes", "25K,100K",
+                 "--data-sizes", "16K,32K", "--max-steps", "30", "--batch-size", "8",
+                 "--context-length", "64", "--eval-interval", "15", "--eval-batches", "2",
+                 "--log-interval", "10", "--no-estimate"]
+
+
+def make_text(n_sentences: int, seed: int = 0) -> str:
+    """Pseudo-English with real structure (a small grammar), so models of different sizes learn it."""
+    rng = np.random.default_rng(seed)
+    subjects = ["the cat", "a dog", "my friend", "the old man", "a small bird", "the teacher", "our team"]
+    verbs = ["sees", "likes", "finds", "carries", "paints", "follows", "remembers"]
+    objects = ["the ball", "a red house", "the river", "an apple", "the long road", "a quiet song"]
+    tails = ["today", "in the morning", "after dinner", "with care", "again and again", "at night"]
+    lines = []
+    for i in range(n_sentences):
+        s = (f"{subjects[rng.integers(len(subjects))]} {verbs[rng.integers(len(verbs))]} "
+             f"{objects[rng.integers(len(objects))]} {tails[rng.integers(len(tails))]}.")
+        lines.append(s.capitalize() + (f" ({i % 97})" if i % 5 == 0 else ""))
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(make_text(12000))
+    return path
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("token-cache")
+
+
+def run_cli(args, cwd, script=SCRIPT, timeout=600, env_extra=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)

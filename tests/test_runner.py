@@ -1,0 +1,170 @@
+"""The runner (issue 2): parameter counts, shapes, LR schedule, data split and cache, the real CLI."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+import run_scaling_experiments_enhanced as rse
+from conftest import SECONDS_SIZED, run_cli
+
+
+@pytest.mark.parametrize("n_layer,d_model,vocab,ctx", [(2, 32, 512, 64), (4, 320, 1000, 128), (3, 96, 257, 16)])
+def test_parameter_counts_match_the_model(n_layer, d_model, vocab, ctx):
+    model = rse.build_model(n_layer, d_model, d_model // 32, vocab, ctx)
+    nonemb, total = model.count_params()
+    assert nonemb == rse.n_params_nonembedding(n_layer, d_model) == n_layer * (12 * d_model**2 + 13 * d_model) + 2 * d_model
+    assert total == rse.n_params_total(n_layer, d_model, vocab, ctx) == nonemb + (vocab + ctx) * d_model
+    # tied output layer: no separate (V, C) matrix
+    assert sum(p.numel() for p in model.parameters()) == total
+
+
+def test_tiny_shapes_are_the_documented_ladder():
+    p = rse.PRESETS["tiny"]
+    shapes = [rse.choose_shape(n, p) for n in p.param_sizes]
+    assert shapes == [(2, 32, 1), (2, 64, 2), (2, 128, 4), (2, 256, 8)]
+    assert [rse.n_params_nonembedding(l, d) for l, d, _ in shapes] == [25472, 100096, 396800, 1580032]
+
+
+@pytest.mark.parametrize("mode", ["quick", "standard", "full"])
+def test_gpu_preset_shapes_keep_kaplans_aspect_ratio(mode):
+    p = rse.PRESETS[mode]
+    for target in p.param_sizes:
+        n_layer, d_model, n_head = rse.choose_shape(target, p)
+        assert 32 <= d_model / n_layer <= 128
+        assert d_model == 64 * n_head
+        assert abs(math.log(rse.n_params_nonembedding(n_layer, d_model) / target)) < math.log(1.25)
+
+
+def test_lr_schedule_values():
+    peak, total = 1e-3, 1000                      # warmup = 100 steps
+    assert rse.lr_at(0, total, peak) == pytest.approx(1e-5)
+    assert rse.lr_at(99, total, peak) == pytest.approx(peak)          # end of warmup
+    middle = 100 + (999 - 100) / 2                                     # half-way through the cosine
+    assert rse.lr_at(middle, total, peak) == pytest.approx(peak * (0.1 + 0.9 * 0.5))
+    assert rse.lr_at(999, total, peak) == pytest.approx(0.1 * peak)   # last step: 10% of peak
+    values = [rse.lr_at(s, total, peak) for s in range(100, 1000)]
+    assert all(a >= b for a, b in zip(values, values[1:]))            # decays monotonically
+
+
+def test_default_lr_rule():
+    assert rse.default_peak_lr(32) == 1e-2
+    assert rse.default_peak_lr(256) == pytest.approx(1.5625e-3)
+    assert rse.default_peak_lr(768) == pytest.approx(5.208e-4, rel=1e-3)
+
+
+def test_parse_count():
+    assert rse.parse_count("25K") == 25_000
+    assert rse.parse_count("0.3M") == 300_000
+    assert rse.parse_count("1B") == 10**9
+    assert rse.parse_count_list("10M,1M,3M") == [10**6, 3 * 10**6, 10**7]
+    for bad in ("-5M", "0", "abc", "1X"):
+        with pytest.raises(rse.UserError):
+            rse.parse_count(bad)
+
+
+def test_train_and_validation_never_overlap(tmp_path):
+    docs = [f"doc{d}\n" + "".join(f"marker-{d}-{i}\n" for i in range(3000)) for d in range(4)]
+    train, val = rse.split_pieces(docs)
+    assert len(val) >= 2 and len(train) > 10 * len(val) // 2
+    train_lines = {line for piece in train for line in piece.splitlines()}
+    val_lines = {line for piece in val for line in piece.splitlines()}
+    assert not (train_lines & val_lines)
+    # nothing lost, nothing duplicated
+    assert sorted(train_lines | val_lines) == sorted(line for d in docs for line in d.splitlines())
+
+
+def test_token_cache_is_reused_and_splits_decode_apart(tmp_path, corpus_file):
+    cache = tmp_path / "cache"
+    c1 = rse.load_corpus(str(corpus_file), 300, cache)
+    entries = list(cache.iterdir())
+    assert len(entries) == 1
+    mtime = (entries[0] / "train.bin").stat().st_mtime_ns
+    c2 = rse.load_corpus(str(corpus_file), 300, cache)
+    assert (entries[0] / "train.bin").stat().st_mtime_ns == mtime            # not rebuilt
+    assert np.array_equal(np.asarray(c1.train), np.asarray(c2.train))
+    assert c1.record["sha256"] == c2.record["sha256"]
+    assert c1.record["n_train_tokens"] + c1.record["n_val_tokens"] == len(c1.train) + len(c1.val)
+    rse.load_corpus(str(corpus_file), 320, cache)                             # other vocabulary: new entry
+    assert len(list(cache.iterdir())) == 2
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(c1.record["tokenizer_path"])
+    text = corpus_file.read_text()
+    val_text = tok.decode(np.asarray(c1.val).tolist())
+    train_text = tok.decode(np.asarray(c1.train).tolist())
+    assert len(val_text) + len(train_text) == len(text)                       # byte-level BPE is lossless
+    assert set(val_text.splitlines()) <= set(text.splitlines())               # whole lines of the corpus
+    assert 0.02 < len(val_text) / len(text) < 0.10                            # about 5% held out
+    assert int(np.asarray(c1.train).max()) < 300
+
+
+def test_end_to_end_cli_writes_results_and_figure(tmp_path, corpus_file, cache_dir):
+    out = tmp_path / "out"
+    r = run_cli([*SECONDS_SIZED, "--data", corpus_file, "--cache-dir", cache_dir, "--output-dir", out], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "device: cpu" in r.stdout.splitlines()[0] and "torch" in r.stdout.splitlines()[0]
+    res = json.loads((out / "results.json").read_text())
+    for key in ("schema_version", "mode", "config", "environment", "experiments", "fits", "predictions"):
+        assert key in res
+    assert res["environment"]["corpus"]["vocab_size"] == 512
+    assert len(res["environment"]["corpus"]["sha256"]) == 64
+    exps = res["experiments"]
+    assert [e["sweep"] for e in exps] == ["params", "params", "data", "data"]
+    for e in exps:
+        for key in ("name", "sweep", "n_params_nonembedding", "n_params_total", "n_layer", "d_model", "n_head",
+                    "tokens", "steps", "epochs", "initial_loss", "final_val_loss", "status", "wall_time_s",
+                    "tokens_per_s", "curve"):
+            assert key in e, key
+        assert e["status"] == "completed"
+        assert abs(e["initial_loss"] - math.log(512)) < 0.3          # untrained model: near ln(vocabulary)
+        assert e["final_val_loss"] < e["initial_loss"] - 1.0          # it learned
+        assert e["final_val_loss"] == e["curve"]["val_loss"][-1]      # reported loss is the last validation loss
+        assert e["tokens"] == e["steps"] * 8 * 64
+        assert set(e["curve"]) >= {"step", "tokens", "train_loss", "val_loss", "lr"}
+    assert exps[0]["n_params_nonembedding"] == 25472 and exps[1]["n_params_nonembedding"] == 100096
+    assert [e["steps"] for e in exps] == [30, 30, 31, 62]              # D / (8 * 64) tokens per step
+    for sweep in ("params", "data"):
+        fit = res["fits"][sweep]
+        assert fit["n_points"] == 2 and fit["form"] == "two_parameter" and fit["note"]
+    names = {p["name"] for p in res["predictions"]}
+    assert {"GPT-2", "GPT-3", "LLaMA", "Llama 3"} <= {n.split(" (")[0] for n in names}
+    png = out / "scaling_laws_complete.png"
+    assert png.stat().st_size > 20_000
+    fig = rse.build_scaling_figure(res)
+    assert len(fig.axes) == 4
+    assert [ax.get_title()[:2] for ax in fig.axes] == ["1.", "2.", "3.", "4."]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--mode", "huge"], "unknown mode 'huge'"),
+    (["--max-steps", "0"], "must be positive"),
+    (["--max-steps", "-3"], "must be positive"),
+    (["--param-sizes", "1M,-2M"], "positive count"),
+    (["--data", "/no/such/corpus.txt"], "no such file or folder"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
+    r = run_cli([*args, "--output-dir", tmp_path / "o"], tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_unwritable_output_folder(tmp_path, corpus_file):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    r = run_cli(["--mode", "tiny", "--data", corpus_file, "--output-dir", blocker / "sub"], tmp_path)
+    assert r.returncode == 2 and "cannot write to output folder" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_fit_recovers_known_power_law():
+    x = np.array([1e5, 3e5, 1e6, 3e6, 1e7])
+    y = rse.power_law(x, 40.0, 0.3, 2.0)
+    fit = rse.fit_power_law(x, y)
+    assert fit["form"] == "three_parameter"
+    assert fit["b"] == pytest.approx(0.3, rel=1e-3)
+    assert fit["c"] == pytest.approx(2.0, rel=1e-3)
+    assert fit["a"] == pytest.approx(40.0, rel=1e-2)
+    assert fit["r2"] == pytest.approx(1.0, abs=1e-9)
+    assert rse.fit_power_law([1e5], [3.0])["available"] is False
