@@ -257,6 +257,9 @@ class RunConfig:
     log_interval: int = 50
     data: str = "builtin"
     device: str = "auto"
+    dtype: str = "auto"             # auto: bf16 autocast on CUDA, fp32 elsewhere
+    compile: bool | None = None     # torch.compile; None: on for CUDA only
+    peak_tflops: float | None = None
     output_dir: str = ""
     cache_dir: str = ""
 
@@ -612,28 +615,114 @@ class DeviceInfo:
     dtype: str                      # "bf16" (autocast) or "fp32"
 
 
-def setup_device(requested: str) -> DeviceInfo:
+def setup_device(requested: str, dtype: str = "auto") -> DeviceInfo:
+    """Resolve --device and --dtype. auto: CUDA, then MPS, then CPU; bf16 autocast on CUDA, fp32 elsewhere
+    (bf16 on a CPU only when asked for, and only where the CPU has native bf16 instructions)."""
     import torch
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if requested == "auto":
-        if torch.cuda.is_available():
-            requested = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            requested = "mps"
-        else:
-            requested = "cpu"
+        requested = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA GPU is visible to torch; use --device auto or cpu")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        return DeviceInfo("cuda", torch.cuda.get_device_name(0), "bf16")
+        if dtype == "bf16" or dtype == "auto":
+            if not torch.cuda.is_bf16_supported():
+                if dtype == "bf16":
+                    raise UserError("--dtype bf16: this GPU has no bf16 support; use --dtype fp32")
+                dtype = "fp32"
+            else:
+                dtype = "bf16"
+        return DeviceInfo("cuda", torch.cuda.get_device_name(0), dtype)
     if requested == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        if not has_mps:
             raise UserError("--device mps: Apple's MPS backend is not available; use --device auto or cpu")
-        return DeviceInfo("mps", "Apple MPS", "fp32")
+        if dtype == "bf16" and not _mps_supports_bf16():
+            raise UserError("--dtype bf16: this MPS device/macOS has no bf16 support; use --dtype fp32")
+        return DeviceInfo("mps", "Apple MPS", "bf16" if dtype == "bf16" else "fp32")
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(threads)
-    return DeviceInfo("cpu", f"{platform.processor() or platform.machine()} ({threads} threads)", "fp32")
+    if dtype == "bf16" and not _cpu_supports_bf16():
+        raise UserError("--dtype bf16: this CPU has no native bf16 instructions (avx512_bf16/amx); use fp32")
+    return DeviceInfo("cpu", f"{platform.processor() or platform.machine()} ({threads} threads)",
+                      "bf16" if dtype == "bf16" else "fp32")
+
+
+def _cpu_supports_bf16() -> bool:
+    import torch
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _mps_supports_bf16() -> bool:
+    import torch
+    try:
+        torch.ones(1, device="mps", dtype=torch.bfloat16)
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
+# Dense (no sparsity) tensor-core peaks in TFLOP/s from the vendors' data sheets: bf16 and TF32/fp32.
+# Matched against torch.cuda.get_device_name() in order; the first key contained in the name wins.
+GPU_PEAK_TFLOPS = [
+    ("H200", 989.0, 494.5), ("H100 PCIe", 756.0, 378.0), ("H100", 989.0, 494.5), ("GH200", 989.0, 494.5),
+    ("A100", 312.0, 156.0), ("L40S", 362.0, 183.0), ("L4", 121.0, 60.0), ("A10G", 70.0, 35.0),
+    ("A10", 125.0, 62.5), ("RTX 4090", 165.2, 82.6), ("RTX 3090", 71.0, 35.6), ("V100", 125.0, 15.7),
+    ("T4", 65.0, 8.1),
+]
+
+
+def flops_per_token(n_layer: int, d_model: int, vocab_size: int, context_length: int) -> float:
+    """Training FLOPs per token: 6 x every matmul weight (blocks 12 d^2 per layer, plus the tied output
+    layer V d) plus attention's 12 n_layer d_model context (PaLM's accounting)."""
+    n_matmul = n_layer * 12 * d_model * d_model + vocab_size * d_model
+    return 6.0 * n_matmul + 12.0 * n_layer * d_model * context_length
+
+
+def gpu_peak_flops(device_name: str, dtype: str) -> float | None:
+    for key, bf16, fp32 in GPU_PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return (bf16 if dtype == "bf16" else fp32) * 1e12
+    return None
+
+
+_MEASURED_PEAK: dict = {}
+
+
+def measure_matmul_peak(device: str, dtype: str, size: int = 2048, seconds: float = 1.0) -> float:
+    """FLOP/s of a large square matmul on this device: the ceiling for devices without a data sheet."""
+    import torch
+    key = (device, dtype, size)
+    if key not in _MEASURED_PEAK:
+        tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        a = torch.randn(size, size, device=device, dtype=tdtype)
+        b = torch.randn(size, size, device=device, dtype=tdtype)
+        a @ b                                                # warm-up
+        _sync(device)
+        n, t0 = 0, time.time()
+        while time.time() - t0 < seconds or n < 3:
+            a @ b
+            n += 1
+            if n % 4 == 0:
+                _sync(device)
+        _sync(device)
+        _MEASURED_PEAK[key] = 2.0 * size**3 * n / (time.time() - t0)
+    return _MEASURED_PEAK[key]
+
+
+def device_peak_flops(device: DeviceInfo, override_tflops: float | None = None) -> tuple[float, str]:
+    """(peak FLOP/s, where it came from) for the MFU denominator."""
+    if override_tflops:
+        return override_tflops * 1e12, "--peak-tflops"
+    if device.name == "cuda":
+        peak = gpu_peak_flops(device.description, device.dtype)
+        if peak:
+            return peak, f"data sheet ({device.description}, dense {device.dtype})"
+    return measure_matmul_peak(device.name, device.dtype), f"measured {device.dtype} matmul peak"
 
 
 class Trainer:
@@ -644,6 +733,12 @@ class Trainer:
         self.progress_bar = progress_bar
         self.val_offsets = batch_offsets(len(corpus.val), cfg.context_length,
                                          cfg.batch_size * cfg.eval_batches, 20240, 0)
+        self.compile = cfg.compile if cfg.compile is not None else device.name == "cuda"
+
+    def for_training(self, model):
+        """The module the step loop calls: compiled on CUDA by default (evaluation uses the eager one)."""
+        import torch
+        return torch.compile(model) if self.compile else model
 
     def autocast(self):
         import contextlib
@@ -686,6 +781,8 @@ class Trainer:
             offs = batch_offsets(len(self.corpus.train), cfg.context_length, cfg.batch_size,
                                  cfg.seed, stream, step, micro)
             x, y = get_batch(self.corpus.train, offs, cfg.context_length)
+            if self.device.name == "cuda":            # pinned host memory lets the copy run asynchronously
+                x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(self.device.name, non_blocking=True), y.to(self.device.name, non_blocking=True)
             with self.autocast():
                 loss = model(x, y) / cfg.grad_accum
@@ -705,6 +802,7 @@ class Trainer:
         n_nonemb, n_total = model.count_params()
         assert n_nonemb == exp.n_params_nonembedding, (n_nonemb, exp.n_params_nonembedding)
         opt = configure_optimizer(model, exp.peak_lr, cfg.weight_decay, fused=self.device.name == "cuda")
+        step_model = self.for_training(model)
         curve = {"step": [], "tokens": [], "train_loss": [], "val_loss": [], "lr": [],
                  "eval_step": [], "eval_tokens": []}
         initial = self.evaluate(model)
@@ -724,7 +822,7 @@ class Trainer:
         t_last, step_last = t_start, 0
         window = []                   # train losses since the last log line, still on the device
         for step in range(exp.steps):
-            loss, lr = self.train_step(model, opt, exp, step, stream)
+            loss, lr = self.train_step(step_model, opt, exp, step, stream)
             window.append(loss)
             last = step == exp.steps - 1
             if (step + 1) % cfg.log_interval == 0 or last:
@@ -809,6 +907,103 @@ def estimate_wall_time(trainer: Trainer, plan: list[Experiment], budget_s: float
         del model, opt
     eval_fraction = cfg.eval_batches / (3 * cfg.eval_interval)   # an eval batch costs ~1/3 of a step
     return {e.name: e.steps * rate[(e.n_layer, e.d_model)] * (1 + eval_fraction) for e in plan}
+
+
+def peak_memory_bytes(device: str) -> int:
+    """Peak memory of this process on the device: allocator peak on CUDA, driver allocation on MPS,
+    peak resident set size on a CPU (process-wide, so it only grows)."""
+    import torch
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    if device == "mps":
+        return int(torch.mps.driver_allocated_memory())
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)     # bytes on macOS, KiB on Linux
+
+
+def reset_peak_memory(device: str) -> None:
+    import torch
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def plain_eager_tokens_per_s(n_layer: int, d_model: int, n_head: int, vocab_size: int, context_length: int,
+                             batch_size: int, device: str, steps: int, warmup: int = 3) -> float:
+    """The reference: the same GPT in plain eager fp32 with a stock AdamW on one fixed random batch, no
+    data loading, clipping, schedule or logging. Our step must be at least this fast."""
+    import torch
+    torch.manual_seed(0)
+    model = build_model(n_layer, d_model, n_head, vocab_size, context_length).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, vocab_size, (batch_size, context_length), device=device)
+    y = torch.randint(0, vocab_size, (batch_size, context_length), device=device)
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(device)
+            t0 = time.time()
+        model(x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    _sync(device)
+    return steps * batch_size * context_length / (time.time() - t0)
+
+
+def benchmark(trainer: Trainer, plan: list[Experiment], steps: int = 30, warmup: int = 5,
+              reference: bool = True) -> dict:
+    """Time `steps` training steps (after `warmup`, which also absorbs compilation) of every distinct model
+    shape in the plan; report tokens/s, MFU, peak memory and the projected wall time of the whole plan."""
+    import torch
+    cfg, dev = trainer.cfg, trainer.device
+    peak, peak_source = device_peak_flops(dev, cfg.peak_tflops)
+    tps = cfg.tokens_per_step
+    rows, rate = [], {}
+    shapes = sorted({(e.n_layer, e.d_model, e.n_head) for e in plan}, key=lambda t: t[0] * t[1] ** 2)
+    for n_layer, d_model, n_head in shapes:
+        probe = Experiment("benchmark", "params", 0, n_layer, d_model, n_head, warmup + steps, 0, 1e-4, 0, 0)
+        model = trainer.new_model(probe, 0)
+        opt = configure_optimizer(model, 1e-4, cfg.weight_decay, fused=dev.name == "cuda")
+        step_model = trainer.for_training(model)
+        reset_peak_memory(dev.name)
+        for s in range(warmup):
+            trainer.train_step(step_model, opt, probe, s, 0)
+        _sync(dev.name)
+        t0 = time.time()
+        for s in range(steps):
+            loss, _ = trainer.train_step(step_model, opt, probe, warmup + s, 0)
+        float(loss)
+        _sync(dev.name)
+        dt = time.time() - t0
+        tok_s = steps * tps / dt
+        fpt = flops_per_token(n_layer, d_model, trainer.corpus.vocab_size, cfg.context_length)
+        row = {"n_layer": n_layer, "d_model": d_model, "n_head": n_head,
+               "n_params_nonembedding": n_params_nonembedding(n_layer, d_model),
+               "tokens_per_s": round(tok_s, 1), "step_time_s": round(dt / steps, 5),
+               "flops_per_token": fpt, "mfu": tok_s * fpt / peak,
+               "peak_memory_mb": round(peak_memory_bytes(dev.name) / 2**20, 1)}
+        del model, opt, step_model
+        if reference:
+            ref = plain_eager_tokens_per_s(n_layer, d_model, n_head, trainer.corpus.vocab_size,
+                                           cfg.context_length, cfg.batch_size * cfg.grad_accum, dev.name,
+                                           steps=max(5, steps // 2))
+            row["plain_eager_fp32_tokens_per_s"] = round(ref, 1)
+            row["speedup_vs_plain_eager"] = round(tok_s / ref, 3)
+        rate[(n_layer, d_model)] = tok_s
+        rows.append(row)
+        ref_txt = (f" | plain eager fp32 {row['plain_eager_fp32_tokens_per_s'] / 1e3:.2f}k tok/s "
+                   f"(x{row['speedup_vs_plain_eager']:.2f})" if reference else "")
+        log(f"benchmark N={format_count(row['n_params_nonembedding']):>6} (n_layer {n_layer}, d_model "
+            f"{d_model}): {tok_s / 1e3:.2f}k tok/s | MFU {100 * row['mfu']:.1f}% | peak mem "
+            f"{row['peak_memory_mb']:.0f} MB{ref_txt}")
+    eval_fraction = cfg.eval_batches / (3 * cfg.eval_interval)
+    projected = sum(e.steps * tps / rate[(e.n_layer, e.d_model)] for e in plan) * (1 + eval_fraction)
+    log(f"benchmark: projected wall time of mode '{cfg.mode}' ({len(plan)} experiments): "
+        f"{format_duration(projected)} on {dev.name} ({dev.description}), dtype {dev.dtype}, "
+        f"compile {'on' if trainer.compile else 'off'}; MFU against {format_count(peak)}FLOP/s ({peak_source})")
+    return {"mode": cfg.mode, "device": dev.name, "device_name": dev.description, "dtype": dev.dtype,
+            "compile": trainer.compile, "torch_version": torch.__version__, "peak_flops": peak,
+            "peak_source": peak_source, "tokens_per_step": tps, "timed_steps": steps, "warmup_steps": warmup,
+            "sizes": rows, "projected_wall_time_s": round(projected, 1)}
 
 
 def _sync(device: str) -> None:
@@ -1081,6 +1276,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto picks CUDA, then MPS, then CPU")
     p.add_argument("--output-dir", help="default scaling_results_<mode>_v2")
     p.add_argument("--no-estimate", action="store_true", help="skip the timed steps of the plan's estimate")
+    # speed
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast on CUDA, fp32 on MPS and CPU; bf16 on a CPU needs avx512_bf16/AMX")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="torch.compile the model (default on CUDA only)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="never torch.compile")
+    p.add_argument("--peak-tflops", type=positive_float,
+                   help="device peak for MFU (default: data sheet for known GPUs, else a measured matmul)")
+    p.add_argument("--benchmark", action="store_true",
+                   help="time every model size of the mode, print tokens/s, MFU, memory and the projected "
+                        "wall time, write benchmark.json; trains nothing else")
+    p.add_argument("--benchmark-steps", type=positive_int, default=30, help="timed steps per size")
     return p
 
 
@@ -1102,7 +1309,8 @@ def config_from_args(args) -> tuple[RunConfig, Preset]:
         eval_interval=args.eval_interval or preset.eval_interval,
         eval_batches=args.eval_batches or preset.eval_batches,
         log_interval=args.log_interval or preset.log_interval,
-        data=args.data, device=args.device,
+        data=args.data, device=args.device, dtype=args.dtype, compile=args.compile,
+        peak_tflops=args.peak_tflops,
         output_dir=args.output_dir or f"scaling_results_{preset.name}_v2",
         cache_dir=args.cache_dir or str(default_cache_dir()),
     )
@@ -1176,10 +1384,10 @@ def print_summary(results: dict, out_dir: Path) -> None:
     log(f"  figure:  {out_dir / 'scaling_laws_complete.png'}")
 
 
-def run(cfg: RunConfig, preset: Preset, estimate: bool = True) -> dict:
+def run(cfg: RunConfig, preset: Preset, estimate: bool = True, benchmark_steps: int = 0) -> dict:
     out_dir = Path(cfg.output_dir)
     prepare_output_dir(out_dir)
-    device = setup_device(cfg.device)
+    device = setup_device(cfg.device, cfg.dtype)
     import torch
     log(f"device: {device.name} ({device.description}), dtype {device.dtype}, torch {torch.__version__}, "
         f"python {platform.python_version()}")
@@ -1187,6 +1395,11 @@ def run(cfg: RunConfig, preset: Preset, estimate: bool = True) -> dict:
     cfg.vocab_size = corpus.vocab_size
     plan = build_plan(cfg, preset)
     trainer = Trainer(cfg, corpus, device, progress_bar=sys.stderr.isatty())
+    if benchmark_steps:
+        report = benchmark(trainer, plan, steps=benchmark_steps)
+        write_json_atomic(out_dir / "benchmark.json", report)
+        log(f"benchmark: written to {out_dir / 'benchmark.json'}")
+        return report
     estimates = estimate_wall_time(trainer, plan) if estimate else None
     print_plan(plan, cfg, estimates)
     for e in plan:
@@ -1218,7 +1431,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg, preset = config_from_args(args)
-        run(cfg, preset, estimate=not args.no_estimate)
+        run(cfg, preset, estimate=not args.no_estimate,
+            benchmark_steps=args.benchmark_steps if args.benchmark else 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
