@@ -117,7 +117,8 @@ def test_noiseless_demo_is_the_law_and_the_fit_recovers_it(tmp_path):
     d_data, n_data = sweep_xs(res, "data"), {e["n_params_nonembedding"] for e in res["experiments"]
                                               if e["sweep"] == "data"}
     (d_fixed,), (n_fixed,) = d_params, n_data
-    finals = {s: np.array([e["final_val_loss"] for e in res["experiments"] if e["sweep"] == s]) for s in ("params", "data")}
+    finals = {s: np.array([e["final_val_loss"] for e in res["experiments"] if e["sweep"] == s])
+              for s in ("params", "data")}
     np.testing.assert_allclose(finals["params"], E + A / n_params ** ALPHA + B / d_fixed ** BETA, rtol=1e-12)
     np.testing.assert_allclose(finals["data"], E + A / n_fixed ** ALPHA + B / d_data ** BETA, rtol=1e-12)
     fits = res["fits"]
