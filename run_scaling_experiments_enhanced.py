@@ -1213,10 +1213,10 @@ def compute_optimal_allocation(E, A, B, alpha, beta, flops):
 
 
 def compute_budgets(run_flops) -> list[tuple[str, float]]:
-    """The runs' own budgets (each distinct one when few, else the smallest and largest) and a few
+    """The runs' own budgets (each distinct one when 4 or fewer, else the smallest and largest) and a few
     landmarks, smallest first."""
     run_flops = sorted({float(f"{f:.3g}") for f in run_flops if f and np.isfinite(f) and f > 0})
-    if len(run_flops) > 8:
+    if len(run_flops) > 4:
         run_flops = [run_flops[0], run_flops[-1]]
     budgets = [(f"runs: {f:.3g} FLOPs", f) for f in run_flops]
     budgets += [("1e18 FLOPs", 1e18), ("1e21 FLOPs", 1e21), ("Chinchilla (5.76e23 FLOPs)", 5.76e23),
@@ -1516,7 +1516,7 @@ def build_scaling_figure(results: dict):
     panels = (("params", "n_params_nonembedding", "o", 1.8e12, "non-embedding parameters N"),
               ("data", "tokens", "s", 15e12, "training tokens D"))
     for ax, (sweep, key, marker, x_max, xlabel) in zip(axes[0], panels):
-        runs = usable_runs(exps, sweep)
+        runs = [r for r in usable_runs(exps, sweep) if r.get(key) and r[key] > 0 and r["final_val_loss"] > 0]
         xs = np.array([r[key] for r in runs], dtype=float)
         ys = np.array([r["final_val_loss"] for r in runs], dtype=float)
         ax.scatter(xs, ys, c="tab:blue", marker=marker, s=60, zorder=5, label="measured (final val loss)")
@@ -1562,7 +1562,9 @@ def build_scaling_figure(results: dict):
                 x_out = ho[key]
                 ax.scatter([x_out], [ho["measured_loss"]], s=220, facecolors="none", edgecolors="black",
                            zorder=7, label="held out for the check below")
-            ax.text(0.02, 0.03, holdout_text(ho, "N" if sweep == "params" else "D"), transform=ax.transAxes,
+            ax.text(0.02, 0.03, "\n".join(_wrap(line, 80) for line in holdout_text(ho, "N" if sweep == "params"
+                                                                             else "D").split("\n")),
+                    transform=ax.transAxes,
                     fontsize=8.5, va="bottom", ha="left",
                     bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85, "edgecolor": "0.6"})
         ax.set_xscale("log")
@@ -1622,7 +1624,7 @@ def _fmt_ci(ci, fmt="{:.3f}") -> str:
 def holdout_text(ho: dict, var: str) -> str:
     """One or two lines on a hold-out check, for the log and the figure."""
     if not ho.get("available"):
-        return _wrap(f"hold-out check unavailable: {ho.get('reason')}", 70)
+        return f"hold-out check unavailable: {ho.get('reason')}"
     x = ho["x"]
     if "predicted_loss" in ho:
         what = (f"predicts {ho['predicted_loss']:.3f} {_fmt_ci(ho.get('predicted_loss_ci95'))} vs measured "
@@ -1911,15 +1913,15 @@ def log_fit_summary(results: dict) -> None:
         for b in co["budgets"]:
             log(f"  compute-optimal at {b['label']}: N {format_count(b['N_opt'])} "
                 f"{_fmt_ci(b['N_opt_ci95'] and [format_count(v) for v in b['N_opt_ci95']], '{}')}, "
-                f"D {format_count(b['D_opt'])}, {b['tokens_per_parameter']:.1f} tokens/parameter "
-                f"{_fmt_ci(b['tokens_per_parameter_ci95'], '{:.1f}')}, loss {b['loss']:.3f}")
+                f"D {format_count(b['D_opt'])}, {b['tokens_per_parameter']:.3g} tokens/parameter "
+                f"{_fmt_ci(b['tokens_per_parameter_ci95'], '{:.3g}')}, loss {b['loss']:.3f}")
     else:
         log(f"  compute-optimal allocation: unavailable ({co.get('reason')})")
     for p in results.get("predictions", []):
         if p["predicted_loss"] is not None:
             x = p.get("N", p.get("D"))
-            log(f"  predicted loss at {p['name']} ({format_count(x)}): {p['predicted_loss']:.3f} "
-                f"{_fmt_ci(p.get('predicted_loss_ci95'))} (this corpus and tokenizer; an extrapolation, "
+            log(f"  predicted loss at {p['name']} ({format_count(x)}): {p['predicted_loss']:.4g} "
+                f"{_fmt_ci(p.get('predicted_loss_ci95'), '{:.4g}')} (this corpus and tokenizer; an extrapolation, "
                 f"not that model's loss)")
     if "fit_wall_time_s" in results:
         log(f"  fits took {format_duration(results['fit_wall_time_s'])} "
