@@ -245,7 +245,8 @@ def test_comparing_a_demo_with_a_real_run_writes_every_field(quick_demo, real_ru
             assert set(p) == SIDE_KEYS | {"name", var}
             want = {q["name"]: q["predicted_loss"] for q in real["predictions"]}[p["name"]]
             assert p["real"] == want and p["difference"] == pytest.approx(want - p["sim"])
-        both_ci = "ci95" in real["fits"][sweep] and "ci95" in sim["fits"][sweep]
+        both_ci = (cmp.interval(real["fits"][sweep], "b") is not None
+                   and cmp.interval(sim["fits"][sweep], "b") is not None)
         assert (c["exponent"]["intervals_overlap"] in (True, False)) == both_ci
     assert "params" in r.stdout and "overlap" in r.stdout and "note: different modes" in r.stdout
     assert (out / "quick_vs_real_comparison.png").stat().st_size > 20_000
