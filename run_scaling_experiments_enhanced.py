@@ -1738,16 +1738,18 @@ def build_scaling_figure(results: dict):
                                 label=f"95% band (bootstrap over {fit['n_points']} runs)")
             else:
                 ax.plot([], [], " ", label="no 95% band: " + (fit.get("note") or "no bootstrap")[:60])
-            for p in results.get("predictions", []):
-                if p["sweep"] != sweep or p["predicted_loss"] is None:
-                    continue
+            marked = [p for p in results.get("predictions", [])
+                      if p["sweep"] == sweep and p["predicted_loss"] is not None]
+            for i, p in enumerate(marked):
                 x = p["N" if sweep == "params" else "D"]
                 ci = p.get("predicted_loss_ci95")
                 ax.plot([x], [p["predicted_loss"]], "*", color="darkred", ms=13, zorder=6)
-                ax.annotate(f"{p['name']}\n{format_count(x)}: {p['predicted_loss']:.2f}"
+                # neighbours (GPT-3/GPT-4, LLaMA/Llama 2) sit close on a log axis: alternate above/below
+                ax.annotate(f"{p['name'].split(' (')[0]} {format_count(x)}\n{p['predicted_loss']:.2f}"
                             + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""),
-                            (x, p["predicted_loss"]), textcoords="offset points", xytext=(-10, 12),
-                            fontsize=8, ha="right")
+                            (x, p["predicted_loss"]), textcoords="offset points",
+                            xytext=(0, 12) if i % 2 == 0 else (0, -30), fontsize=7.5, ha="center",
+                            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7})
         else:
             ax.text(0.5, 0.5, f"fit unavailable:\n{_wrap(fit.get('reason', 'no runs'))}",
                     transform=ax.transAxes, ha="center", va="center", color="darkred", fontsize=11)
