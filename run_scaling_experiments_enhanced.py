@@ -766,7 +766,7 @@ def build_token_cache(source: CorpusSource, vocab_size: int, entry: Path, *,
         raise
     tokens_sha = hashlib.sha256(writers[False].sha.hexdigest().encode() + writers[True].sha.hexdigest().encode())
     sample = ("all training text" if not taken["capped"] and stride == 1 else
-              f"{taken['chars']:,} characters: " + (f"every {stride}th training piece" if stride > 1
+              f"{taken['chars']:,} characters: " + (f"1 in {stride} training pieces" if stride > 1
                                                      else "the first training pieces"))
     meta = {"dtype": np.dtype(dtype).name, "vocab_size": vocab_size, "sha256": sha.hexdigest(),
             "n_documents": counts["docs"], "n_characters": counts["chars"],
