@@ -12,7 +12,8 @@ size), fits L(N) = c + a/N^b and L(D) = c + a/D^b, extrapolates to well-known mo
 Map of this file, in data-flow order:
     1. errors and small helpers      UserError, size parsing, atomic JSON
     2. presets                       modes, experiment plans, model-shape and learning-rate rules
-    3. data                          built-in corpus, text/bin loaders, BPE tokenizer, token cache, batches
+    3. data                          built-in corpus, text/bin loaders, Hugging Face datasets, streaming
+                                     BPE tokenizer and token cache, the repetition check, batches
     4. model                         GPT-2 style decoder and its closed-form parameter counts
     5. training                      device setup, LR schedule, one experiment, the plan's time estimate
     6. fitting                       power-law fits and predictions (pure functions)
@@ -292,7 +293,7 @@ def build_plan(cfg: RunConfig, preset: Preset) -> list[Experiment]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. data: the built-in corpus, text and token files, the BPE tokenizer, the token cache, batches
+# 3. data: built-in corpus, text/token files, HF datasets, streaming BPE + token cache, repetition, batches
 # ----------------------------------------------------------------------------------------------------
 
 VAL_EVERY = 20                     # every 20th piece of text (5%) is validation, never trained on

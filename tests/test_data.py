@@ -211,8 +211,8 @@ def test_data_budget_counts_epochs_and_refuses_under_no_repeat():
 
 
 def test_repetition_warning_and_no_repeat_refusal_through_the_cli(tmp_path, cache_dir):
-    small = tmp_path / "small.jsonl"          # 60 rows: a few thousand tokens, fewer than the 4K asked for
-    small.write_text("".join(json.dumps({"text": r}) + "\n" for r in make_rows(60, seed=5)))
+    small = tmp_path / "small.txt"            # a few thousand tokens, fewer than the 4K asked for
+    small.write_text(make_text(300, seed=5))
     args = [*FAST, "--data", small, "--data-sizes", "4K", "--cache-dir", cache_dir]
     refused = run_cli([*args, "--no-repeat", "--output-dir", tmp_path / "no"], tmp_path, env_extra=OFFLINE)
     assert refused.returncode == 2
