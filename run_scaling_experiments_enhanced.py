@@ -12,7 +12,8 @@ size), fits L(N) = c + a/N^b and L(D) = c + a/D^b, extrapolates to well-known mo
 Map of this file, in data-flow order:
     1. errors and small helpers      UserError, size parsing, atomic JSON
     2. presets                       modes, experiment plans, model-shape and learning-rate rules
-    3. data                          built-in corpus, text/bin loaders, BPE tokenizer, token cache, batches
+    3. data                          built-in corpus, text/bin loaders, Hugging Face datasets, streaming
+                                     BPE tokenizer and token cache, the repetition check, batches
     4. model                         GPT-2 style decoder and its closed-form parameter counts
     5. training                      device setup, LR schedule, one experiment, the plan's time estimate
     6. fitting                       power-law fits and predictions (pure functions)
@@ -24,6 +25,7 @@ Map of this file, in data-flow order:
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
 import hashlib
 import json
@@ -33,6 +35,7 @@ import platform
 import sys
 import sysconfig
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -262,6 +265,12 @@ class RunConfig:
     peak_tflops: float | None = None
     output_dir: str = ""
     cache_dir: str = ""
+    # data preparation (section 3): dataset column and split, tokenizer threads, BPE sample, repetition
+    text_column: str = "text"
+    split: str = "train"
+    num_proc: int | None = None
+    bpe_sample_chars: int | None = None       # None: BPE_SAMPLE_CHARS
+    no_repeat: bool = False
 
     @property
     def tokens_per_step(self) -> int:
@@ -287,11 +296,19 @@ def build_plan(cfg: RunConfig, preset: Preset) -> list[Experiment]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. data: the built-in corpus, text and token files, the BPE tokenizer, the token cache, batches
+# 3. data: built-in corpus, text/token files, HF datasets, streaming BPE + token cache, repetition, batches
 # ----------------------------------------------------------------------------------------------------
 
 VAL_EVERY = 20                     # every 20th piece of text (5%) is validation, never trained on
 PIECE_CHARS = 100_000              # documents are cut into pieces of about this size before the split
+READ_BLOCK_BYTES = 1 << 18         # text files are read and decoded 256 KiB at a time, never whole
+# Characters per tokenizer call and thread. The Rust tokenizer keeps ~100 bytes per token until the
+# call returns (ids, offsets, token strings), so this bounds preparation's memory: ~3 MB per thread.
+ENCODE_CHARS_PER_THREAD = 1 << 17
+# The BPE trains on at most this much training text. Merges for a 10K-65K vocabulary are settled long
+# before 200M characters, and the trainer's word counts grow with the text it sees, so a huge corpus
+# gets an evenly strided sample (recorded in results.json) instead of all of it.
+BPE_SAMPLE_CHARS = 200_000_000
 
 
 def builtin_corpus_files() -> tuple[str, list[Path]]:
@@ -317,13 +334,28 @@ def text_corpus_files(path: Path) -> list[Path]:
     return files
 
 
+def is_binary_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return b"\x00" in f.read(4096)
+
+
+def iter_file_text(path: Path) -> Iterator[str]:
+    """The file's text as decoded blocks (UTF-8, bad bytes replaced): a file larger than memory streams.
+    The blocks join to exactly `path.read_bytes().decode('utf-8', errors='replace')`."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(READ_BLOCK_BYTES), b""):
+            text = decoder.decode(block)
+            if text:
+                yield text
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
 def read_documents(files: list[Path], root: Path | None) -> list[str]:
-    docs = []
-    for p in files:
-        raw = p.read_bytes()
-        if b"\x00" in raw[:4096]:
-            continue                  # binary file inside a text folder: skip it
-        docs.append(raw.decode("utf-8", errors="replace"))
+    """Every text file whole, in memory (small corpora and tests only; load_corpus streams instead)."""
+    docs = ["".join(iter_file_text(p)) for p in files if not is_binary_file(p)]
     if not any(docs):
         raise UserError(f"--data {root}: no UTF-8 text found")
     return docs
@@ -334,26 +366,52 @@ def piece_size(n_chars: int) -> int:
     return int(min(PIECE_CHARS, max(1000, n_chars // 400)))
 
 
+def iter_pieces(documents: Iterable[Iterable[str]], size: int) -> Iterator[tuple[str, bool]]:
+    """(piece, is_validation) for every piece, streaming: each document (an iterable of text blocks) is
+    cut into pieces of at most `size` characters, at the last line end inside the limit when there is
+    one, and every VAL_EVERY-th piece counting across documents goes to validation. Holds one document's
+    current block and one piece, never a whole document."""
+    i = n_train = 0
+    any_val = False
+    held = None               # the latest training piece, held back: a corpus too small for a
+    for doc in documents:     # validation piece gives its last training piece to validation instead
+        blocks = iter(doc)
+        buf, pos, exhausted = "", 0, False
+        while True:
+            while not exhausted and len(buf) - pos <= size:       # need > size chars to cut inside
+                block = next(blocks, None)
+                if block is None:
+                    exhausted = True
+                else:
+                    buf, pos = buf[pos:] + block, 0
+            if pos >= len(buf):
+                break
+            end = len(buf)
+            if len(buf) - pos > size:
+                end = pos + size
+                nl = buf.rfind("\n", pos, end)
+                end = nl + 1 if nl > pos else end
+            piece, pos = buf[pos:end], end
+            if i % VAL_EVERY == VAL_EVERY // 2:
+                any_val = True
+                yield piece, True
+            else:
+                if held is not None:
+                    n_train += 1
+                    yield held, False
+                held = piece
+            i += 1
+    if held is None or (not any_val and n_train == 0):
+        raise UserError("the corpus is too small to split into training and validation text")
+    yield held, not any_val
+
+
 def split_pieces(docs: list[str]) -> tuple[list[str], list[str]]:
     """Cut documents into pieces at line ends and give every VAL_EVERY-th piece to validation.
     Deterministic, and train and validation never share a character."""
-    size = piece_size(sum(len(d) for d in docs))
     train, val = [], []
-    i = 0
-    for doc in docs:
-        start = 0
-        while start < len(doc):
-            end = min(len(doc), start + size)
-            if end < len(doc):
-                nl = doc.rfind("\n", start, end)
-                end = nl + 1 if nl > start else end
-            (val if i % VAL_EVERY == VAL_EVERY // 2 else train).append(doc[start:end])
-            start = end
-            i += 1
-    if not val:                       # a very small corpus: still hold out one piece
-        val.append(train.pop())
-    if not train:
-        raise UserError("the corpus is too small to split into training and validation text")
+    for piece, is_val in iter_pieces(([d] for d in docs), piece_size(sum(len(d) for d in docs))):
+        (val if is_val else train).append(piece)
     return train, val
 
 
@@ -363,6 +421,18 @@ class Corpus:
     train: np.ndarray
     val: np.ndarray
     vocab_size: int
+    record: dict
+
+
+@dataclass
+class CorpusSource:
+    """Where text comes from, before tokenization: a re-iterable stream of documents (each an iterable
+    of text blocks), what identifies it for the cache key, and its record for results.json."""
+    name: str
+    documents: Callable[[], Iterator[Iterable[str]]]   # a fresh pass over the corpus at every call
+    identity: str             # content sha256, or dataset name + config + revision for a Hub stream
+    piece_chars: int
+    n_chars: int | None       # known before tokenizing (text files) or counted while tokenizing
     record: dict
 
 
@@ -377,109 +447,407 @@ def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 65536 else np.uint32
 
 
-def load_corpus(data: str, vocab_size: int, cache_dir: Path) -> Corpus:
-    """Text corpora are tokenized once with a byte-level BPE and cached under a key made from the
-    corpus's sha256 and the vocabulary size; a second run only memory-maps the cache."""
-    if data.endswith(".bin") and Path(data).is_file():
-        return load_token_file(Path(data), vocab_size)
+def text_file_source(data: str) -> CorpusSource:
+    """The built-in corpus, a text file or a folder of text files. One streaming pass hashes and counts
+    the text, so the cache key is the content's sha256 and a second run tokenizes nothing."""
     if data == "builtin":
         name, files = builtin_corpus_files()
         root = None
     else:
         root = Path(data).expanduser()
-        if not root.exists():
-            raise UserError(f"--data {data}: no such file or folder; give a text file, a folder of text "
-                            f"files, a .bin token file, or 'builtin'")
         name, files = str(root.resolve()), text_corpus_files(root)
-
-    t0 = time.time()
-    docs = read_documents(files, root)
-    sha = hashlib.sha256()
-    for d in docs:
-        sha.update(d.encode("utf-8"))
+    files = [p for p in files if not is_binary_file(p)]      # binary files inside a text folder: skipped
+    sha, n_chars = hashlib.sha256(), 0
+    for p in files:
+        for block in iter_file_text(p):
+            sha.update(block.encode("utf-8"))
+            n_chars += len(block)
         sha.update(b"\x00")
-    corpus_sha = sha.hexdigest()
-    n_chars = sum(len(d) for d in docs)
-    split_rule = f"every{VAL_EVERY}-of-{piece_size(n_chars)}chars"
-    key = hashlib.sha256(f"{corpus_sha}|bpe-bytelevel-v1|{vocab_size}|{split_rule}".encode()).hexdigest()[:16]
-    entry = Path(cache_dir) / key
-    if not (entry / "meta.json").exists():
-        log(f"data: tokenizing {name} ({len(docs)} files, {n_chars / 1e6:.1f}M characters) "
-            f"with a {vocab_size}-token BPE; cached for later runs in {entry}")
-        build_token_cache(docs, vocab_size, entry)
+    if not n_chars:
+        raise UserError(f"--data {root}: no UTF-8 text found")
+    record = {"name": name, "source": "builtin" if data == "builtin" else "text files",
+              "sha256": sha.hexdigest(), "n_files": len(files), "n_characters": n_chars}
+    return CorpusSource(name, lambda: (iter_file_text(p) for p in files), sha.hexdigest(),
+                        piece_size(n_chars), n_chars, record)
+
+
+def load_corpus(data: str, vocab_size: int, cache_dir: Path, *, text_column: str = "text",
+                split: str = "train", num_proc: int | None = None,
+                bpe_sample_chars: int = BPE_SAMPLE_CHARS) -> Corpus:
+    """Text corpora are tokenized once with a byte-level BPE and cached under a key made from the
+    corpus's identity (content sha256, or Hub name + config + revision), the vocabulary and the split
+    rule; a second run only memory-maps the cache. `data` is 'builtin', a text file or folder, a .bin
+    token file, 'hf:NAME[:CONFIG][@REVISION]', or a local dataset folder (save_to_disk, parquet, jsonl)."""
+    if data.endswith(".bin") and Path(data).expanduser().is_file():
+        return load_token_file(Path(data).expanduser(), vocab_size)
+    t0 = time.time()
+    local = Path(data).expanduser()
+    if data.startswith("hf:") or (data != "builtin" and local.exists() and dataset_files_kind(local)):
+        source = dataset_source(data, text_column, split)
     else:
-        log(f"data: using cached tokens for {name} from {entry}")
+        if data != "builtin" and not local.exists():
+            raise UserError(f"--data {data}: no such file or folder; give a text file, a folder of text "
+                            f"files, a .bin token file, hf:NAME[:CONFIG], or 'builtin'")
+        source = text_file_source(data)
+    split_rule = f"every{VAL_EVERY}-of-{source.piece_chars}chars"
+    key_text = f"{source.identity}|bpe-bytelevel-v1|{vocab_size}|{split_rule}"
+    if source.n_chars is None or source.n_chars > bpe_sample_chars:
+        key_text += f"|bpe-sample-{bpe_sample_chars}"       # only corpora the sample cap can touch
+    entry = Path(cache_dir) / hashlib.sha256(key_text.encode()).hexdigest()[:16]
+    if not (entry / "meta.json").exists():
+        size = f", {source.n_chars / 1e6:.1f}M characters" if source.n_chars is not None else ""
+        log(f"data: tokenizing {source.name} ({source.record.get('n_files', 'streamed')} files{size}) "
+            f"with a {vocab_size}-token BPE; cached for later runs in {entry}")
+        build_token_cache(source, vocab_size, entry, bpe_sample_chars=bpe_sample_chars, num_proc=num_proc)
+    else:
+        log(f"data: using cached tokens for {source.name} from {entry}")
     meta = json.loads((entry / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"])
     train = np.memmap(entry / "train.bin", dtype=dtype, mode="r")
     val = np.memmap(entry / "val.bin", dtype=dtype, mode="r")
-    record = {"name": name, "sha256": corpus_sha, "n_files": len(docs), "n_characters": n_chars,
+    if "tokens_sha256" not in meta:   # a cache written before fingerprints were recorded: add it once
+        sha = hashlib.sha256()
+        for split_name in ("train", "val"):
+            sha.update(_file_sha256(entry / f"{split_name}.bin").encode())
+        meta["tokens_sha256"] = sha.hexdigest()
+        write_json_atomic(entry / "meta.json", meta)
+    record = {**source.record,
+              **{k: meta[k] for k in ("sha256", "n_documents", "n_characters") if k in meta},
               "tokenizer": f"byte-level BPE (Hugging Face tokenizers), vocabulary {vocab_size}",
               "tokenizer_path": str(entry / "tokenizer.json"), "vocab_size": vocab_size,
-              "n_train_tokens": int(len(train)), "n_val_tokens": int(len(val)),
-              "validation_split": f"every {VAL_EVERY}th piece of <= {piece_size(n_chars)} characters",
+              "token_dtype": dtype.name, "n_train_tokens": int(len(train)), "n_val_tokens": int(len(val)),
+              "validation_split": f"every {VAL_EVERY}th piece of <= {source.piece_chars} characters",
+              "bpe_training_text": meta.get("bpe_training_text", "all training text"),
+              "fingerprint": meta["tokens_sha256"], "cache_key": entry.name,
               "prepare_time_s": round(time.time() - t0, 2)}
     log(f"data: {format_count(len(train))} training and {format_count(len(val))} validation tokens "
         f"({time.time() - t0:.1f}s)")
     return Corpus(train, val, vocab_size, record)
 
 
-def train_bpe(docs: list[str], vocab_size: int):
+def _file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+# --- Hugging Face datasets: Hub names, save_to_disk folders, parquet/jsonl files ---------------------
+
+_SAVED_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+_ROW_FILE_KINDS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".jsonl.gz": "json",
+                   ".json.gz": "json"}
+
+
+def _row_file_kind(p: Path) -> str | None:
+    name = p.name.lower()
+    return next((kind for ext, kind in _ROW_FILE_KINDS.items() if name.endswith(ext)), None)
+
+
+def dataset_files_kind(path: Path) -> str | None:
+    """'saved' for a datasets.save_to_disk folder, 'parquet' or 'json' for a file or folder holding only
+    such files (hidden files ignored), None for anything else (read as plain text)."""
+    if path.is_dir() and any((path / m).exists() for m in _SAVED_MARKERS):
+        return "saved"
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()
+                                           and not any(part.startswith(".") for part in p.parts)]
+    kinds = {_row_file_kind(p) for p in files}
+    return kinds.pop() if len(kinds) == 1 and None not in kinds else None
+
+
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("--data hf:... and dataset folders need the Hugging Face datasets library: "
+                        "pip install datasets") from None
+    return datasets
+
+
+def parse_hf_spec(data: str) -> tuple[str, str | None, str | None]:
+    """'hf:NAME[:CONFIG][@REVISION]' -> (name, config, revision); 'hf:/a/path' -> ('/a/path', None, None)."""
+    spec = data[3:] if data.startswith("hf:") else data
+    revision = None
+    if "@" in spec and not Path(spec).expanduser().exists():
+        spec, revision = spec.rsplit("@", 1)
+    if Path(spec).expanduser().exists():
+        return spec, None, revision
+    name, _, config = spec.partition(":")
+    if not name:
+        raise UserError(f"--data {data}: give a dataset name, e.g. hf:roneneldan/TinyStories or "
+                        f"hf:HuggingFaceFW/fineweb-edu:sample-10BT")
+    return name, config or None, revision
+
+
+def hub_revision(name: str, revision: str | None) -> str | None:
+    """The commit sha of a Hub dataset, or None when it cannot be asked (offline)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return revision
+    try:
+        from huggingface_hub import HfApi
+        return HfApi().dataset_info(name, revision=revision, timeout=20).sha
+    except Exception:          # offline, private or renamed: the run goes on, the record says unknown
+        return revision
+
+
+def dataset_source(data: str, text_column: str, split: str) -> CorpusSource:
+    """Rows of a Hugging Face dataset, one document each, streamed (never loaded whole). A Hub dataset
+    streams from the Hub; a save_to_disk folder is memory-mapped Arrow; parquet/jsonl files stream."""
+    datasets = _import_datasets()
+    name, config, revision = parse_hf_spec(data)
+    local = Path(name).expanduser()
+    record = {"name": data, "dataset": name, "config": config, "split": split, "text_column": text_column}
+    if local.exists():
+        kind = dataset_files_kind(local)
+        if kind is None:
+            raise UserError(f"--data {data}: not a dataset folder (save_to_disk output, or only .parquet or "
+                            f"only .jsonl files); drop the hf: prefix to read it as text")
+        files = ([p for p in sorted(local.rglob("*")) if p.suffix == ".arrow"] if kind == "saved"
+                 else [local] if local.is_file()
+                 else sorted(p for p in local.rglob("*") if p.is_file() and _row_file_kind(p)))
+        sha = hashlib.sha256()              # identity: the data files' bytes, so a changed file re-tokenizes
+        for p in files:
+            sha.update(str(p.relative_to(local) if local.is_dir() else p.name).encode() + b"\x00")
+            sha.update(_file_sha256(p).encode())
+        identity = f"dataset-files|{sha.hexdigest()}|{split}|{text_column}"
+        record.update(dataset=str(local.resolve()), source={"saved": "save_to_disk folder",
+                      "parquet": "parquet files", "json": "jsonl files"}[kind],
+                      files_sha256=sha.hexdigest(), n_files=len(files), revision=None)
+
+        def open_rows():
+            if kind == "saved":
+                ds = datasets.load_from_disk(str(local))
+                if isinstance(ds, datasets.DatasetDict):
+                    if split not in ds:
+                        raise UserError(f"--split {split}: {data} holds splits {', '.join(ds)}")
+                    ds = ds[split]
+                return ds
+            return datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train",
+                                         streaming=True)
+    else:
+        revision = hub_revision(name, revision)
+        identity = f"hub|{name}|{config}|{split}|{revision or 'unknown-revision'}|{text_column}"
+        record.update(source="Hugging Face Hub (streamed)", revision=revision)
+        if revision is None:
+            log(f"data: could not resolve the Hub revision of {name}; the cache is keyed by name only")
+
+        def open_rows():
+            try:
+                return datasets.load_dataset(name, config, split=split, streaming=True, revision=revision)
+            except Exception as e:
+                raise UserError(f"--data {data}: could not open it with datasets.load_dataset "
+                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+    def documents():
+        rows = open_rows()
+        columns = rows.column_names
+        if columns is not None and text_column not in columns:
+            raise UserError(f"--text-column {text_column}: {data} has columns {', '.join(columns)}; pass "
+                            f"--text-column NAME")
+        rows = rows.select_columns([text_column])
+        batches = rows.iter(batch_size=1000)
+        for batch in batches:
+            for text in batch[text_column]:
+                if text is None:
+                    continue
+                if not isinstance(text, str):
+                    raise UserError(f"--text-column {text_column}: holds {type(text).__name__}, not text")
+                yield (text,)
+
+    # rows shorter than PIECE_CHARS are whole pieces: every 20th row is validation
+    return CorpusSource(data, documents, identity, PIECE_CHARS, None, record)
+
+
+# --- tokenizer and token files -------------------------------------------------------------------------
+
+def set_tokenizer_threads(num_proc: int | None) -> None:
+    """Threads of the Rust tokenizer (its rayon pool reads these once, at first use)."""
+    if num_proc:
+        os.environ["RAYON_NUM_THREADS"] = os.environ["RAYON_RS_NUM_CPUS"] = str(num_proc)
+        if num_proc == 1:
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT_TOKEN], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(docs, trainer=trainer, length=len(docs))
+    tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
 
-def build_token_cache(docs: list[str], vocab_size: int, entry: Path) -> None:
-    """Train the tokenizer on the training pieces only, encode both splits in chunks straight to disk
-    (an end-of-text token after every piece), then move the folder into place in one rename."""
+def bpe_sample(pieces: Iterable[tuple[str, bool]], max_chars: int, stride: int, taken: dict) -> Iterator[str]:
+    """Every `stride`-th training piece until `max_chars` characters; counts what it took in `taken`."""
+    k = 0
+    for piece, is_val in pieces:
+        if is_val:
+            continue
+        if k % stride == 0:
+            taken["chars"] += len(piece)
+            yield piece
+            if taken["chars"] >= max_chars:
+                taken["capped"] = True
+                return
+        k += 1
+
+
+class _TokenWriter:
+    """Appends pieces' tokens (an end-of-text token after each) to a file in bounded batches."""
+
+    def __init__(self, path: Path, tok, dtype, batch_chars: int):
+        self.f, self.tok, self.dtype, self.batch_chars = open(path, "wb"), tok, dtype, batch_chars
+        self.eot = np.array([tok.token_to_id(EOT_TOKEN)], dtype=dtype)
+        self.batch, self.chars, self.n_tokens, self.sha = [], 0, 0, hashlib.sha256()
+        self.encode = getattr(tok, "encode_batch_fast", tok.encode_batch)   # same ids, no offsets
+
+    def add(self, piece: str) -> None:
+        self.batch.append(piece)
+        self.chars += len(piece)
+        if self.chars >= self.batch_chars:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.batch:
+            ids = np.concatenate([a for e in self.encode(self.batch)
+                                  for a in (np.asarray(e.ids, dtype=self.dtype), self.eot)])
+            ids.tofile(self.f)
+            self.sha.update(ids.tobytes())
+            self.n_tokens += len(ids)
+        self.batch, self.chars = [], 0
+
+    def close(self) -> None:
+        self.flush()
+        self.f.close()
+
+
+def build_token_cache(source: CorpusSource, vocab_size: int, entry: Path, *,
+                      bpe_sample_chars: int = BPE_SAMPLE_CHARS, num_proc: int | None = None) -> dict:
+    """Train the tokenizer on (a bounded sample of) the training pieces, encode both splits in bounded
+    batches straight to disk (an end-of-text token after every piece), then move the folder into place
+    in one rename. Nothing here holds more than a batch of text or tokens."""
     if vocab_size < 257:
         raise UserError(f"--vocab-size {vocab_size} is too small for a byte-level BPE: use at least 257")
-    train_docs, val_docs = split_pieces(docs)
+    set_tokenizer_threads(num_proc)
+    t0 = time.time()
+    stride = 1 if source.n_chars is None else max(1, math.ceil(source.n_chars / bpe_sample_chars))
+    taken = {"chars": 0, "capped": False}
+    tok = train_bpe(bpe_sample(iter_pieces(source.documents(), source.piece_chars), bpe_sample_chars,
+                               stride, taken), vocab_size)
+    bpe_s = time.time() - t0
+    dtype = token_dtype(tok.get_vocab_size())
     tmp = entry.with_name(entry.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    tok = train_bpe(train_docs, vocab_size)
-    eot = tok.token_to_id(EOT_TOKEN)
-    dtype = token_dtype(tok.get_vocab_size())
-    for split, pieces in (("train", train_docs), ("val", val_docs)):
-        with open(tmp / f"{split}.bin", "wb") as f:
-            for i in range(0, len(pieces), 256):
-                encs = tok.encode_batch(pieces[i:i + 256])
-                ids = [t for e in encs for t in (*e.ids, eot)]
-                np.asarray(ids, dtype=dtype).tofile(f)
+    sha, counts = hashlib.sha256(), {"docs": 0, "chars": 0}
+
+    def documents_once():
+        # iter_pieces wants an iterable of documents, each an iterable of blocks: regroup the flat stream
+        for doc in source.documents():
+            counts["docs"] += 1
+
+            def blocks(doc=doc):
+                for block in doc:
+                    sha.update(block.encode("utf-8"))
+                    counts["chars"] += len(block)
+                    yield block
+                sha.update(b"\x00")
+            yield blocks()
+
+    batch_chars = ENCODE_CHARS_PER_THREAD * (num_proc or os.cpu_count() or 1)
+    try:
+        writers = {False: _TokenWriter(tmp / "train.bin", tok, dtype, batch_chars),
+                   True: _TokenWriter(tmp / "val.bin", tok, dtype, batch_chars)}
+        for piece, is_val in iter_pieces(documents_once(), source.piece_chars):
+            writers[is_val].add(piece)
+        for w in writers.values():
+            w.close()
+    except BaseException:             # a bad row or an interrupt: leave no half-written folder behind
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tokens_sha = hashlib.sha256(writers[False].sha.hexdigest().encode() + writers[True].sha.hexdigest().encode())
+    sample = ("all training text" if not taken["capped"] and stride == 1 else
+              f"{taken['chars']:,} characters: " + (f"1 in {stride} training pieces" if stride > 1
+                                                     else "the first training pieces"))
+    meta = {"dtype": np.dtype(dtype).name, "vocab_size": vocab_size, "sha256": sha.hexdigest(),
+            "n_documents": counts["docs"], "n_characters": counts["chars"],
+            "n_train_tokens": writers[False].n_tokens, "n_val_tokens": writers[True].n_tokens,
+            "tokens_sha256": tokens_sha.hexdigest(), "bpe_training_text": sample,
+            "bpe_training_chars": taken["chars"], "bpe_time_s": round(bpe_s, 2),
+            "encode_time_s": round(time.time() - t0 - bpe_s, 2)}
     tok.save(str(tmp / "tokenizer.json"))
-    (tmp / "meta.json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "vocab_size": vocab_size}))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     if entry.exists():                # another process finished first; keep theirs
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         os.replace(tmp, entry)
+    rate = counts["chars"] / max(meta["encode_time_s"], 0.01)
+    log(f"data: BPE trained on {sample} in {bpe_s:.1f}s; {format_count(counts['chars'])} characters "
+        f"encoded in {meta['encode_time_s']:.1f}s ({format_count(rate)} characters/s)")
+    return meta
+
+
+def token_file_dtype(path: Path):
+    """A .bin token file holds uint16 ids; one named *.u32.bin holds uint32 (vocabularies above 65,536)."""
+    return np.uint32 if path.name.lower().endswith(".u32.bin") else np.uint16
 
 
 def load_token_file(path: Path, vocab_size: int) -> Corpus:
-    """A pre-tokenized uint16 file: the last 5% is validation, the rest training (views, no copy)."""
-    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    """A pre-tokenized file (uint16, or uint32 when named *.u32.bin): the last 5% is validation, the
+    rest training (views of one memory map, no copy)."""
+    dtype = np.dtype(token_file_dtype(path))
+    if path.stat().st_size % dtype.itemsize:
+        raise UserError(f"--data {path}: {path.stat().st_size} bytes is not a whole number of {dtype.name} "
+                        f"tokens; name a uint32 file *.u32.bin, a uint16 file *.bin")
+    tokens = np.memmap(path, dtype=dtype, mode="r")
     if len(tokens) < 1000:
-        raise UserError(f"--data {path}: only {len(tokens)} tokens; a .bin file needs at least 1000 uint16 "
+        raise UserError(f"--data {path}: only {len(tokens)} tokens; a .bin file needs at least 1000 {dtype.name} "
                         f"tokens")
     max_id = int(max(tokens[i:i + 2**24].max() for i in range(0, len(tokens), 2**24)))
     if max_id >= vocab_size:
         raise UserError(f"--data {path}: holds token id {max_id} but the vocabulary is {vocab_size}; "
                         f"pass --vocab-size {max_id + 1} or more")
     cut = len(tokens) - max(len(tokens) // VAL_EVERY, 1)
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            sha.update(block)
-    record = {"name": str(path.resolve()), "sha256": sha.hexdigest(), "tokenizer": "pre-tokenized (.bin)",
+    sha = _file_sha256(path)
+    record = {"name": str(path.resolve()), "source": "token file", "sha256": sha, "fingerprint": sha,
+              "tokenizer": "pre-tokenized (.bin)", "token_dtype": dtype.name,
               "vocab_size": vocab_size, "n_train_tokens": int(cut), "n_val_tokens": int(len(tokens) - cut),
               "validation_split": "last 5% of the file"}
     return Corpus(tokens[:cut], tokens[cut:], vocab_size, record)
+
+
+def check_data_budget(plan: list, n_train_tokens: int, no_repeat: bool = False) -> dict:
+    """How many epochs of the training split each run of the plan reads (tokens trained / training
+    tokens). With `no_repeat`, a plan in which any run needs more tokens than the split holds is refused
+    with the number missing. Runs sample windows at random offsets, so even under one epoch a window can
+    recur; this check guarantees only that the corpus is large enough for one pass."""
+    runs = [{"name": e.name, "sweep": e.sweep, "tokens": int(e.tokens),
+             "epochs": round(e.tokens / n_train_tokens, 4),
+             "tokens_missing": max(0, int(e.tokens) - int(n_train_tokens))} for e in plan]
+    short = [r for r in runs if r["tokens_missing"] > 0]
+    if no_repeat and short:
+        worst = max(short, key=lambda r: r["tokens_missing"])
+        raise UserError(f"--no-repeat: {worst['name']} trains on {worst['tokens']:,} tokens but the corpus "
+                        f"has {n_train_tokens:,} training tokens, {worst['tokens_missing']:,} missing "
+                        f"({len(short)} of {len(runs)} runs would repeat data); use a larger corpus or "
+                        f"smaller --data-sizes/--max-steps")
+    return {"n_train_tokens": int(n_train_tokens), "no_repeat": no_repeat, "repeats": bool(short),
+            "max_epochs": max((r["epochs"] for r in runs), default=0.0), "runs": runs}
+
+
+def data_budget_lines(budget: dict) -> list[str]:
+    """The log lines that say which runs repeat data, and by how much."""
+    n = budget["n_train_tokens"]
+    lines = [f"warning: {r['name']} trains on {format_count(r['tokens'])} tokens, {r['epochs']:.2f} epochs of "
+             f"this corpus's {format_count(n)} training tokens: data repeats ({format_count(r['tokens_missing'])} "
+             f"more tokens would avoid it; --no-repeat refuses such a plan)" for r in budget["runs"]
+             if r["tokens_missing"] > 0]
+    return lines or [f"data: the largest run reads {budget['max_epochs']:.2f} epochs of the "
+                     f"{format_count(n)} training tokens; no run repeats data"]
 
 
 def batch_offsets(n_tokens: int, context_length: int, batch_size: int, *key: int) -> np.ndarray:
@@ -1948,6 +2316,13 @@ def positive_float(text: str) -> float:
     return v
 
 
+def count_arg(text: str) -> int:
+    try:
+        return parse_count(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument in one line with exit status 2 (no usage dump)."""
 
@@ -1966,7 +2341,9 @@ def build_parser() -> argparse.ArgumentParser:
     # data
     p.add_argument("--data", default="builtin",
                    help="'builtin' (the Python standard library), a text file, a folder of text files, "
-                        "or a uint16 .bin token file")
+                        "a uint16 .bin (uint32 .u32.bin) token file, hf:NAME[:CONFIG][@REVISION] (a "
+                        "Hugging Face Hub dataset, streamed), or a local dataset folder (save_to_disk "
+                        "output, or .parquet or .jsonl files)")
     p.add_argument("--vocab-size", type=positive_int, help="BPE vocabulary (default: the preset's)")
     p.add_argument("--cache-dir", help="tokenizer and token cache (default ~/.cache/scaling-lab, or "
                                        "$SCALING_LAB_CACHE)")
@@ -2008,6 +2385,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "and compute_optimal.png to --output-dir (default fit_results_<file name>)")
     fit.add_argument("--bootstrap", type=positive_int, default=N_BOOTSTRAP,
                      help=f"bootstrap resamples behind every 95%% interval (default {N_BOOTSTRAP})")
+    # data preparation: Hugging Face datasets, large corpora, repetition
+    g = p.add_argument_group("data preparation")
+    g.add_argument("--text-column", default="text", help="column holding the text of a dataset (default text)")
+    g.add_argument("--split", default="train",
+                   help="split of a Hub dataset or a saved DatasetDict (default train); every 20th piece of "
+                        "it is held out for validation")
+    g.add_argument("--num-proc", type=positive_int, help="tokenizer threads (default: every core)")
+    g.add_argument("--bpe-sample-chars", type=count_arg,
+                   help="the BPE trains on at most this much training text, an even sample of a larger "
+                        "corpus (default 200M characters)")
+    g.add_argument("--no-repeat", action="store_true",
+                   help="refuse a plan in which a run trains on more tokens than the corpus's training split")
     return p
 
 
@@ -2033,8 +2422,10 @@ def config_from_args(args) -> tuple[RunConfig, Preset]:
         peak_tflops=args.peak_tflops,
         output_dir=args.output_dir or f"scaling_results_{preset.name}_v2",
         cache_dir=args.cache_dir or str(default_cache_dir()),
+        text_column=args.text_column, split=args.split, num_proc=args.num_proc,
+        bpe_sample_chars=args.bpe_sample_chars, no_repeat=args.no_repeat,
     )
-    if cfg.data != "builtin" and not Path(cfg.data).expanduser().exists():
+    if cfg.data != "builtin" and not cfg.data.startswith("hf:") and not Path(cfg.data).expanduser().exists():
         raise UserError(f"--data {cfg.data}: no such file or folder; give a text file, a folder of text "
                         f"files, a .bin token file, or 'builtin'")
     return cfg, preset
@@ -2206,9 +2597,12 @@ def run(cfg: RunConfig, preset: Preset, estimate: bool = True, n_bootstrap: int 
     import torch
     log(f"device: {device.name} ({device.description}), dtype {device.dtype}, torch {torch.__version__}, "
         f"python {platform.python_version()}")
-    corpus = load_corpus(cfg.data, cfg.vocab_size, Path(cfg.cache_dir))
+    corpus = load_corpus(cfg.data, cfg.vocab_size, Path(cfg.cache_dir), text_column=cfg.text_column,
+                         split=cfg.split, num_proc=cfg.num_proc,
+                         bpe_sample_chars=cfg.bpe_sample_chars or BPE_SAMPLE_CHARS)
     cfg.vocab_size = corpus.vocab_size
     plan = build_plan(cfg, preset)
+    data_budget = check_data_budget(plan, len(corpus.train), cfg.no_repeat)    # refuses under --no-repeat
     trainer = Trainer(cfg, corpus, device, progress_bar=sys.stderr.isatty())
     if benchmark_steps:
         report = benchmark(trainer, plan, steps=benchmark_steps)
@@ -2217,19 +2611,15 @@ def run(cfg: RunConfig, preset: Preset, estimate: bool = True, n_bootstrap: int 
         return report
     estimates = estimate_wall_time(trainer, plan) if estimate else None
     print_plan(plan, cfg, estimates)
-    for e in plan:
-        if e.tokens > len(corpus.train):
-            log(f"warning: {e.name} trains on {format_count(e.tokens)} tokens, "
-                f"{e.tokens / len(corpus.train):.1f} epochs of this corpus's "
-                f"{format_count(len(corpus.train))}: data repeats")
-            break
+    for line in data_budget_lines(data_budget):
+        log(line)
     if device.name == "cpu" and cfg.mode != "tiny" and estimates:
         log(f"note: mode '{cfg.mode}' would take about {sum(estimates.values()) / 3600:.1f} hours on this CPU; "
             f"--mode tiny is sized for a CPU. Continuing as asked.")
 
     results = {"schema_version": SCHEMA_VERSION, "mode": cfg.mode, "config": dataclasses.asdict(cfg),
-               "environment": environment_record(device, corpus), "experiments": [], "fits": {},
-               "predictions": []}
+               "environment": environment_record(device, corpus), "data_budget": data_budget,
+               "experiments": [], "fits": {}, "predictions": []}
     t0 = time.time()
     for i, exp in enumerate(plan):
         log(f"experiment {i + 1}/{len(plan)}: {exp.name}")
