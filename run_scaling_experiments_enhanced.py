@@ -1241,6 +1241,15 @@ def plot_scaling_figure(results: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def seed_groups(xs, ys) -> list[tuple[float, float, float, float, int]]:
+    """(x, mean, lowest, highest, number of runs) per distinct x: the spread over repeated seeds."""
+    out = []
+    for x in sorted(set(np.asarray(xs, dtype=float).tolist())):
+        vals = np.asarray(ys, dtype=float)[np.asarray(xs, dtype=float) == x]
+        out.append((x, float(vals.mean()), float(vals.min()), float(vals.max()), int(len(vals))))
+    return out
+
+
 def build_scaling_figure(results: dict):
     """The 2x2 figure of a results dict: (1) loss vs N, (2) loss vs D, (3)-(4) the sweeps' curves."""
     import matplotlib
@@ -1256,7 +1265,15 @@ def build_scaling_figure(results: dict):
         runs = usable_runs(exps, sweep)
         xs = np.array([r[key] for r in runs], dtype=float)
         ys = np.array([r["final_val_loss"] for r in runs], dtype=float)
-        ax.scatter(xs, ys, c="tab:blue", marker=marker, s=60, zorder=5, label="measured (final val loss)")
+        groups = seed_groups(xs, ys)
+        if any(n > 1 for *_, n in groups):      # repeated seeds: each run faint, mean with its range
+            ax.scatter(xs, ys, c="tab:blue", marker=marker, s=18, alpha=0.35, zorder=4, label="each seed")
+            gx, gmean, glo, ghi = (np.array([g[i] for g in groups]) for i in range(4))
+            ax.errorbar(gx, gmean, yerr=[gmean - glo, ghi - gmean], fmt=marker, color="tab:blue", ms=8,
+                        capsize=4, zorder=5, label=f"mean of {max(n for *_, n in groups)} seeds "
+                                                   f"(bars: lowest to highest)")
+        else:
+            ax.scatter(xs, ys, c="tab:blue", marker=marker, s=60, zorder=5, label="measured (final val loss)")
         fit = fits.get(sweep, {})
         lo = xs.min() / 2 if len(xs) else 1e4
         grid_all = np.logspace(np.log10(lo), np.log10(x_max), 300)
@@ -1302,13 +1319,19 @@ def build_scaling_figure(results: dict):
                              (axes[1][1], "data", "4. training curves, data sweep")):
         runs = sorted([e for e in exps if e.get("sweep") == sweep],
                       key=lambda e: (e["n_params_nonembedding"], e["tokens"]))
-        for i, r in enumerate(runs):
-            color = cmap(i / max(1, len(runs) - 1))
+        sizes = sorted({(e["n_params_nonembedding"], e["tokens"]) for e in runs})
+        labelled = set()
+        for r in runs:
+            size = (r["n_params_nonembedding"], r["tokens"])
+            color = cmap(sizes.index(size) / max(1, len(sizes) - 1))   # repeated seeds share a colour
             cur = r["curve"]
             label = (f"N = {format_count(r['n_params_nonembedding'])}" if sweep == "params"
                      else f"D = {format_count(r['tokens'])}")
             if r.get("status") != "completed":
-                label += f" ({r.get('status')})"
+                label += f" ({r.get('status')}, seed {r.get('seed')})"
+            elif size in labelled:
+                label = None
+            labelled.add(size)
             ax.plot(cur["tokens"], cur["train_loss"], "-", color=color, alpha=0.3, lw=1)
             ax.plot(cur["eval_tokens"], cur["val_loss"], "o-", color=color, ms=3, lw=1.8, label=label)
         ax.set_xlabel("tokens seen")
