@@ -1013,8 +1013,9 @@ class Trainer:
                                   wall, exp.steps, resumed_at, None)
             log(f"[{exp.run_id}] done: final val loss {record['final_val_loss']:.4f} (initial {initial:.3f}) "
                 f"in {format_duration(wall)}, {record['tokens_per_s'] / 1e3:.1f}k tok/s")
-        if self.checkpoints.keep and self.checkpoints.folder is not None:
-            self.save_checkpoint(exp, definition, model, opt, progress(step + 1))
+        if self.checkpoints.keep and self.checkpoints.folder is not None and not diverged:
+            # the final state (a diverged run keeps its last periodic checkpoint, from before the NaN)
+            self.save_checkpoint(exp, definition, model, opt, progress(exp.steps))
         return record
 
     def _record(self, exp, definition, n_nonemb, n_total, epochs, initial, curve, status, wall_s,
@@ -1884,10 +1885,11 @@ def run(cfg: RunConfig, preset: Preset, estimate: bool = True, fresh: bool = Fal
                 finish_results(results, out_dir, figure=False)
                 import signal
                 n_final = sum(1 for r in results["experiments"] if r["status"] in FINAL_STATUSES)
+                runs_text = f"{n_final} finished run" + ("" if n_final == 1 else "s")
                 where = (f" in {exp.run_id} at step {e.record['steps_done']}/{exp.steps} (checkpoint saved)"
                          if e.record is not None else "")
                 raise RunInterrupted(e.signum, f"interrupted by {signal.Signals(e.signum).name}{where}; "
-                                     f"results.json holds {n_final} finished runs. Resume with the same "
+                                     f"results.json holds {runs_text}. Resume with the same "
                                      f"command: {command or 'the same command'}") from None
             store.save(record)                   # the record first, then the checkpoint may go
             trainer.remove_checkpoint(exp)
