@@ -30,7 +30,8 @@ def byte_tokens(tmp_path_factory, corpus_file) -> Path:
 
 
 def small_args(byte_tokens, out, *extra):
-    return [str(a) for a in ["--mode", "tiny", "--data", byte_tokens, "--vocab-size", "256", "--param-sizes", "25K,100K",
+    return [str(a) for a in [
+            "--mode", "tiny", "--data", byte_tokens, "--vocab-size", "256", "--param-sizes", "25K,100K",
             "--data-sizes", "1K,2K", "--max-steps", "12", "--batch-size", "4", "--context-length", "32",
             "--eval-interval", "6", "--eval-batches", "1", "--log-interval", "3", "--no-estimate",
             "--checkpoint-every", "3steps", "--output-dir", out, *extra]]
@@ -133,7 +134,8 @@ def test_baseline_records_and_removes_checkpoints(baseline):
 def test_sigkill_mid_experiment_then_same_command_gives_identical_results(tmp_path, byte_tokens, baseline):
     out = tmp_path / "out"
     args = small_args(byte_tokens, out)
-    rc, stdout, _ = start_and_signal(args, tmp_path, "[params-N100K-seed0] checkpoint at step 3/12", signal.SIGKILL)
+    rc, stdout, _ = start_and_signal(args, tmp_path, "[params-N100K-seed0] checkpoint at step 3/12",
+                                     signal.SIGKILL)
     assert rc == -signal.SIGKILL
     # killed inside the second experiment: the first is recorded, the second only has its checkpoint
     assert (out / "runs" / "params-N25K-seed0.json").exists()
@@ -211,7 +213,8 @@ def test_two_seeds_write_two_runs_per_experiment_and_fit_both(two_seeds_with_nan
         assert e["final_val_loss"] == b["final_val_loss"]
     for a, b in zip(exps[:4], exps[4:]):
         if b["status"] == "completed":
-            assert a["final_val_loss"] != b["final_val_loss"] and abs(a["final_val_loss"] - b["final_val_loss"]) < 0.5
+            assert a["final_val_loss"] != b["final_val_loss"]
+            assert abs(a["final_val_loss"] - b["final_val_loss"]) < 0.5
     assert res["fits"]["data"]["n_points"] == 4                         # both seeds of both data runs
     x = [e["tokens"] for e in exps if e["sweep"] == "data"]
     y = [e["final_val_loss"] for e in exps if e["sweep"] == "data"]
@@ -250,7 +253,8 @@ def test_changed_setting_is_refused_and_fresh_moves_old_results_aside(tmp_path, 
     assert len(line.splitlines()) == 1 and "holds results made with other settings" in line
     assert "steps 12 -> 8 (--max-steps" in line and "lr None -> 0.003 (--lr)" in line and "--fresh" in line
     assert (out / "results.json").read_bytes() == before
-    rc, _, err = main_in_process(small_args(byte_tokens, out, "--max-steps", "6", "--data-sizes", "0.5K", "--fresh"))
+    rc, _, err = main_in_process(small_args(byte_tokens, out, "--max-steps", "6", "--data-sizes", "0.5K",
+                                            "--fresh"))
     assert rc == 0, err[-2000:]
     archived = [p for p in out.iterdir() if p.name.startswith("previous-")]
     assert len(archived) == 1
