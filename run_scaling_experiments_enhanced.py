@@ -231,10 +231,16 @@ class Experiment:
     peak_lr: float
     n_params_nonembedding: int
     n_params_total: int
+    seed: int = 0                  # with --seeds, one Experiment per (definition, seed)
 
     @property
     def flops(self) -> float:
         return 6.0 * self.n_params_nonembedding * self.tokens
+
+    @property
+    def run_id(self) -> str:
+        """Unique per run: names a run's record under runs/ and its checkpoint."""
+        return f"{self.name}-seed{self.seed}"
 
 
 @dataclass
@@ -271,6 +277,10 @@ class RunConfig:
     num_proc: int | None = None
     bpe_sample_chars: int | None = None       # None: BPE_SAMPLE_CHARS
     no_repeat: bool = False
+    # long runs (issue 5): repeated seeds and checkpoints
+    seeds: list[int] = field(default_factory=lambda: [0])   # every experiment runs once per seed
+    checkpoint_every: str = "5m"   # a duration (90s, 5m, 1h) or a step count (500steps)
+    keep_checkpoints: bool = False
 
     @property
     def tokens_per_step(self) -> int:
@@ -1093,12 +1103,153 @@ def device_peak_flops(device: DeviceInfo, override_tflops: float | None = None) 
     return measure_matmul_peak(device.name, device.dtype), f"measured {device.dtype} matmul peak"
 
 
+# --- what makes runs resumable: a run's identity, checkpoints, stop requests, out-of-memory retries ---
+
+DEFINITION_VERSION = 1
+# settings of a definition that come from the corpus; known only once the corpus is loaded
+CORPUS_DEFINITION_KEYS = ("corpus_sha256", "tokenizer", "validation_split")
+
+
+def experiment_definition(exp: Experiment, cfg: RunConfig, corpus_record: dict | None) -> dict:
+    """Everything that determines a run's results; its hash decides whether earlier work is reused.
+
+    The device is left out on purpose: a run may continue on another machine (exactly on a CPU, within
+    bf16 noise on a GPU), and every record says which device trained it. Without `corpus_record` the
+    corpus keys are left out, so settings can be compared before the corpus is prepared.
+    """
+    d = {"definition_version": DEFINITION_VERSION, "name": exp.name, "sweep": exp.sweep,
+         "target": exp.target, "n_layer": exp.n_layer, "d_model": exp.d_model, "n_head": exp.n_head,
+         "steps": exp.steps, "tokens": exp.tokens, "peak_lr": exp.peak_lr, "seed": exp.seed,
+         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "context_length": cfg.context_length,
+         "vocab_size": cfg.vocab_size, "warmup_frac": cfg.warmup_frac, "min_lr_frac": cfg.min_lr_frac,
+         "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "eval_interval": cfg.eval_interval,
+         "eval_batches": cfg.eval_batches, "log_interval": cfg.log_interval}
+    if corpus_record is not None:
+        d.update(corpus_sha256=corpus_record.get("sha256"), tokenizer=corpus_record.get("tokenizer"),
+                 validation_split=corpus_record.get("validation_split"))
+    return d
+
+
+def definition_hash(definition: dict) -> str:
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def definition_differences(old: dict, new: dict, keys=None) -> list[tuple[str, object, object]]:
+    """(key, old value, new value) for every key of `keys` (default: all) whose values differ."""
+    keys = sorted(set(old) | set(new)) if keys is None else keys
+    return [(k, old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)]
+
+
+def init_seed(exp: Experiment) -> int:
+    """Initialisation seed of a run: depends on its name and seed only, not on its place in the plan,
+    so adding a size to a ladder leaves the other runs (and their hashes) untouched."""
+    return int(hashlib.sha256(f"init|{exp.name}|{exp.seed}".encode()).hexdigest()[:8], 16)
+
+
+def data_stream(exp: Experiment) -> int:
+    return int(hashlib.sha256(exp.name.encode()).hexdigest()[:8], 16)
+
+
+@dataclass
+class CheckpointPolicy:
+    """Where and how often a run saves its state. folder None: never (the plan's timing probes)."""
+    folder: Path | None = None
+    every_s: float | None = 300.0
+    every_steps: int | None = None
+    keep: bool = False              # keep the final checkpoint of a finished run
+
+    def path(self, run_id: str) -> Path:
+        return Path(self.folder) / f"{run_id}.pt"
+
+    def due(self, steps_since: int, seconds_since: float) -> bool:
+        if self.folder is None:
+            return False
+        if self.every_steps is not None:
+            return steps_since >= self.every_steps
+        return self.every_s is not None and seconds_since >= self.every_s
+
+
+class StopRequest:
+    """Set by the CLI's SIGINT/SIGTERM handler; the step loop checkpoints and stops at the next step."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+
+class TrainingInterrupted(Exception):
+    """A stop was requested: the run's checkpoint is on disk and `record` holds its curve so far."""
+
+    def __init__(self, signum: int, record: dict):
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum, self.record = signum, record
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; MPS a RuntimeError saying 'MPS backend out of memory'."""
+    import torch
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def _injected_nan_step(exp: Experiment) -> int | None:
+    """Test-only hook: SCALING_LAB_TEST_NAN_AT='<name or run_id>:<step>' poisons that run's weights
+    just before that (1-based) step, so its loss is NaN there, as in a real divergence."""
+    spec = os.environ.get("SCALING_LAB_TEST_NAN_AT", "")
+    name, _, step = spec.rpartition(":")
+    if name and name in (exp.name, exp.run_id) and step.isdigit():
+        return int(step)
+    return None
+
+
+def _rng_state(device: str) -> dict:
+    """Every RNG the process has, in types torch.load(weights_only=True) accepts. Training itself draws
+    no random numbers after initialisation (batches are pure functions of the step), but a future
+    dropout or sampler would, and a checkpoint must not silently depend on that."""
+    import random
+    import torch
+    legacy = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [legacy[0], legacy[1].tolist(), *legacy[2:]]}
+    if device == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, device: str) -> None:
+    import random
+    import torch
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, key, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(key, dtype=np.uint32), *rest))
+    if device == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_checkpoint_header(path: Path) -> dict | None:
+    """The definition and step of a checkpoint, without reading its tensors (memory-mapped)."""
+    import torch
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:       # a checkpoint that cannot be read is reported, never overwritten
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); move it away to start that "
+                        f"run over, or pass --fresh") from None
+    return {k: state.get(k) for k in ("format", "run_id", "experiment_hash", "definition", "step")}
+
+
 class Trainer:
     """Trains one experiment; holds the device, the corpus and the run's settings."""
 
-    def __init__(self, cfg: RunConfig, corpus: Corpus, device: DeviceInfo, progress_bar: bool = False):
+    def __init__(self, cfg: RunConfig, corpus: Corpus, device: DeviceInfo, progress_bar: bool = False,
+                 checkpoints: CheckpointPolicy | None = None, stop: StopRequest | None = None):
         self.cfg, self.corpus, self.device = cfg, corpus, device
         self.progress_bar = progress_bar
+        self.checkpoints = checkpoints or CheckpointPolicy()
+        self.stop = stop or StopRequest()
+        # after an out-of-memory error every micro-batch is cut into this many pieces (same sequences,
+        # same weights, so the same effective batch); reset per run by run_with_oom_retries
+        self.micro_split = 1
+        self.oom_events: list[dict] = []
         self.val_offsets = batch_offsets(len(corpus.val), cfg.context_length,
                                          cfg.batch_size * cfg.eval_batches, 20240, 0)
         self.compile = cfg.compile if cfg.compile is not None else device.name == "cuda"
@@ -1131,10 +1282,12 @@ class Trainer:
         with torch.no_grad(), self.autocast():
             for i in range(cfg.eval_batches):
                 offs = self.val_offsets[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                x, y = get_batch(self.corpus.val, offs, cfg.context_length)
-                losses.append(model(x.to(self.device.name), y.to(self.device.name)).float())
+                for piece in np.array_split(offs, self.micro_split):
+                    x, y = get_batch(self.corpus.val, piece, cfg.context_length)
+                    loss = model(x.to(self.device.name), y.to(self.device.name)).float()
+                    losses.append(loss * (len(piece) / len(offs)))
         model.train()
-        return float(torch.stack(losses).mean())
+        return float(torch.stack(losses).sum() / cfg.eval_batches)
 
     def train_step(self, model, opt, exp: Experiment, step: int, stream: int):
         """One optimizer step over grad_accum micro-batches; returns (mean train loss as a device tensor,
@@ -1147,53 +1300,143 @@ class Trainer:
         total = torch.zeros((), device=self.device.name)
         for micro in range(cfg.grad_accum):
             offs = batch_offsets(len(self.corpus.train), cfg.context_length, cfg.batch_size,
-                                 cfg.seed, stream, step, micro)
-            x, y = get_batch(self.corpus.train, offs, cfg.context_length)
-            if self.device.name == "cuda":            # pinned host memory lets the copy run asynchronously
-                x, y = x.pin_memory(), y.pin_memory()
-            x, y = x.to(self.device.name, non_blocking=True), y.to(self.device.name, non_blocking=True)
-            with self.autocast():
-                loss = model(x, y) / cfg.grad_accum
-            loss.backward()
-            total += loss.detach()
+                                 exp.seed, stream, step, micro)
+            for piece in np.array_split(offs, self.micro_split):
+                x, y = get_batch(self.corpus.train, piece, cfg.context_length)
+                if self.device.name == "cuda":        # pinned host memory lets the copy run asynchronously
+                    x, y = x.pin_memory(), y.pin_memory()
+                x, y = x.to(self.device.name, non_blocking=True), y.to(self.device.name, non_blocking=True)
+                with self.autocast():
+                    # a piece's mean loss weighted by its share of the micro-batch
+                    loss = model(x, y) * (len(piece) / len(offs)) / cfg.grad_accum
+                loss.backward()
+                total += loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return total, lr
 
-    def run(self, exp: Experiment, index: int) -> dict:
-        """Train one experiment from scratch and return its results.json record."""
+    def save_checkpoint(self, exp: Experiment, definition: dict, model, opt, progress: dict) -> None:
+        """Model, optimizer, RNGs, schedule position and the curve so far, written to a temporary file
+        and renamed, so a kill at any moment leaves the previous checkpoint whole."""
+        import torch
+        path = self.checkpoints.path(exp.run_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"format": "scaling-lab-checkpoint-v1", "run_id": exp.run_id,
+                 "experiment_hash": definition_hash(definition), "definition": definition,
+                 "model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "rng": _rng_state(self.device.name), "micro_split": self.micro_split,
+                 "oom_events": self.oom_events, **progress}
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, exp: Experiment, exp_hash: str) -> dict | None:
+        if self.checkpoints.folder is None or not self.checkpoints.path(exp.run_id).exists():
+            return None
+        import torch
+        path = self.checkpoints.path(exp.run_id)
+        state = torch.load(path, map_location=self.device.name, weights_only=True)
+        if state.get("experiment_hash") != exp_hash:          # the CLI refuses this case before training
+            raise UserError(f"checkpoint {path} belongs to other settings; pass --fresh to move it aside")
+        return state
+
+    def remove_checkpoint(self, exp: Experiment) -> None:
+        if self.checkpoints.folder is not None and not self.checkpoints.keep:
+            self.checkpoints.path(exp.run_id).unlink(missing_ok=True)
+
+    def run(self, exp: Experiment) -> dict:
+        """Train one experiment, continuing from its checkpoint if it has one, and return its
+        results.json record (status completed or diverged). On a stop request it checkpoints and raises
+        TrainingInterrupted."""
         import torch
         cfg = self.cfg
-        stream = int(hashlib.sha256(exp.name.encode()).hexdigest()[:8], 16)   # this run's data stream
-        model = self.new_model(exp, cfg.seed * 1_000_003 + index)
+        definition = experiment_definition(exp, cfg, self.corpus.record)
+        exp_hash = definition_hash(definition)
+        stream = data_stream(exp)                                  # this run's data stream
+        model = self.new_model(exp, init_seed(exp))
         n_nonemb, n_total = model.count_params()
         assert n_nonemb == exp.n_params_nonembedding, (n_nonemb, exp.n_params_nonembedding)
         opt = configure_optimizer(model, exp.peak_lr, cfg.weight_decay, fused=self.device.name == "cuda")
         step_model = self.for_training(model)
-        curve = {"step": [], "tokens": [], "train_loss": [], "val_loss": [], "lr": [],
-                 "eval_step": [], "eval_tokens": []}
-        initial = self.evaluate(model)
-        curve["eval_step"].append(0)
-        curve["eval_tokens"].append(0)
-        curve["val_loss"].append(initial)
         epochs = exp.tokens / len(self.corpus.train)
-        log(f"[{exp.name}] start: N={format_count(n_nonemb)} non-embedding ({format_count(n_total)} total), "
-            f"n_layer={exp.n_layer} d_model={exp.d_model} n_head={exp.n_head}, {exp.steps} steps, "
-            f"{format_count(exp.tokens)} tokens ({epochs:.2f} epochs), peak lr {exp.peak_lr:.2e}, "
-            f"initial val loss {initial:.3f}")
+        state = self.load_checkpoint(exp, exp_hash)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            _set_rng_state(state["rng"], self.device.name)
+            start, curve, initial = state["step"], state["curve"], state["initial_loss"]
+            wall_before, resumed_at = state["wall_time_s"], [*state["resumed_at_steps"], state["step"]]
+            last_good = state["last_good_loss"]
+            # the losses of the steps since the last log line, so the next line's mean is the same
+            window = [torch.tensor(v, device=self.device.name) for v in state["window"]]
+            self.micro_split = max(self.micro_split, state["micro_split"])
+            self.oom_events = [*state["oom_events"],
+                               *(e for e in self.oom_events if e not in state["oom_events"])]
+            del state
+            log(f"[{exp.run_id}] resuming from its checkpoint at step {start}/{exp.steps}")
+        else:
+            start, wall_before, resumed_at, last_good, window = 0, 0.0, [], None, []
+            curve = {"step": [], "tokens": [], "train_loss": [], "val_loss": [], "lr": [],
+                     "eval_step": [], "eval_tokens": []}
+            initial = self.evaluate(model)
+            curve["eval_step"].append(0)
+            curve["eval_tokens"].append(0)
+            curve["val_loss"].append(initial)
+            log(f"[{exp.run_id}] start: N={format_count(n_nonemb)} non-embedding ({format_count(n_total)} "
+                f"total), n_layer={exp.n_layer} d_model={exp.d_model} n_head={exp.n_head}, {exp.steps} steps, "
+                f"{format_count(exp.tokens)} tokens ({epochs:.2f} epochs), peak lr {exp.peak_lr:.2e}, "
+                f"initial val loss {initial:.3f}")
+        nan_at = _injected_nan_step(exp)
         bar = None
         if self.progress_bar:
             from tqdm import tqdm
-            bar = tqdm(total=exp.steps, desc=exp.name, leave=False, file=sys.stderr)
+            bar = tqdm(total=exp.steps, initial=start, desc=exp.run_id, leave=False, file=sys.stderr)
         t_start = time.time()
-        t_last, step_last = t_start, 0
-        window = []                   # train losses since the last log line, still on the device
-        for step in range(exp.steps):
+        t_last, step_last = t_start, start - len(window)     # step_last: steps done at the last log line
+        t_ckpt, step_ckpt = t_start, start
+        diverged = None               # (1-based step, last finite loss) once a loss is NaN or infinite
+        lr = None
+
+        def progress(steps_done: int) -> dict:
+            return {"step": steps_done, "lr": lr, "curve": curve, "initial_loss": initial,
+                    "window": [float(w) for w in window], "last_good_loss": last_good,
+                    "wall_time_s": wall_before + time.time() - t_start, "resumed_at_steps": resumed_at}
+
+        def first_nonfinite() -> int | None:
+            """Index in the window of the first non-finite step loss (one host sync)."""
+            if not window:
+                return None
+            ok = torch.isfinite(torch.stack(window)).cpu()
+            return None if bool(ok.all()) else int((~ok).nonzero()[0, 0])
+
+        step = start
+        for step in range(start, exp.steps):
+            if self.stop.signum is not None:
+                self.save_checkpoint(exp, definition, model, opt, progress(step))
+                raise TrainingInterrupted(self.stop.signum, self._record(
+                    exp, definition, n_nonemb, n_total, epochs, initial, curve, "interrupted",
+                    wall_before + time.time() - t_start, step, resumed_at, None))
+            if nan_at is not None and step + 1 == nan_at:
+                with torch.no_grad():
+                    next(model.parameters()).fill_(float("nan"))
             loss, lr = self.train_step(step_model, opt, exp, step, stream)
             window.append(loss)
             last = step == exp.steps - 1
-            if (step + 1) % cfg.log_interval == 0 or last:
+            log_now = (step + 1) % cfg.log_interval == 0 or last
+            ckpt_now = not last and self.checkpoints.due(step + 1 - step_ckpt, time.time() - t_ckpt)
+            if log_now or ckpt_now:
+                bad = first_nonfinite()
+                if bad is not None:
+                    if bad > 0:
+                        last_good = float(window[bad - 1])
+                    diverged = (step_last + bad + 1, last_good)
+                    break
+                last_good = float(window[-1])
+            if log_now:
                 train_loss = float(torch.stack(window).mean())    # the only host sync of the interval
                 window = []
                 now = time.time()
@@ -1204,39 +1447,107 @@ class Trainer:
                 curve["tokens"].append((step + 1) * cfg.tokens_per_step)
                 curve["train_loss"].append(round(train_loss, 5))
                 curve["lr"].append(lr)
-                line = (f"[{exp.name}] step {step + 1}/{exp.steps} | loss {train_loss:.3f} | lr {lr:.2e} | "
-                        f"{tok_s / 1e3:.1f}k tok/s | eta {format_duration(eta)}")
-                if not math.isfinite(train_loss):
-                    log(line + " | non-finite loss: stopping this run")
-                    break
-                (bar.write if bar else log)(line)
+                (bar.write if bar else log)(
+                    f"[{exp.run_id}] step {step + 1}/{exp.steps} | loss {train_loss:.3f} | lr {lr:.2e} | "
+                    f"{tok_s / 1e3:.1f}k tok/s | eta {format_duration(eta)}")
             if (step + 1) % cfg.eval_interval == 0 or last:
                 v = self.evaluate(model)
+                if not math.isfinite(v):
+                    diverged = (step + 1, last_good)
+                    break
                 curve["eval_step"].append(step + 1)
                 curve["eval_tokens"].append((step + 1) * cfg.tokens_per_step)
                 curve["val_loss"].append(v)
-                (bar.write if bar else log)(f"[{exp.name}] eval step {step + 1}: val loss {v:.4f}")
+                (bar.write if bar else log)(f"[{exp.run_id}] eval step {step + 1}: val loss {v:.4f}")
+            if ckpt_now:
+                self.save_checkpoint(exp, definition, model, opt, progress(step + 1))
+                t_ckpt, step_ckpt = time.time(), step + 1
+                (bar.write if bar else log)(f"[{exp.run_id}] checkpoint at step {step + 1}/{exp.steps}")
             if bar:
                 bar.update(1)
         if bar:
             bar.close()
-        wall = time.time() - t_start
-        final = curve["val_loss"][-1]
-        finite = math.isfinite(final) and curve["eval_step"][-1] == exp.steps
-        record = {
-            "name": exp.name, "sweep": exp.sweep, "target": exp.target,
+        wall = wall_before + time.time() - t_start
+        if diverged:
+            log(f"[{exp.run_id}] diverged: non-finite loss at step {diverged[0]}/{exp.steps} (last finite "
+                f"loss {diverged[1] if diverged[1] is None else round(diverged[1], 4)}); this run is left "
+                f"out of the fits, the others continue")
+            record = self._record(exp, definition, n_nonemb, n_total, epochs, initial, curve, "diverged",
+                                  wall, diverged[0], resumed_at, diverged)
+        else:
+            record = self._record(exp, definition, n_nonemb, n_total, epochs, initial, curve, "completed",
+                                  wall, exp.steps, resumed_at, None)
+            log(f"[{exp.run_id}] done: final val loss {record['final_val_loss']:.4f} (initial {initial:.3f}) "
+                f"in {format_duration(wall)}, {record['tokens_per_s'] / 1e3:.1f}k tok/s")
+        if self.checkpoints.keep and self.checkpoints.folder is not None and not diverged:
+            # the final state (a diverged run keeps its last periodic checkpoint, from before the NaN)
+            self.save_checkpoint(exp, definition, model, opt, progress(exp.steps))
+        return record
+
+    def _record(self, exp, definition, n_nonemb, n_total, epochs, initial, curve, status, wall_s,
+                steps_done, resumed_at, diverged) -> dict:
+        cfg = self.cfg
+        completed = status == "completed"
+        return {
+            "name": exp.name, "run_id": exp.run_id, "seed": exp.seed, "sweep": exp.sweep, "target": exp.target,
             "n_params_nonembedding": n_nonemb, "n_params_total": n_total,
             "n_layer": exp.n_layer, "d_model": exp.d_model, "n_head": exp.n_head,
             "tokens": exp.tokens, "steps": exp.steps, "tokens_per_step": cfg.tokens_per_step,
-            "epochs": round(epochs, 4), "peak_lr": exp.peak_lr, "flops": exp.flops, "seed": cfg.seed,
-            "initial_loss": initial, "final_val_loss": final if finite else None,
-            "status": "completed" if finite else "diverged",
-            "wall_time_s": round(wall, 2), "tokens_per_s": round(exp.steps * cfg.tokens_per_step / wall, 1),
+            "epochs": round(epochs, 4), "peak_lr": exp.peak_lr, "flops": exp.flops,
+            "initial_loss": initial, "final_val_loss": curve["val_loss"][-1] if completed else None,
+            "status": status, "steps_done": steps_done,
+            "diverged_at_step": diverged[0] if diverged else None,
+            "last_good_loss": diverged[1] if diverged else None,
+            "wall_time_s": round(wall_s, 2),
+            "tokens_per_s": round(steps_done * cfg.tokens_per_step / max(wall_s, 1e-9), 1),
+            "device": self.device.name,
+            "micro_batch_size": math.ceil(cfg.batch_size / self.micro_split),
+            "micro_steps_per_step": cfg.grad_accum * self.micro_split,
+            "oom_retries": list(self.oom_events), "resumed_at_steps": list(resumed_at),
+            "experiment_hash": definition_hash(definition), "definition": definition,
             "curve": curve,
         }
-        log(f"[{exp.name}] done: final val loss {final:.4f} (initial {initial:.3f}) in "
-            f"{format_duration(wall)}, {record['tokens_per_s'] / 1e3:.1f}k tok/s")
-        return record
+
+
+def run_with_oom_retries(trainer: Trainer, exp: Experiment) -> dict:
+    """Train `exp`; on a CUDA or MPS out-of-memory error retry it with half the micro-batch and twice
+    the micro-steps (the same sequences per optimizer step), from its latest checkpoint if it has one.
+    Gives up with status "out_of_memory" once a micro-batch would be less than one sequence."""
+    import gc
+    import torch
+    trainer.micro_split, trainer.oom_events = 1, []
+    while True:
+        try:
+            return trainer.run(exp)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            message = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        # outside the except block, so the traceback's frames (and their tensors) can be freed
+        gc.collect()
+        if trainer.device.name == "cuda":
+            torch.cuda.empty_cache()
+        elif trainer.device.name == "mps":
+            torch.mps.empty_cache()
+        cfg = trainer.cfg
+        before = math.ceil(cfg.batch_size / trainer.micro_split)
+        if trainer.micro_split * 2 > cfg.batch_size:
+            log(f"[{exp.run_id}] out of memory even with micro-batches of {before} sequence(s): giving up on "
+                f"this run ({message}); the others continue")
+            trainer.oom_events.append({"micro_batch_size": before, "error": message, "gave_up": True})
+            record = trainer._record(exp, experiment_definition(exp, cfg, trainer.corpus.record),
+                                     exp.n_params_nonembedding, exp.n_params_total,
+                                     exp.tokens / len(trainer.corpus.train), None,
+                                     {"step": [], "tokens": [], "train_loss": [], "val_loss": [], "lr": [],
+                                      "eval_step": [], "eval_tokens": []}, "out_of_memory", 0.0, 0, [], None)
+            return record
+        trainer.micro_split *= 2
+        after = math.ceil(cfg.batch_size / trainer.micro_split)
+        trainer.oom_events.append({"micro_batch_size": before, "retry_micro_batch_size": after,
+                                   "micro_steps_per_step": cfg.grad_accum * trainer.micro_split,
+                                   "error": message})
+        log(f"[{exp.run_id}] out of memory with micro-batches of {before} sequences ({message}); retrying with "
+            f"{after} and {cfg.grad_accum * trainer.micro_split} micro-steps per step (same effective batch)")
 
 
 def estimate_wall_time(trainer: Trainer, plan: list[Experiment], budget_s: float = 30.0) -> dict[str, float]:
@@ -2067,6 +2378,15 @@ def plot_scaling_figure(results: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def seed_groups(xs, ys) -> list[tuple[float, float, float, float, int]]:
+    """(x, mean, lowest, highest, number of runs) per distinct x: the spread over repeated seeds."""
+    out = []
+    for x in sorted(set(np.asarray(xs, dtype=float).tolist())):
+        vals = np.asarray(ys, dtype=float)[np.asarray(xs, dtype=float) == x]
+        out.append((x, float(vals.mean()), float(vals.min()), float(vals.max()), int(len(vals))))
+    return out
+
+
 def build_scaling_figure(results: dict):
     """The 2x2 figure of a results dict: (1) loss vs N, (2) loss vs D, (3)-(4) the sweeps' curves."""
     import matplotlib
@@ -2082,7 +2402,15 @@ def build_scaling_figure(results: dict):
         runs = [r for r in usable_runs(exps, sweep) if r.get(key) and r[key] > 0 and r["final_val_loss"] > 0]
         xs = np.array([r[key] for r in runs], dtype=float)
         ys = np.array([r["final_val_loss"] for r in runs], dtype=float)
-        ax.scatter(xs, ys, c="tab:blue", marker=marker, s=60, zorder=5, label="measured (final val loss)")
+        groups = seed_groups(xs, ys)
+        if any(n > 1 for *_, n in groups):      # repeated seeds: each run faint, mean with its range
+            ax.scatter(xs, ys, c="tab:blue", marker=marker, s=18, alpha=0.35, zorder=4, label="each seed")
+            gx, gmean, glo, ghi = (np.array([g[i] for g in groups]) for i in range(4))
+            ax.errorbar(gx, gmean, yerr=[gmean - glo, ghi - gmean], fmt=marker, color="tab:blue", ms=8,
+                        capsize=4, zorder=5, label=f"mean of {max(n for *_, n in groups)} seeds "
+                                                   f"(bars: lowest to highest)")
+        else:
+            ax.scatter(xs, ys, c="tab:blue", marker=marker, s=60, zorder=5, label="measured (final val loss)")
         fit = fits.get(sweep, {})
         lo = xs.min() / 2 if len(xs) else 1e4
         grid_all = np.logspace(np.log10(lo), np.log10(x_max), 300)
@@ -2151,13 +2479,19 @@ def build_scaling_figure(results: dict):
                              (axes[1][1], "data", "4. training curves, data sweep")):
         runs = sorted([e for e in exps if e.get("sweep") == sweep],
                       key=lambda e: (e["n_params_nonembedding"], e["tokens"]))
-        for i, r in enumerate(runs):
-            color = cmap(i / max(1, len(runs) - 1))
+        sizes = sorted({(e["n_params_nonembedding"], e["tokens"]) for e in runs})
+        labelled = set()
+        for r in runs:
+            size = (r["n_params_nonembedding"], r["tokens"])
+            color = cmap(sizes.index(size) / max(1, len(sizes) - 1))   # repeated seeds share a colour
             cur = r["curve"]
             label = (f"N = {format_count(r['n_params_nonembedding'])}" if sweep == "params"
                      else f"D = {format_count(r['tokens'])}")
             if r.get("status") != "completed":
-                label += f" ({r.get('status')})"
+                label += f" ({r.get('status')}, seed {r.get('seed')})"
+            elif size in labelled:
+                label = None
+            labelled.add(size)
             ax.plot(cur["tokens"], cur["train_loss"], "-", color=color, alpha=0.3, lw=1)
             ax.plot(cur["eval_tokens"], cur["val_loss"], "o-", color=color, ms=3, lw=1.8, label=label)
         ax.set_xlabel("tokens seen")
@@ -2397,7 +2731,53 @@ def build_parser() -> argparse.ArgumentParser:
                         "corpus (default 200M characters)")
     g.add_argument("--no-repeat", action="store_true",
                    help="refuse a plan in which a run trains on more tokens than the corpus's training split")
+    # long runs: rerunning the same command resumes; these tune checkpoints and repeat seeds
+    g = p.add_argument_group("long runs (rerun the same command to resume)")
+    g.add_argument("--seeds", help="repeat every experiment per seed: a count (3 = seeds --seed .. --seed+2) "
+                                   "or a list (0,1,2; '5,' is seed 5 alone)")
+    g.add_argument("--checkpoint-every", default="5m",
+                   help="checkpoint interval: a duration (90s, 5m, 1h; a bare number is seconds) or a step "
+                        "count (200steps); default 5m")
+    g.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each finished run's final checkpoint (default: removed once its record is saved)")
+    g.add_argument("--fresh", action="store_true",
+                   help="move the earlier results in the output folder aside to previous-<date>-<time>/ "
+                        "(never deleted) and start over")
     return p
+
+
+def parse_seeds(text: str | None, base_seed: int) -> list[int]:
+    """None -> [base]; '3' -> base, base+1, base+2; '0,1,2' -> [0, 1, 2]; '5,' -> [5]."""
+    if text is None:
+        return [base_seed]
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        values = [int(t) for t in items]
+    except ValueError:
+        raise UserError(f"--seeds {text}: give a count (e.g. 3) or a comma-separated list (e.g. 0,1,2)") from None
+    if "," not in text:
+        if not values or values[0] < 1:
+            raise UserError(f"--seeds {text}: a count of seeds must be at least 1")
+        return list(range(base_seed, base_seed + values[0]))
+    if not values or min(values) < 0:
+        raise UserError(f"--seeds {text}: seeds must be whole numbers >= 0, e.g. 0,1,2")
+    return list(dict.fromkeys(values))
+
+
+def parse_checkpoint_every(text: str) -> tuple[float | None, int | None]:
+    """'90s' / '5m' / '1h' / '300' -> (seconds, None); '200steps' -> (None, 200)."""
+    import re
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|steps?)?\s*", text.lower())
+    value = float(m.group(1)) if m else 0.0
+    if not m or value <= 0:
+        raise UserError(f"--checkpoint-every {text}: give a duration such as 90s, 5m or 1h, or a step count "
+                        f"such as 200steps")
+    unit = m.group(2) or "s"
+    if unit.startswith("step"):
+        if value != int(value):
+            raise UserError(f"--checkpoint-every {text}: a step count must be a whole number")
+        return None, int(value)
+    return value * {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}[unit], None
 
 
 def config_from_args(args) -> tuple[RunConfig, Preset]:
@@ -2425,6 +2805,10 @@ def config_from_args(args) -> tuple[RunConfig, Preset]:
         text_column=args.text_column, split=args.split, num_proc=args.num_proc,
         bpe_sample_chars=args.bpe_sample_chars, no_repeat=args.no_repeat,
     )
+    cfg.seeds = parse_seeds(args.seeds, args.seed)
+    cfg.checkpoint_every = args.checkpoint_every
+    parse_checkpoint_every(cfg.checkpoint_every)         # a bad value is reported before any work
+    cfg.keep_checkpoints = args.keep_checkpoints
     if cfg.data != "builtin" and not cfg.data.startswith("hf:") and not Path(cfg.data).expanduser().exists():
         raise UserError(f"--data {cfg.data}: no such file or folder; give a text file, a folder of text "
                         f"files, a .bin token file, or 'builtin'")
@@ -2462,10 +2846,225 @@ def environment_record(device: DeviceInfo, corpus: Corpus) -> dict:
             "platform": platform.platform(), "corpus": corpus.record}
 
 
-def finish_results(results: dict, out_dir: Path, n_bootstrap: int = N_BOOTSTRAP) -> None:
+# --- the output folder across runs: validated results.json, one record per run, settings checks ---
+
+# statuses that end a run for good; "out_of_memory" and "interrupted" are tried again on the next run
+FINAL_STATUSES = ("completed", "diverged")
+# run-level settings whose change makes earlier results incomparable (sizes and seeds may be extended)
+DEFINING_CONFIG_KEYS = ("mode", "steps", "batch_size", "grad_accum", "context_length", "vocab_size", "lr",
+                        "warmup_frac", "min_lr_frac", "weight_decay", "grad_clip", "eval_interval",
+                        "eval_batches", "log_interval", "seed")
+OPTION_OF = {"mode": "--mode", "steps": "--max-steps", "batch_size": "--batch-size",
+             "grad_accum": "--grad-accum", "context_length": "--context-length", "vocab_size": "--vocab-size",
+             "lr": "--lr", "peak_lr": "--lr", "seed": "--seed/--seeds", "eval_interval": "--eval-interval",
+             "eval_batches": "--eval-batches", "log_interval": "--log-interval", "corpus_sha256": "--data",
+             "tokenizer": "--data", "validation_split": "--data", "tokens": "--data-sizes/--max-steps",
+             "n_layer": "--data-model-size", "d_model": "--data-model-size"}
+
+
+class RunInterrupted(Exception):
+    """SIGINT/SIGTERM during training: everything is saved; main() prints how to resume."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+def read_results(out_dir: Path) -> dict | None:
+    """The output folder's results.json if it is ours and resumable; None if there is none. Anything
+    else is a UserError: a file this script cannot vouch for is never overwritten."""
+    path = out_dir / "results.json"
+    if not path.exists():
+        return None
+    advice = "it is left untouched: move it away, choose another --output-dir, or pass --fresh to move it aside"
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not a readable results file ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0]}); {advice}") from None
+    if not (isinstance(obj, dict) and "schema_version" in obj and isinstance(obj.get("experiments"), list)
+            and isinstance(obj.get("config"), dict)):
+        raise UserError(f"{path} was not written by this script (no schema_version, config and experiments); "
+                        f"{advice}")
+    if obj["schema_version"] != SCHEMA_VERSION:
+        raise UserError(f"{path} has schema version {obj['schema_version']}, this script writes "
+                        f"{SCHEMA_VERSION}; {advice}")
+    if not all(isinstance(e, dict) and "run_id" in e and "experiment_hash" in e for e in obj["experiments"]):
+        raise UserError(f"{path} holds experiments without resume records (written before resume support); "
+                        f"{advice}")
+    return obj
+
+
+class RunStore:
+    """One JSON record per finished run under runs/: each written on its own (atomically), so runs can
+    be trained and recorded independently; results.json is assembled from them."""
+
+    def __init__(self, out_dir: Path):
+        self.folder = Path(out_dir) / "runs"
+
+    def path(self, run_id: str) -> Path:
+        return self.folder / f"{run_id}.json"
+
+    def load(self, run_id: str) -> dict | None:
+        path = self.path(run_id)
+        if not path.exists():
+            return None
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{path} is not a readable run record ({type(e).__name__}); move it away to train "
+                            f"that run again, or pass --fresh") from None
+        if not (isinstance(rec, dict) and "experiment_hash" in rec and "definition" in rec):
+            raise UserError(f"{path} is not a run record of this script; move it away or pass --fresh")
+        return rec
+
+    def save(self, record: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.path(record["run_id"]), record)
+
+    def recover(self, experiments: list[dict]) -> None:
+        """Records that results.json holds but runs/ lost (deleted by hand) are written back."""
+        for e in experiments:
+            if e.get("status") in FINAL_STATUSES and "definition" in e and not self.path(e["run_id"]).exists():
+                self.save(e)
+
+
+def archive_previous(out_dir: Path) -> Path | None:
+    """--fresh: move this script's earlier outputs into previous-<date>-<time>/ (never delete them)."""
+    names = ["results.json", "scaling_laws_complete.png", "runs", "checkpoints"]
+    present = [n for n in names if (out_dir / n).exists()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    archive = out_dir / f"previous-{stamp}"
+    k = 1
+    while archive.exists():
+        k += 1
+        archive = out_dir / f"previous-{stamp}-{k}"
+    archive.mkdir()
+    for n in present:
+        os.replace(out_dir / n, archive / n)
+    log(f"--fresh: moved the earlier {', '.join(present)} to {archive}")
+    return archive
+
+
+def check_data_readable(data: str) -> None:
+    if data == "builtin" or data.startswith("hf:"):
+        return
+    path = Path(data).expanduser()
+    try:
+        if path.is_dir():
+            os.listdir(path)
+        else:
+            with open(path, "rb") as f:
+                f.read(1)
+    except OSError as e:
+        raise UserError(f"--data {data}: cannot be read ({e.strerror or e}); check its permissions or give "
+                        f"another path") from None
+
+
+def checkpoint_bytes(n_params_total: int) -> int:
+    """fp32 weights and AdamW's two moments, plus a margin for the curve and RNG states."""
+    return 12 * n_params_total + 2**20
+
+
+def required_free_bytes(runs: list[Experiment], keep_checkpoints: bool) -> int:
+    """Two copies of the largest checkpoint exist for a moment during its atomic replacement; with
+    --keep-checkpoints every run's final checkpoint stays. Plus room for records and the figure."""
+    sizes = [checkpoint_bytes(e.n_params_total) for e in runs]
+    return (sum(sizes) + max(sizes) if keep_checkpoints else 2 * max(sizes)) + 50 * 2**20
+
+
+def check_free_space(out_dir: Path, runs: list[Experiment], keep_checkpoints: bool) -> None:
+    import shutil
+    need = required_free_bytes(runs, keep_checkpoints)
+    free = shutil.disk_usage(out_dir).free
+    if free < need:
+        raise UserError(f"only {free / 2**20:.0f} MiB free where {out_dir} lives; checkpoints and results need "
+                        f"about {need / 2**20:.0f} MiB: free some space or choose another --output-dir")
+
+
+def refuse_changed_settings(existing: dict | None, cfg: RunConfig, runs: list[Experiment], store: RunStore,
+                            checkpoints: CheckpointPolicy, corpus_record: dict | None) -> None:
+    """Compare this command with the earlier work in the output folder: results.json's settings and
+    the definition of every run that has a record or a checkpoint. Any difference is a UserError that
+    names the settings; without a corpus record the corpus keys wait for a second call."""
+    diffs: dict[str, list] = {}          # key -> [old, new, number of runs]
+    if existing is not None:
+        old_cfg = existing["config"]
+        for key in DEFINING_CONFIG_KEYS:
+            if key in old_cfg and old_cfg[key] != getattr(cfg, key):
+                diffs[key] = [old_cfg[key], getattr(cfg, key), 0]
+    for exp in runs:
+        new = experiment_definition(exp, cfg, corpus_record)
+        earlier = []
+        rec = store.load(exp.run_id)
+        if rec is not None:
+            earlier.append(rec["definition"])
+        if checkpoints.folder is not None and checkpoints.path(exp.run_id).exists():
+            earlier.append(read_checkpoint_header(checkpoints.path(exp.run_id))["definition"] or {})
+        for old in earlier:
+            for key, o, n in definition_differences(old, new, list(new)):
+                entry = diffs.setdefault(key, [o, n, 0])
+                entry[2] += 1
+    if diffs:
+        parts = []
+        for key, (o, n, count) in diffs.items():
+            opt = OPTION_OF.get(key)
+            where = ", ".join(x for x in (opt, f"{count} runs" if count else None) if x)
+            parts.append(f"{key} {o} -> {n}" + (f" ({where})" if where else ""))
+        raise UserError(f"{cfg.output_dir} holds results made with other settings: {'; '.join(parts)}. "
+                        f"Rerun the earlier command to resume it, pass --fresh to move the earlier results "
+                        f"aside, or choose another --output-dir")
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Temporary files of processes that died mid-write (their renamed targets are intact)."""
+    if not folder.is_dir():
+        return
+    for tmp in folder.glob(".*.tmp*"):
+        pid = tmp.name.rpartition(".tmp")[2]
+        try:
+            os.kill(int(pid), 0)               # still alive: another process of ours is writing it
+        except (ValueError, ProcessLookupError):
+            tmp.unlink(missing_ok=True)
+        except PermissionError:
+            pass
+
+
+def stop_on_signals(stop: StopRequest):
+    """While training, SIGINT and SIGTERM ask the step loop to checkpoint and stop; a second signal
+    stops at once (KeyboardInterrupt)."""
+    import contextlib
+    import signal
+
+    def handler(signum, frame):
+        if stop.signum is not None:
+            raise KeyboardInterrupt
+        stop.signum = signum
+        log(f"received {signal.Signals(signum).name}: saving a checkpoint at the next step, then stopping "
+            f"(send it again to stop at once)")
+
+    @contextlib.contextmanager
+    def installed():
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+    return installed()
+
+
+def finish_results(results: dict, out_dir: Path, n_bootstrap: int = N_BOOTSTRAP, figure: bool = True) -> None:
     """Fit, predict, write results.json, then draw the figures: a fit or plotting error never loses
-    results."""
+    results. figure=False (an interrupted run) writes results.json only."""
     t0 = time.time()
+    results["excluded_from_fits"] = [
+        {"run_id": e["run_id"], "name": e["name"], "seed": e.get("seed"), "status": e["status"],
+         **({"diverged_at_step": e["diverged_at_step"], "last_good_loss": e["last_good_loss"]}
+            if e["status"] == "diverged" else {})}
+        for e in results["experiments"] if e.get("status") != "completed"]
     try:
         results.update(analyse_runs(results["experiments"], n_bootstrap))
     except Exception as e:       # a bug in a fit must not lose the runs: record it and write them
@@ -2476,6 +3075,8 @@ def finish_results(results: dict, out_dir: Path, n_bootstrap: int = N_BOOTSTRAP)
         log(f"fits: {reason}")
     results["fit_wall_time_s"] = round(time.time() - t0, 2)
     write_json_atomic(out_dir / "results.json", results)
+    if not figure:
+        return
     for name, plot in (("scaling_laws_complete.png", plot_scaling_figure),
                        ("compute_optimal.png", plot_compute_optimal_figure)):
         try:
@@ -2532,10 +3133,22 @@ def log_fit_summary(results: dict) -> None:
 def print_summary(results: dict, out_dir: Path) -> None:
     log("")
     log("summary")
+    several_seeds = len({e.get("seed") for e in results["experiments"]}) > 1
     for e in results["experiments"]:
-        loss = f"{e['final_val_loss']:.4f}" if e.get("final_val_loss") is not None else e.get("status")
-        log(f"  {e['name']:<16} N={format_count(e['n_params_nonembedding']):>7} "
-            f"D={format_count(e['tokens']):>7}  val loss {loss}  ({format_duration(e.get('wall_time_s', 0))})")
+        if e["final_val_loss"] is not None:
+            loss = f"val loss {e['final_val_loss']:.4f}"
+        elif e["status"] == "diverged":
+            good = e.get("last_good_loss")
+            loss = (f"DIVERGED at step {e['diverged_at_step']}/{e['steps']} (last finite loss "
+                    f"{'-' if good is None else f'{good:.4f}'})")
+        else:
+            loss = e["status"].upper().replace("_", " ")
+        name = e["run_id"] if several_seeds else e["name"]
+        log(f"  {name:<22} N={format_count(e['n_params_nonembedding']):>7} "
+            f"D={format_count(e['tokens']):>7}  {loss}  ({format_duration(e['wall_time_s'])})")
+    excluded = results.get("excluded_from_fits", [])
+    if excluded:
+        log(f"  left out of the fits: " + ", ".join(f"{x['run_id']} ({x['status']})" for x in excluded))
     log_fit_summary(results)
     log(f"  results: {out_dir / 'results.json'}")
     log(f"  figures: {out_dir / 'scaling_laws_complete.png'}, {out_dir / 'compute_optimal.png'}")
@@ -2589,43 +3202,117 @@ def fit_table(path: str, output_dir: str | None, n_bootstrap: int) -> dict:
     return results
 
 
+def expand_seeds(plan: list[Experiment], seeds: list[int]) -> list[Experiment]:
+    """Seed-major order: the whole ladder of the first seed comes first, so an early stop still leaves
+    complete sweeps to fit."""
+    return [dataclasses.replace(e, seed=s) for s in seeds for e in plan]
+
+
 def run(cfg: RunConfig, preset: Preset, estimate: bool = True, n_bootstrap: int = N_BOOTSTRAP,
-        benchmark_steps: int = 0) -> dict:
+        benchmark_steps: int = 0, fresh: bool = False, command: str | None = None) -> dict:
     out_dir = Path(cfg.output_dir)
+    # early checks, before any corpus work or training: each is a UserError (one line, exit 2)
     prepare_output_dir(out_dir)
+    if fresh:
+        archive_previous(out_dir)
+    existing = read_results(out_dir)
+    check_data_readable(cfg.data)
     device = setup_device(cfg.device, cfg.dtype)
     import torch
     log(f"device: {device.name} ({device.description}), dtype {device.dtype}, torch {torch.__version__}, "
         f"python {platform.python_version()}")
+    runs = expand_seeds(build_plan(cfg, preset), cfg.seeds)
+    check_free_space(out_dir, runs, cfg.keep_checkpoints)
+    every_s, every_steps = parse_checkpoint_every(cfg.checkpoint_every)
+    policy = CheckpointPolicy(out_dir / "checkpoints", every_s, every_steps, cfg.keep_checkpoints)
+    store = RunStore(out_dir)
+    if existing is not None:
+        store.recover(existing["experiments"])
+    refuse_changed_settings(existing, cfg, runs, store, policy, None)
+
     corpus = load_corpus(cfg.data, cfg.vocab_size, Path(cfg.cache_dir), text_column=cfg.text_column,
                          split=cfg.split, num_proc=cfg.num_proc,
                          bpe_sample_chars=cfg.bpe_sample_chars or BPE_SAMPLE_CHARS)
     cfg.vocab_size = corpus.vocab_size
     plan = build_plan(cfg, preset)
     data_budget = check_data_budget(plan, len(corpus.train), cfg.no_repeat)    # refuses under --no-repeat
-    trainer = Trainer(cfg, corpus, device, progress_bar=sys.stderr.isatty())
+    runs = expand_seeds(plan, cfg.seeds)
+    refuse_changed_settings(existing, cfg, runs, store, policy, corpus.record)
+    remove_stale_temporaries(policy.folder)
+    remove_stale_temporaries(store.folder)
+    stop = StopRequest()
+    trainer = Trainer(cfg, corpus, device, progress_bar=sys.stderr.isatty(), checkpoints=policy, stop=stop)
     if benchmark_steps:
         report = benchmark(trainer, plan, steps=benchmark_steps)
         write_json_atomic(out_dir / "benchmark.json", report)
         log(f"benchmark: written to {out_dir / 'benchmark.json'}")
         return report
-    estimates = estimate_wall_time(trainer, plan) if estimate else None
+    done = {}
+    for exp in runs:
+        rec = store.load(exp.run_id)
+        if rec is not None and rec["status"] in FINAL_STATUSES and \
+                rec["experiment_hash"] == definition_hash(experiment_definition(exp, cfg, corpus.record)):
+            done[exp.run_id] = rec
+    estimates = None
+    if estimate and len(done) < len(runs):
+        try:
+            estimates = estimate_wall_time(trainer, plan)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            log("plan: the time estimate ran out of device memory; skipping it (training retries with "
+                "smaller micro-batches)")
     print_plan(plan, cfg, estimates)
+    if len(cfg.seeds) > 1:
+        log(f"  every experiment runs once per seed: seeds {', '.join(map(str, cfg.seeds))} "
+            f"({len(runs)} runs)")
     for line in data_budget_lines(data_budget):
         log(line)
     if device.name == "cpu" and cfg.mode != "tiny" and estimates:
         log(f"note: mode '{cfg.mode}' would take about {sum(estimates.values()) / 3600:.1f} hours on this CPU; "
             f"--mode tiny is sized for a CPU. Continuing as asked.")
+    resumable = [e.run_id for e in runs if e.run_id not in done and policy.path(e.run_id).exists()]
+    if done or resumable:
+        log(f"resume: {len(done)} of {len(runs)} runs finished earlier (kept, not retrained)"
+            + (f"; continuing {', '.join(resumable)} from checkpoints" if resumable else ""))
+    if existing is not None:
+        others = {e["run_id"] for e in existing["experiments"]} - {e.run_id for e in runs}
+        if others:
+            log(f"note: {len(others)} earlier runs are not in this plan; their records stay in {store.folder} "
+                f"and are left out of results.json")
 
     results = {"schema_version": SCHEMA_VERSION, "mode": cfg.mode, "config": dataclasses.asdict(cfg),
                "environment": environment_record(device, corpus), "data_budget": data_budget,
                "experiments": [], "fits": {}, "predictions": []}
     t0 = time.time()
-    for i, exp in enumerate(plan):
-        log(f"experiment {i + 1}/{len(plan)}: {exp.name}")
-        results["experiments"].append(trainer.run(exp, i))
-        results["wall_time_s"] = round(time.time() - t0, 2)
-        write_json_atomic(out_dir / "results.json", results)
+    with stop_on_signals(stop):
+        for i, exp in enumerate(runs):
+            if exp.run_id in done:
+                results["experiments"].append(done[exp.run_id])
+                continue
+            log(f"experiment {i + 1}/{len(runs)}: {exp.run_id}")
+            try:
+                if stop.signum is not None:      # a signal between two runs: nothing of this one to save
+                    raise TrainingInterrupted(stop.signum, None)
+                record = run_with_oom_retries(trainer, exp)
+            except TrainingInterrupted as e:
+                if e.record is not None:
+                    results["experiments"].append(e.record)
+                results["wall_time_s"] = round(time.time() - t0, 2)
+                finish_results(results, out_dir, n_bootstrap, figure=False)
+                import signal
+                n_final = sum(1 for r in results["experiments"] if r["status"] in FINAL_STATUSES)
+                runs_text = f"{n_final} finished run" + ("" if n_final == 1 else "s")
+                where = (f" in {exp.run_id} at step {e.record['steps_done']}/{exp.steps} (checkpoint saved)"
+                         if e.record is not None else "")
+                raise RunInterrupted(e.signum, f"interrupted by {signal.Signals(e.signum).name}{where}; "
+                                     f"results.json holds {runs_text}. Resume with the same "
+                                     f"command: {command or 'the same command'}") from None
+            store.save(record)                   # the record first, then the checkpoint may go
+            trainer.remove_checkpoint(exp)
+            results["experiments"].append(record)
+            results["wall_time_s"] = round(time.time() - t0, 2)
+            write_json_atomic(out_dir / "results.json", results)
     finish_results(results, out_dir, n_bootstrap)
     print_summary(results, out_dir)
     log(f"done in {format_duration(time.time() - t0)}")
@@ -2633,7 +3320,12 @@ def run(cfg: RunConfig, preset: Preset, estimate: bool = True, n_bootstrap: int 
 
 
 def main(argv: list[str] | None = None) -> int:
+    import shlex
     args = build_parser().parse_args(argv)
+    given = sys.argv[1:] if argv is None else list(argv)
+    # the command that resumes this run: the same one, without --fresh (which would start over)
+    command = "python " + shlex.join([sys.argv[0] if argv is None else Path(__file__).name,
+                                      *(str(a) for a in given if a != "--fresh")])
     try:
         if args.fit_only and args.fit_csv:
             raise UserError("give --fit-only or --fit-csv, not both")
@@ -2645,12 +3337,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg, preset = config_from_args(args)
         run(cfg, preset, estimate=not args.no_estimate, n_bootstrap=args.bootstrap,
-            benchmark_steps=args.benchmark_steps if args.benchmark else 0)
+            benchmark_steps=args.benchmark_steps if args.benchmark else 0, fresh=args.fresh, command=command)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except RunInterrupted as e:
+        log(str(e))
+        print(str(e), file=sys.stderr, flush=True)
+        return 128 + e.signum
     except KeyboardInterrupt:
-        print("interrupted; results.json holds every finished experiment", file=sys.stderr, flush=True)
+        print("interrupted; results.json holds every finished experiment; rerun the same command to resume "
+              "from the latest checkpoint", file=sys.stderr, flush=True)
         return 130
     return 0
 
