@@ -3061,9 +3061,10 @@ def finish_results(results: dict, out_dir: Path, n_bootstrap: int = N_BOOTSTRAP,
     results. figure=False (an interrupted run) writes results.json only."""
     t0 = time.time()
     results["excluded_from_fits"] = [
-        {"run_id": e["run_id"], "name": e["name"], "seed": e.get("seed"), "status": e["status"],
-         **({"diverged_at_step": e["diverged_at_step"], "last_good_loss": e["last_good_loss"]}
-            if e["status"] == "diverged" else {})}
+        {"run_id": e.get("run_id", e.get("name")), "name": e.get("name"), "seed": e.get("seed"),
+         "status": e.get("status"),
+         **({"diverged_at_step": e.get("diverged_at_step"), "last_good_loss": e.get("last_good_loss")}
+            if e.get("status") == "diverged" else {})}
         for e in results["experiments"] if e.get("status") != "completed"]
     try:
         results.update(analyse_runs(results["experiments"], n_bootstrap))
@@ -3134,18 +3135,19 @@ def print_summary(results: dict, out_dir: Path) -> None:
     log("")
     log("summary")
     several_seeds = len({e.get("seed") for e in results["experiments"]}) > 1
-    for e in results["experiments"]:
-        if e["final_val_loss"] is not None:
+    for e in results["experiments"]:       # records of older or simulated results may lack some keys
+        status = e.get("status") or "unknown"
+        if e.get("final_val_loss") is not None:
             loss = f"val loss {e['final_val_loss']:.4f}"
-        elif e["status"] == "diverged":
+        elif status == "diverged":
             good = e.get("last_good_loss")
-            loss = (f"DIVERGED at step {e['diverged_at_step']}/{e['steps']} (last finite loss "
+            loss = (f"DIVERGED at step {e.get('diverged_at_step')}/{e.get('steps')} (last finite loss "
                     f"{'-' if good is None else f'{good:.4f}'})")
         else:
-            loss = e["status"].upper().replace("_", " ")
-        name = e["run_id"] if several_seeds else e["name"]
+            loss = status.upper().replace("_", " ")
+        name = e.get("run_id", e.get("name")) if several_seeds else e.get("name")
         log(f"  {name:<22} N={format_count(e['n_params_nonembedding']):>7} "
-            f"D={format_count(e['tokens']):>7}  {loss}  ({format_duration(e['wall_time_s'])})")
+            f"D={format_count(e['tokens']):>7}  {loss}  ({format_duration(e.get('wall_time_s') or 0)})")
     excluded = results.get("excluded_from_fits", [])
     if excluded:
         log(f"  left out of the fits: " + ", ".join(f"{x['run_id']} ({x['status']})" for x in excluded))
