@@ -1253,6 +1253,18 @@ class Trainer:
         self.val_offsets = batch_offsets(len(corpus.val), cfg.context_length,
                                          cfg.batch_size * cfg.eval_batches, 20240, 0)
         self.compile = cfg.compile if cfg.compile is not None else device.name == "cuda"
+        self._peak: tuple[float, str] | None = None
+
+    @property
+    def peak_flops(self) -> tuple[float, str]:
+        """(FLOP/s, source) of the MFU denominator, looked up or measured once per process."""
+        if self._peak is None:
+            self._peak = device_peak_flops(self.device, self.cfg.peak_tflops)
+        return self._peak
+
+    def mfu(self, exp: Experiment, tokens_per_s: float) -> float:
+        fpt = flops_per_token(exp.n_layer, exp.d_model, self.corpus.vocab_size, self.cfg.context_length)
+        return tokens_per_s * fpt / self.peak_flops[0]
 
     def for_training(self, model):
         """The module the step loop calls: compiled on CUDA by default (evaluation uses the eager one)."""
@@ -1357,6 +1369,8 @@ class Trainer:
         definition = experiment_definition(exp, cfg, self.corpus.record)
         exp_hash = definition_hash(definition)
         stream = data_stream(exp)                                  # this run's data stream
+        reset_peak_memory(self.device.name)
+        _ = self.peak_flops              # look up or measure it now, not inside a timed interval
         model = self.new_model(exp, init_seed(exp))
         n_nonemb, n_total = model.count_params()
         assert n_nonemb == exp.n_params_nonembedding, (n_nonemb, exp.n_params_nonembedding)
@@ -1449,7 +1463,8 @@ class Trainer:
                 curve["lr"].append(lr)
                 (bar.write if bar else log)(
                     f"[{exp.run_id}] step {step + 1}/{exp.steps} | loss {train_loss:.3f} | lr {lr:.2e} | "
-                    f"{tok_s / 1e3:.1f}k tok/s | eta {format_duration(eta)}")
+                    f"{tok_s / 1e3:.1f}k tok/s | MFU {100 * self.mfu(exp, tok_s):.1f}% | "
+                    f"eta {format_duration(eta)}")
             if (step + 1) % cfg.eval_interval == 0 or last:
                 v = self.evaluate(model)
                 if not math.isfinite(v):
@@ -1500,6 +1515,13 @@ class Trainer:
             "last_good_loss": diverged[1] if diverged else None,
             "wall_time_s": round(wall_s, 2),
             "tokens_per_s": round(steps_done * cfg.tokens_per_step / max(wall_s, 1e-9), 1),
+            # speed over the whole run, evaluations and checkpoints included
+            "flops_per_token": flops_per_token(exp.n_layer, exp.d_model, self.corpus.vocab_size,
+                                               cfg.context_length),
+            "mfu": round(self.mfu(exp, steps_done * cfg.tokens_per_step / max(wall_s, 1e-9)), 5),
+            "peak_flops": self.peak_flops[0], "peak_flops_source": self.peak_flops[1],
+            "peak_memory_mb": round(peak_memory_bytes(self.device.name) / 2**20, 1),
+            "dtype": self.device.dtype, "compiled": self.compile,
             "device": self.device.name,
             "micro_batch_size": math.ceil(cfg.batch_size / self.micro_split),
             "micro_steps_per_step": cfg.grad_accum * self.micro_split,
