@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -326,14 +325,6 @@ def build_comparison_figure(sim: dict, real: dict, report: dict):
     return fig
 
 
-def write_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------
@@ -361,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     rse.write_json_atomic(out_dir / "comparison_report.json", report)
     print_verdict(report)
     try:
-        write_figure(build_comparison_figure(sim, real, report), out_dir / "quick_vs_real_comparison.png")
+        rse.save_figure_atomic(build_comparison_figure(sim, real, report), out_dir / "quick_vs_real_comparison.png")
     except Exception as e:       # the report is already on disk; say what failed and go on
         rse.log(f"figure: could not draw quick_vs_real_comparison.png ({type(e).__name__}: {e})")
     rse.log(f"  report: {out_dir / 'comparison_report.json'}")

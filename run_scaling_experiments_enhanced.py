@@ -148,13 +148,14 @@ class Preset:
     log_interval: int = 50
 
 
-# tiny: depth-2 models of width 32, 64, 128, 256 (N = 25K, 100K, 397K, 1.58M) for 1,000 steps of 16 x 128
+# tiny: depth-2 models of width 32, 64, 128, 256 (N = 25K, 100K, 397K, 1.58M) for 800 steps of 16 x 128
 # tokens, and the width-64 model on 0.25M to 2M tokens; a 2,048-token BPE because a larger vocabulary's
-# output layer dominates these widths (4,096 halved the speed of the small models). Measured end to end in
-# under 10 minutes on a 2-core CPU; wider or deeper ladders at this token budget did not separate.
+# output layer dominates these widths (4,096 halved the speed of the small models). 1,000 steps took about
+# 9.5 minutes end to end on a 2-core CPU, too close to the 10-minute budget; 800 leaves a margin. Wider or
+# deeper ladders at this token budget did not separate.
 PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", (25_000, 100_000, 400_000, 1_600_000), (250_000, 500_000, 1_000_000, 2_000_000),
-                   steps=1000, data_model_size=100_000, batch_size=16, context_length=128, vocab_size=2048,
+                   steps=800, data_model_size=100_000, batch_size=16, context_length=128, vocab_size=2048,
                    n_layer=2, head_dim=32, eval_interval=200, eval_batches=20, log_interval=50),
     "quick": Preset("quick", (5 * 10**6, 20 * 10**6, 50 * 10**6), (10 * 10**6, 50 * 10**6, 100 * 10**6),
                     steps=3000, data_model_size=20 * 10**6),
@@ -2390,14 +2391,17 @@ def analyse_table(points: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: int 
 # 7. figure: the 2x2 summary (loss vs N, loss vs D, and both sweeps' training curves)
 # ----------------------------------------------------------------------------------------------------
 
-def plot_scaling_figure(results: dict, path: Path) -> None:
-    """Draw the figure and write it atomically to `path`."""
+def save_figure_atomic(fig, path: Path) -> None:
+    """Write a figure to a temporary file and rename it, so a reader never sees half a PNG."""
     import matplotlib.pyplot as plt
-    fig = build_scaling_figure(results)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def plot_scaling_figure(results: dict, path: Path) -> None:
+    save_figure_atomic(build_scaling_figure(results), path)
 
 
 def seed_groups(xs, ys) -> list[tuple[float, float, float, float, int]]:
@@ -2558,12 +2562,7 @@ def holdout_text(ho: dict, var: str) -> str:
 
 
 def plot_compute_optimal_figure(results: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
-    fig = build_compute_optimal_figure(results)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomic(build_compute_optimal_figure(results), path)
 
 
 def build_compute_optimal_figure(results: dict):
