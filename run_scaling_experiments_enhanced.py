@@ -3814,9 +3814,11 @@ def run(cfg: RunConfig, preset: Preset, estimate: bool = True, n_bootstrap: int 
     if not main_rank:                            # rank 0 fits and writes; the others are done
         return results
     if scope.partial:
-        log(f"done in {format_duration(time.time() - t0)}: {len(results['experiments'])} runs recorded in "
-            f"{store.folder} and {results_file}; when every shard has finished, merge and fit them with: "
-            f"python {Path(__file__).name} --fit-only {out_dir}")
+        n = len(results["experiments"])
+        log(f"done in {format_duration(time.time() - t0)}: {n} run{'' if n == 1 else 's'} recorded in "
+            f"{store.folder} and {results_file}" + ("" if scope.child else
+            f"; when every part has finished, merge and fit them with: python {Path(__file__).name} "
+            f"--fit-only {out_dir}"))
         return results
     finish_results(results, out_dir, n_bootstrap)
     print_summary(results, out_dir)
@@ -3833,6 +3835,7 @@ def run_parallel(k: int, runs: list[Experiment], todo: list[Experiment], done: d
     import signal
     import subprocess
     out_dir = Path(cfg.output_dir)
+    t0 = time.time()
     groups = balance_runs(todo, k)
     base = child_arguments(scope.argv)
     log(f"parallel: {len(todo)} runs in {len(groups)} processes at once, each with 1/{k} of the "
@@ -3902,6 +3905,7 @@ def run_parallel(k: int, runs: list[Experiment], todo: list[Experiment], done: d
         return results
     finish_results(results, out_dir, n_bootstrap)
     print_summary(results, out_dir)
+    log(f"done in {format_duration(time.time() - t0)} with {len(groups)} processes at once")
     return results
 
 
