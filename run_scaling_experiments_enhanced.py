@@ -15,10 +15,12 @@ Map of this file, in data-flow order:
     3. data                          built-in corpus, text/bin loaders, Hugging Face datasets, streaming
                                      BPE tokenizer and token cache, the repetition check, batches
     4. model                         GPT-2 style decoder and its closed-form parameter counts
-    5. training                      device setup, LR schedule, one experiment, the plan's time estimate
+    5. training                      device setup, LR schedule, one experiment, the plan's time estimate,
+                                     torchrun ranks (DDP), how many runs share a GPU (--parallel)
     6. fitting                       power-law fits and predictions (pure functions)
     7. figure                        the 2x2 matplotlib figure
-    8. CLI                           argparse, main()
+    8. CLI                           argparse, the output folder, --shard/--only/--parallel and the
+                                     merge of their runs, run(), main()
 
 `quick_scaling_demo.py` and `compare_quick_vs_real.py` import from this file; nothing is copied.
 """
@@ -3878,10 +3880,17 @@ def run_parallel(k: int, runs: list[Experiment], todo: list[Experiment], done: d
     if failed is None:
         bad = [(ids, p.returncode) for ids, p in children if p.returncode != 0]
         failed = bad[0] if bad and not received else None
+    unfinished = {}                              # a stopped child's interrupted run lives only in its file
     for ids, _ in children:
-        Path(out_dir / RunScope(only=ids).results_name()).unlink(missing_ok=True)
+        part = out_dir / RunScope(only=ids).results_name()
+        if part.exists():
+            try:
+                unfinished.update((e["run_id"], e) for e in json.loads(part.read_text())["experiments"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass                             # a half-written part: its finished runs are under runs/
+            part.unlink()
     for exp in runs:                             # plan order, as a sequential run writes them
-        rec = done.get(exp.run_id) or store.load(exp.run_id)
+        rec = done.get(exp.run_id) or store.load(exp.run_id) or unfinished.get(exp.run_id)
         if rec is not None:
             results["experiments"].append(rec)
     if received or failed:

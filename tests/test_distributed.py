@@ -93,7 +93,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, byte_tokens, baseline):
     assert sorted(p.name for p in out.glob("results*.json")) == ["results.json"]
     assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(
         f"{e['run_id']}.json" for e in baseline["experiments"])
-    assert not list((out / "checkpoints").glob("*.pt")) if (out / "checkpoints").exists() else True
+    assert not list(out.glob("checkpoints/*.pt"))                          # removed once each run finished
     worst = 0.0
     for one, two in zip(baseline["experiments"], res["experiments"]):
         assert two["run_id"] == one["run_id"] and two["status"] == "completed"
@@ -140,17 +140,26 @@ def test_batch_that_does_not_split_over_ranks_is_refused_in_one_line():
     assert [rse.rank_slice(8, r, 4) for r in range(4)] == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
 
 
-def test_a_crashing_rank_stops_every_rank_with_its_reason(tmp_path, byte_tokens):
+def test_a_crashing_rank_stops_every_rank_and_the_rerun_resumes(tmp_path, byte_tokens, baseline):
+    out = tmp_path / "crash"
+    args = small_args(byte_tokens, out, "--checkpoint-every", "3steps")
     t0 = time.time()
-    r = cli(small_args(byte_tokens, tmp_path / "crash"), tmp_path, n_cores=2, torchrun=2, timeout=120,
-            env_extra={"SCALING_LAB_TEST_CRASH": "1:3"})
+    r = cli(args, tmp_path, n_cores=2, torchrun=2, timeout=120, env_extra={"SCALING_LAB_TEST_CRASH": "1:10"})
     wall = time.time() - t0
-    out = r.stdout + r.stderr
+    log = r.stdout + r.stderr
     assert r.returncode != 0
-    assert "error (rank 1): RuntimeError: injected failure on rank 1 at step 3" in out
-    assert "Root Cause" in out and "rank      : 1" in out                   # torchrun's summary names rank 1
-    assert not (tmp_path / "crash" / "results.json").exists()
-    print(f"crash on rank 1 at step 3: whole job stopped in {wall:.1f}s (exit status {r.returncode})")
+    assert "error (rank 1): RuntimeError: injected failure on rank 1 at step 10" in log
+    assert "Root Cause" in log and "rank      : 1" in log                   # torchrun's summary names rank 1
+    assert not (out / "runs").exists()
+    # rank 0 checkpointed the first run at step 9 (its state is every rank's); the same command resumes it
+    again = cli(args, tmp_path, n_cores=2, torchrun=2, timeout=120)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert "[params-N25K-seed0] resuming from its checkpoint at step 9/16" in again.stdout
+    res = load(out)
+    assert res["experiments"][0]["resumed_at_steps"] == [9]
+    for one, two in zip(baseline["experiments"], res["experiments"]):
+        assert two["final_val_loss"] == pytest.approx(one["final_val_loss"], rel=1e-3)
+    print(f"crash on rank 1 at step 10: whole job stopped in {wall:.1f}s (exit status {r.returncode})")
 
 
 def test_shard_and_only_into_one_folder_then_fit_only_equal_one_run(tmp_path, byte_tokens, baseline):
