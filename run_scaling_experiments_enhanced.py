@@ -3512,6 +3512,9 @@ def scope_from_args(args, argv: list[str]) -> RunScope:
         return RunScope(only=only, child=args.parallel_child, argv=argv)
     if args.parallel and args.benchmark:
         raise UserError("--benchmark times one process at a time: drop --parallel")
+    if args.fresh and (args.shard or only):
+        raise UserError("--fresh with --shard/--only would move the other parts' runs aside too: move the "
+                        "output folder away yourself (or use --fresh once, without --shard/--only)")
     return RunScope(shard=parse_shard(args.shard) if args.shard else None, only=only,
                     parallel=args.parallel, argv=argv)
 
@@ -3925,6 +3928,8 @@ class ParallelFailure(Exception):
 def _leave_process_group(status: int) -> int:
     """Under torchrun: a failed rank leaves at once (os._exit) so torchrun sees the failure and stops the
     other ranks, instead of hanging in the process group's teardown; a finished rank leaves cleanly."""
+    if "torch" not in sys.modules:            # --fit-only and --fit-csv never import torch
+        return status
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
         return status

@@ -251,5 +251,7 @@ def test_shard_and_only_selection_and_their_errors(baseline):
     for bad in ("2/2", "1", "a/b", "-1/2"):
         with pytest.raises(rse.UserError, match="give I/N with 0 <= I < N"):
             rse.parse_shard(bad)
+    with pytest.raises(rse.UserError, match="--fresh with --shard/--only would move the other parts' runs"):
+        rse.scope_from_args(rse.build_parser().parse_args(["--shard", "0/2", "--fresh"]), [])
     assert rse.child_arguments(["--mode", "tiny", "--parallel", "2", "--shard=0/2", "--fresh", "--only", "x",
                                 "--seed", "3"]) == ["--mode", "tiny", "--seed", "3"]
