@@ -15,10 +15,12 @@ Map of this file, in data-flow order:
     3. data                          built-in corpus, text/bin loaders, Hugging Face datasets, streaming
                                      BPE tokenizer and token cache, the repetition check, batches
     4. model                         GPT-2 style decoder and its closed-form parameter counts
-    5. training                      device setup, LR schedule, one experiment, the plan's time estimate
+    5. training                      device setup, LR schedule, one experiment, the plan's time estimate,
+                                     torchrun ranks (DDP), how many runs share a GPU (--parallel)
     6. fitting                       power-law fits and predictions (pure functions)
     7. figure                        the 2x2 matplotlib figure
-    8. CLI                           argparse, main()
+    8. CLI                           argparse, the output folder, --shard/--only/--parallel and the
+                                     merge of their runs, run(), main()
 
 `quick_scaling_demo.py` and `compare_quick_vs_real.py` import from this file; nothing is copied.
 """
@@ -119,9 +121,13 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+_LOGGING = {"on": True}            # off on every torchrun rank but rank 0, so each line appears once
+
+
 def log(msg: str = "") -> None:
     """One flushed line on stdout, readable under `tail -f`."""
-    print(msg, flush=True)
+    if _LOGGING["on"]:
+        print(msg, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -994,6 +1000,18 @@ class DeviceInfo:
     dtype: str                      # "bf16" (autocast) or "fp32"
 
 
+# set by --parallel K in its child processes: K runs share this machine's cores and its GPU's memory
+PARALLEL_ENV = "SCALING_LAB_PARALLEL_SHARE"
+
+
+def cpu_threads_per_process() -> int:
+    """This process's even share of the cores it may run on, among the processes of the same run on this
+    machine: torchrun's ranks on this node (LOCAL_WORLD_SIZE) or --parallel's children."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) * int(os.environ.get(PARALLEL_ENV, "1"))
+    return max(1, cores // max(1, sharing))
+
+
 def setup_device(requested: str, dtype: str = "auto") -> DeviceInfo:
     """Resolve --device and --dtype. auto: CUDA, then MPS, then CPU; bf16 autocast on CUDA, fp32 elsewhere
     (bf16 on a CPU only when asked for, and only where the CPU has native bf16 instructions)."""
@@ -1020,7 +1038,7 @@ def setup_device(requested: str, dtype: str = "auto") -> DeviceInfo:
         if dtype == "bf16" and not _mps_supports_bf16():
             raise UserError("--dtype bf16: this MPS device/macOS has no bf16 support; use --dtype fp32")
         return DeviceInfo("mps", "Apple MPS", "bf16" if dtype == "bf16" else "fp32")
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = cpu_threads_per_process()
     torch.set_num_threads(threads)
     if dtype == "bf16" and not _cpu_supports_bf16():
         raise UserError("--dtype bf16: this CPU has no native bf16 instructions (avx512_bf16/amx); use fp32")
@@ -1238,12 +1256,184 @@ def read_checkpoint_header(path: Path) -> dict | None:
     return {k: state.get(k) for k in ("format", "run_id", "experiment_hash", "definition", "step")}
 
 
+# --- beyond one process: torchrun's ranks (DDP), each rank's slice of a batch, agreement checks ---
+
+# Training's collectives (gradients, losses) give up after this long, so a rank that hangs ends the job
+# instead of holding every GPU forever. The longest the other ranks ever wait is rank 0 writing a
+# checkpoint or a run's record between two steps.
+DIST_TIMEOUT_S = 30 * 60
+# Ranks wait this long for rank 0 to tokenize a corpus that is not cached yet (hours for a large one).
+PREPARE_TIMEOUT_S = 12 * 3600
+
+
+@dataclass
+class Distributed:
+    """This process's place among torchrun's ranks; a process on its own is rank 0 of 1."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    control: object = None          # a gloo group with PREPARE_TIMEOUT_S, for waits and agreement checks
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+            dist.barrier(group=self.control)
+
+    def mean_(self, t):
+        """Average a tensor over the ranks in place (SUM then divide: gloo has no AVG)."""
+        if self.enabled:
+            import torch.distributed as dist
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= self.world_size
+        return t
+
+    def agree(self, value, what: str):
+        """`value` if every rank holds the same one, else a UserError: the ranks would train different
+        things and deadlock at the next collective. They differ when the output folder or the data are
+        not the same files on every node."""
+        if not self.enabled:
+            return value
+        import torch.distributed as dist
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value, group=self.control)
+        if any(v != values[0] for v in values):
+            raise UserError(f"the torchrun ranks disagree about {what} (rank 0: {values[0]}, others: "
+                            f"{[v for v in values if v != values[0]][0]}): --output-dir, --data and "
+                            f"--cache-dir must be folders every node sees, with the same contents")
+        return value
+
+
+def distributed_from_env() -> Distributed:
+    """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE in every worker it starts."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    return Distributed(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
+                       int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def claim_local_gpu(dist_info: Distributed, requested_device: str) -> None:
+    """Under torchrun on CUDA, bind this rank to GPU LOCAL_RANK before anything touches CUDA (otherwise
+    every rank would open a context on GPU 0)."""
+    if not dist_info.enabled or requested_device not in ("auto", "cuda"):
+        return
+    import torch
+    if torch.cuda.is_available():
+        if dist_info.local_rank >= torch.cuda.device_count():
+            raise UserError(f"torchrun started {dist_info.local_world_size} processes on this node but it has "
+                            f"{torch.cuda.device_count()} GPUs: pass --nproc_per_node={torch.cuda.device_count()}")
+        torch.cuda.set_device(dist_info.local_rank)
+
+
+def init_distributed(dist_info: Distributed, device: str) -> Distributed:
+    """Join torchrun's process group (rendezvous from its environment): NCCL on CUDA, gloo on CPU."""
+    if not dist_info.enabled:
+        return dist_info
+    import datetime
+    import torch.distributed as dist
+    if device not in ("cuda", "cpu"):
+        raise UserError(f"torchrun with --device {device}: DistributedDataParallel runs here on CUDA (NCCL) "
+                        f"or CPU (gloo); use one process on {device}, or --device cpu")
+    dist.init_process_group("nccl" if device == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=DIST_TIMEOUT_S))
+    control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=PREPARE_TIMEOUT_S))
+    return dataclasses.replace(dist_info, control=control)
+
+
+def rank_slice(n_rows: int, rank: int, world_size: int) -> slice:
+    """This rank's contiguous share of a batch of n_rows windows (n_rows divisible by world_size)."""
+    per_rank = n_rows // world_size
+    return slice(rank * per_rank, (rank + 1) * per_rank)
+
+
+def check_batch_split(batch_size: int, world_size: int) -> None:
+    """Every rank takes batch_size / world_size windows of each micro-batch, so the global batch (tokens
+    per optimizer step) is the preset's whatever the number of processes."""
+    if batch_size % world_size:
+        lower = batch_size // world_size * world_size
+        options = [str(b) for b in (lower, lower + world_size) if b > 0]
+        divisors = [str(k) for k in range(2, batch_size + 1) if batch_size % k == 0][:4]
+        raise UserError(f"--batch-size {batch_size} cannot be split evenly over {world_size} processes: pass "
+                        f"--batch-size {' or '.join(options)} (then --grad-accum to keep the tokens per step), "
+                        f"or start {' or '.join(divisors) or 'one'} processes per run")
+
+
+def _injected_crash(dist_info: Distributed, step: int) -> None:
+    """Test-only hook: SCALING_LAB_TEST_CRASH='<rank>:<step>' makes that rank raise just before that
+    (1-based) step of every run, as a real failure on one rank would."""
+    rank, _, at = os.environ.get("SCALING_LAB_TEST_CRASH", "").partition(":")
+    if rank.isdigit() and at.isdigit() and int(rank) == dist_info.rank and int(at) == step:
+        raise RuntimeError(f"injected failure on rank {dist_info.rank} at step {step} (SCALING_LAB_TEST_CRASH)")
+
+
+# --- several runs at once on one machine (--parallel): how many, and which runs go together ---
+
+PARALLEL_MAX = 4                    # processes sharing one GPU by default
+# a model this large (total parameters) keeps a GPU busy on its own: its runs go one at a time
+PARALLEL_MAX_PARAMS = 100 * 10**6
+
+
+def estimated_run_memory_bytes(exp: Experiment, cfg: RunConfig) -> int:
+    """Rough device memory of one run: fp32 weights, gradients and AdamW's two moments (16 bytes per
+    parameter); activations of a micro-batch at about 34 bytes per (token, layer, channel) (Korthikanti
+    et al. 2022, 16-bit, attention by a fused kernel); fp32 logits and their gradient; 1 GiB for the CUDA
+    context and workspaces."""
+    tokens = cfg.batch_size * cfg.context_length
+    activations = tokens * (34 * exp.n_layer * exp.d_model + 8 * cfg.vocab_size)
+    return int(16 * exp.n_params_total + activations + 2**30)
+
+
+def default_parallel(runs: list[Experiment], cfg: RunConfig, device: str, memory_bytes: int | None) -> int:
+    """How many runs share the device when --parallel is not given: 1 except on CUDA, where small models
+    leave most of a GPU idle. If every model is under PARALLEL_MAX_PARAMS total parameters, as many runs
+    as fit in 90% of the GPU's memory at once (by estimated_run_memory_bytes of the largest), at most
+    PARALLEL_MAX, at most the number of runs."""
+    if device != "cuda" or len(runs) < 2 or not memory_bytes:
+        return 1
+    largest = max(runs, key=lambda e: e.n_params_total)
+    if largest.n_params_total >= PARALLEL_MAX_PARAMS:
+        return 1
+    fit = int(0.9 * memory_bytes // estimated_run_memory_bytes(largest, cfg))
+    return max(1, min(PARALLEL_MAX, len(runs), fit))
+
+
+def gpu_memory_bytes(device: str) -> int | None:
+    """Total memory of the current GPU, read without creating a CUDA context."""
+    if device != "cuda":
+        return None
+    import torch
+    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+
+
+def balance_runs(runs: list[Experiment], k: int) -> list[list[Experiment]]:
+    """Split runs into k groups of similar total FLOPs (largest first, each to the lightest group), each
+    group in plan order. Which process trains a run does not change its result."""
+    loads = [[0.0, []] for _ in range(k)]
+    order = {e.run_id: i for i, e in enumerate(runs)}
+    for e in sorted(runs, key=lambda e: -6.0 * e.n_params_total * e.tokens):
+        lightest = min(loads, key=lambda g: g[0])
+        lightest[0] += 6.0 * e.n_params_total * e.tokens
+        lightest[1].append(e)
+    return [sorted(g, key=lambda e: order[e.run_id]) for _, g in loads if g]
+
+
 class Trainer:
     """Trains one experiment; holds the device, the corpus and the run's settings."""
 
     def __init__(self, cfg: RunConfig, corpus: Corpus, device: DeviceInfo, progress_bar: bool = False,
-                 checkpoints: CheckpointPolicy | None = None, stop: StopRequest | None = None):
+                 checkpoints: CheckpointPolicy | None = None, stop: StopRequest | None = None,
+                 dist: Distributed | None = None):
         self.cfg, self.corpus, self.device = cfg, corpus, device
+        self.dist = dist or Distributed()
         self.progress_bar = progress_bar
         self.checkpoints = checkpoints or CheckpointPolicy()
         self.stop = stop or StopRequest()
@@ -1268,9 +1458,16 @@ class Trainer:
         return tokens_per_s * fpt / self.peak_flops[0]
 
     def for_training(self, model):
-        """The module the step loop calls: compiled on CUDA by default (evaluation uses the eager one)."""
+        """The module the step loop calls: compiled on CUDA by default (evaluation uses the eager one);
+        under torchrun, that module wrapped in DistributedDataParallel (compile inside DDP, as PyTorch
+        advises, so DDP's gradient hooks stay eager)."""
         import torch
-        return torch.compile(model) if self.compile else model
+        step_model = torch.compile(model) if self.compile else model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+            step_model = DistributedDataParallel(
+                step_model, device_ids=[self.dist.local_rank] if self.device.name == "cuda" else None)
+        return step_model
 
     def autocast(self):
         import contextlib
@@ -1292,38 +1489,51 @@ class Trainer:
         cfg = self.cfg
         model.eval()
         losses = []
+        rows = rank_slice(cfg.batch_size, self.dist.rank, self.dist.world_size)   # all rows for one process
         with torch.no_grad(), self.autocast():
             for i in range(cfg.eval_batches):
-                offs = self.val_offsets[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                offs = self.val_offsets[i * cfg.batch_size:(i + 1) * cfg.batch_size][rows]
                 for piece in np.array_split(offs, self.micro_split):
                     x, y = get_batch(self.corpus.val, piece, cfg.context_length)
                     loss = model(x.to(self.device.name), y.to(self.device.name)).float()
                     losses.append(loss * (len(piece) / len(offs)))
         model.train()
-        return float(torch.stack(losses).sum() / cfg.eval_batches)
+        # equal shares per rank, so the mean over ranks is the mean over the whole validation set
+        return float(self.dist.mean_(torch.stack(losses).sum() / cfg.eval_batches))
 
     def train_step(self, model, opt, exp: Experiment, step: int, stream: int):
         """One optimizer step over grad_accum micro-batches; returns (mean train loss as a device tensor,
         so the step loop need not wait for the device, and the lr)."""
+        import contextlib
         import torch
+        from torch.nn.parallel import DistributedDataParallel
         cfg = self.cfg
         lr = lr_at(step, exp.steps, exp.peak_lr, cfg.warmup_frac, cfg.min_lr_frac)
         for g in opt.param_groups:
             g["lr"] = lr
+        ddp = isinstance(model, DistributedDataParallel)
+        # under torchrun every rank draws the same windows and keeps its own share of them
+        rows = rank_slice(cfg.batch_size, self.dist.rank, self.dist.world_size)
         total = torch.zeros((), device=self.device.name)
         for micro in range(cfg.grad_accum):
             offs = batch_offsets(len(self.corpus.train), cfg.context_length, cfg.batch_size,
-                                 exp.seed, stream, step, micro)
-            for piece in np.array_split(offs, self.micro_split):
+                                 exp.seed, stream, step, micro)[rows]
+            pieces = np.array_split(offs, self.micro_split)
+            for k, piece in enumerate(pieces):
                 x, y = get_batch(self.corpus.train, piece, cfg.context_length)
                 if self.device.name == "cuda":        # pinned host memory lets the copy run asynchronously
                     x, y = x.pin_memory(), y.pin_memory()
                 x, y = x.to(self.device.name, non_blocking=True), y.to(self.device.name, non_blocking=True)
-                with self.autocast():
-                    # a piece's mean loss weighted by its share of the micro-batch
-                    loss = model(x, y) * (len(piece) / len(offs)) / cfg.grad_accum
-                loss.backward()
+                # DDP averages gradients over the ranks once per step, in the last backward pass
+                last = micro == cfg.grad_accum - 1 and k == len(pieces) - 1
+                with model.no_sync() if ddp and not last else contextlib.nullcontext():
+                    with self.autocast():
+                        # a piece's mean loss weighted by its share of the micro-batch
+                        loss = model(x, y) * (len(piece) / len(offs)) / cfg.grad_accum
+                    loss.backward()
                 total += loss.detach()
+        if ddp:             # the step's loss over the whole batch, the same number on every rank
+            self.dist.mean_(total)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -1332,6 +1542,8 @@ class Trainer:
     def save_checkpoint(self, exp: Experiment, definition: dict, model, opt, progress: dict) -> None:
         """Model, optimizer, RNGs, schedule position and the curve so far, written to a temporary file
         and renamed, so a kill at any moment leaves the previous checkpoint whole."""
+        if not self.dist.is_main:       # DDP keeps the replicas identical: rank 0's state is everyone's
+            return
         import torch
         path = self.checkpoints.path(exp.run_id)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1358,7 +1570,7 @@ class Trainer:
         return state
 
     def remove_checkpoint(self, exp: Experiment) -> None:
-        if self.checkpoints.folder is not None and not self.checkpoints.keep:
+        if self.checkpoints.folder is not None and not self.checkpoints.keep and self.dist.is_main:
             self.checkpoints.path(exp.run_id).unlink(missing_ok=True)
 
     def run(self, exp: Experiment) -> dict:
@@ -1378,7 +1590,8 @@ class Trainer:
         opt = configure_optimizer(model, exp.peak_lr, cfg.weight_decay, fused=self.device.name == "cuda")
         step_model = self.for_training(model)
         epochs = exp.tokens / len(self.corpus.train)
-        state = self.load_checkpoint(exp, exp_hash)
+        state = self.load_checkpoint(exp, exp_hash)      # every rank reads rank 0's checkpoint
+        self.dist.agree(state["step"] if state is not None else 0, f"the step {exp.run_id} resumes from")
         if state is not None:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
@@ -1435,6 +1648,7 @@ class Trainer:
                 raise TrainingInterrupted(self.stop.signum, self._record(
                     exp, definition, n_nonemb, n_total, epochs, initial, curve, "interrupted",
                     wall_before + time.time() - t_start, step, resumed_at, None))
+            _injected_crash(self.dist, step + 1)
             if nan_at is not None and step + 1 == nan_at:
                 with torch.no_grad():
                     next(model.parameters()).fill_(float("nan"))
@@ -1442,15 +1656,22 @@ class Trainer:
             window.append(loss)
             last = step == exp.steps - 1
             log_now = (step + 1) % cfg.log_interval == 0 or last
-            ckpt_now = not last and self.checkpoints.due(step + 1 - step_ckpt, time.time() - t_ckpt)
+            # only rank 0 writes checkpoints, so only rank 0 keeps their clock
+            ckpt_now = not last and self.dist.is_main and \
+                self.checkpoints.due(step + 1 - step_ckpt, time.time() - t_ckpt)
             if log_now or ckpt_now:
                 bad = first_nonfinite()
-                if bad is not None:
+                if bad is not None and not log_now and self.dist.enabled:
+                    # rank 0 alone: skip this checkpoint; all ranks see the same losses and stop
+                    # together at the next log step, with the same diverged step
+                    ckpt_now = False
+                elif bad is not None:
                     if bad > 0:
                         last_good = float(window[bad - 1])
                     diverged = (step_last + bad + 1, last_good)
                     break
-                last_good = float(window[-1])
+                else:
+                    last_good = float(window[-1])
             if log_now:
                 train_loss = float(torch.stack(window).mean())    # the only host sync of the interval
                 window = []
@@ -1546,6 +1767,12 @@ def run_with_oom_retries(trainer: Trainer, exp: Experiment) -> dict:
             if not is_out_of_memory(e):
                 raise
             message = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            if trainer.dist.enabled:     # a retry on one rank only would desynchronise the others
+                cfg = trainer.cfg
+                raise UserError(f"{exp.run_id}: out of memory on rank {trainer.dist.rank} ({message}); under "
+                                f"torchrun there are no automatic retries: pass --batch-size "
+                                f"{max(1, cfg.batch_size // 2)} --grad-accum {cfg.grad_accum * 2} (the same "
+                                f"tokens per step) or start more processes") from None
         # outside the except block, so the traceback's frames (and their tensors) can be freed
         gc.collect()
         if trainer.device.name == "cuda":
@@ -2764,6 +2991,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fresh", action="store_true",
                    help="move the earlier results in the output folder aside to previous-<date>-<time>/ "
                         "(never deleted) and start over")
+    # beyond one process: torchrun is detected from its environment; these split a sweep's runs
+    g = p.add_argument_group("several processes and jobs (torchrun needs no option: see README)")
+    g.add_argument("--shard", metavar="I/N",
+                   help="train every N-th run of the plan starting at I (0-based), e.g. a job array's task; "
+                        "writes results.shard-I-of-N.json; merge the shards with --fit-only FOLDER")
+    g.add_argument("--only", metavar="NAME[,NAME]",
+                   help="train only these experiments (e.g. params-N25K) or runs (params-N25K-seed1); "
+                        "merge with --fit-only FOLDER")
+    g.add_argument("--parallel", type=positive_int, metavar="K",
+                   help="train up to K runs at once as separate processes on this machine, each with 1/K of "
+                        "the GPU's memory (or of the cores); default on CUDA: several when every model is "
+                        "under 100M parameters (see README), else 1")
+    g.add_argument("--parallel-child", type=positive_int, help=argparse.SUPPRESS)   # set by --parallel
     return p
 
 
@@ -2891,10 +3131,11 @@ class RunInterrupted(Exception):
         self.signum = signum
 
 
-def read_results(out_dir: Path) -> dict | None:
-    """The output folder's results.json if it is ours and resumable; None if there is none. Anything
-    else is a UserError: a file this script cannot vouch for is never overwritten."""
-    path = out_dir / "results.json"
+def read_results(out_dir: Path, name: str = "results.json") -> dict | None:
+    """The output folder's results.json (or a part's results.<part>.json) if it is ours and resumable;
+    None if there is none. Anything else is a UserError: a file this script cannot vouch for is never
+    overwritten."""
+    path = out_dir / name
     if not path.exists():
         return None
     advice = "it is left untouched: move it away, choose another --output-dir, or pass --fresh to move it aside"
@@ -2952,7 +3193,8 @@ class RunStore:
 
 def archive_previous(out_dir: Path) -> Path | None:
     """--fresh: move this script's earlier outputs into previous-<date>-<time>/ (never delete them)."""
-    names = ["results.json", "scaling_laws_complete.png", "runs", "checkpoints"]
+    names = ["results.json", "scaling_laws_complete.png", "runs", "checkpoints",
+             *sorted(p.name for p in out_dir.glob("results.*.json"))]
     present = [n for n in names if (out_dir / n).exists()]
     if not present:
         return None
@@ -3039,17 +3281,21 @@ def refuse_changed_settings(existing: dict | None, cfg: RunConfig, runs: list[Ex
                         f"aside, or choose another --output-dir")
 
 
-def remove_stale_temporaries(folder: Path) -> None:
-    """Temporary files of processes that died mid-write (their renamed targets are intact)."""
+def remove_stale_temporaries(folder: Path, min_age_s: float = 600.0) -> None:
+    """Temporary files of processes that died mid-write (their renamed targets are intact). In a folder
+    that shards on other machines share, a process id says nothing, so only files untouched for
+    `min_age_s` go (a write in progress keeps its file's modification time fresh)."""
     if not folder.is_dir():
         return
     for tmp in folder.glob(".*.tmp*"):
         pid = tmp.name.rpartition(".tmp")[2]
         try:
+            if time.time() - tmp.stat().st_mtime < min_age_s:
+                continue
             os.kill(int(pid), 0)               # still alive: another process of ours is writing it
         except (ValueError, ProcessLookupError):
             tmp.unlink(missing_ok=True)
-        except PermissionError:
+        except (PermissionError, FileNotFoundError):
             pass
 
 
@@ -3180,6 +3426,17 @@ def print_summary(results: dict, out_dir: Path) -> None:
 def refit_saved_runs(path: str, output_dir: str | None, n_bootstrap: int) -> dict:
     """--fit-only: recompute fits, predictions and figures from a results folder or results.json."""
     src = Path(path).expanduser()
+    if src.is_dir() and any((src / "runs").glob("*.json")):
+        results = merge_saved_runs(src)
+        out_dir = Path(output_dir) if output_dir else src
+        prepare_output_dir(out_dir)
+        m = results["merged_from"]
+        log(f"fit-only: {len(results['experiments'])} runs merged from {m['run_records']} records in "
+            f"{m['runs_folder']}" + (f" and {', '.join(m['results_files'])}" if m["results_files"] else "")
+            + f", {n_bootstrap} bootstrap resamples")
+        finish_results(results, out_dir, n_bootstrap)
+        print_summary(results, out_dir)
+        return results
     file = src / "results.json" if src.is_dir() else src
     if not file.is_file():
         raise UserError(f"--fit-only {path}: no results.json there; give a results folder or its results.json")
@@ -3225,6 +3482,182 @@ def fit_table(path: str, output_dir: str | None, n_bootstrap: int) -> dict:
     return results
 
 
+# --- a sweep split across processes and jobs: --shard, --only, --parallel, and merging their runs ---
+
+@dataclass
+class RunScope:
+    """Which runs of the plan this process trains, and which results file it writes. A process that
+    trains part of the plan (--shard, --only) writes results.<part>.json, never results.json, so any
+    number of them can share a folder; --fit-only on the folder merges them."""
+    shard: tuple[int, int] | None = None
+    only: list[str] | None = None
+    parallel: int | None = None     # --parallel K; None: default_parallel
+    child: int | None = None        # in a child of --parallel K: K
+    argv: list[str] = field(default_factory=list)
+
+    @property
+    def partial(self) -> bool:
+        return self.shard is not None or self.only is not None
+
+    def describe(self) -> str:
+        return f"--shard {self.shard[0]}/{self.shard[1]}" if self.shard else f"--only {','.join(self.only or [])}"
+
+    def results_name(self) -> str:
+        if self.shard:
+            return f"results.shard-{self.shard[0]}-of-{self.shard[1]}.json"
+        if self.only:
+            key = hashlib.sha256(",".join(sorted(self.only)).encode()).hexdigest()[:10]
+            return f"results.only-{key}.json"
+        return "results.json"
+
+    def record(self, runs: list[Experiment]) -> dict:
+        return {"shard": f"{self.shard[0]}/{self.shard[1]}" if self.shard else None, "only": self.only,
+                "run_ids": [e.run_id for e in runs],
+                "note": "part of a sweep: merge every part with --fit-only on this folder"}
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'1/4' -> (1, 4): this job trains runs 1, 5, 9, ... of the plan."""
+    i, slash, n = text.partition("/")
+    if not (slash and i.strip().isdigit() and n.strip().isdigit()) or not 0 <= int(i) < int(n):
+        raise UserError(f"--shard {text}: give I/N with 0 <= I < N, e.g. --shard 0/2 and --shard 1/2 for two jobs "
+                        f"(a SLURM array passes $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
+    return int(i), int(n)
+
+
+def scope_from_args(args, argv: list[str]) -> RunScope:
+    only = [t.strip() for t in args.only.split(",") if t.strip()] if args.only else None
+    if args.only is not None and not only:
+        raise UserError("--only needs experiment names or run ids, e.g. --only params-N25K,data-D16K")
+    if args.parallel_child:         # the parent chose this child's runs; its own --shard was applied there
+        return RunScope(only=only, child=args.parallel_child, argv=argv)
+    if args.parallel and args.benchmark:
+        raise UserError("--benchmark times one process at a time: drop --parallel")
+    if args.fresh and (args.shard or only):
+        raise UserError("--fresh with --shard/--only would move the other parts' runs aside too: move the "
+                        "output folder away yourself (or use --fresh once, without --shard/--only)")
+    return RunScope(shard=parse_shard(args.shard) if args.shard else None, only=only,
+                    parallel=args.parallel, argv=argv)
+
+
+def select_runs(runs: list[Experiment], scope: RunScope) -> list[Experiment]:
+    """--only (by name, or by run_id for one seed), then --shard (every N-th run from I), in plan order."""
+    if scope.only:
+        known = {e.name for e in runs} | {e.run_id for e in runs}
+        unknown = [n for n in scope.only if n not in known]
+        if unknown:
+            raise UserError(f"--only {','.join(unknown)}: not in this plan; its experiments are "
+                            f"{', '.join(dict.fromkeys(e.name for e in runs))} (or a run id such as {runs[0].run_id})")
+        runs = [e for e in runs if e.name in scope.only or e.run_id in scope.only]
+    if scope.shard:
+        i, n = scope.shard
+        runs = runs[i::n]
+    return runs
+
+
+def child_arguments(argv: list[str]) -> list[str]:
+    """This command's arguments for a child of --parallel: without --parallel, --shard, --only and
+    --fresh (the parent applied them; a child ignores them if an abbreviation slips through)."""
+    drop_with_value = ("--parallel", "--shard", "--only")
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in drop_with_value:
+            skip = True
+            continue
+        if a == "--fresh" or any(a.startswith(o + "=") for o in drop_with_value):
+            continue
+        out.append(a)
+    return out
+
+
+def refuse_other_results_files(out_dir: Path, cfg: RunConfig, store: RunStore, policy: CheckpointPolicy,
+                               corpus_record: dict | None) -> None:
+    """The parts of a sweep (--shard, --only) share a folder but train different runs, so their run records
+    cannot show a mismatch: compare this command's settings and corpus with every results.<part>.json."""
+    for path in sorted(out_dir.glob("results.*.json")):
+        other = read_results(out_dir, path.name)
+        refuse_changed_settings(other, cfg, [], store, policy, None)
+        theirs = ((other.get("environment") or {}).get("corpus") or {}).get("sha256")
+        ours = (corpus_record or {}).get("sha256")
+        if corpus_record is not None and theirs and ours and theirs != ours:
+            raise UserError(f"{path} was trained on another corpus (sha256 {theirs[:12]}, this --data "
+                            f"{ours[:12]}): give the same --data to every part of a sweep, or another --output-dir")
+
+
+# settings every run of one sweep shares; --fit-only refuses to merge runs that differ in any of them
+MERGE_KEYS = ("definition_version", "batch_size", "grad_accum", "context_length", "vocab_size", "warmup_frac",
+              "min_lr_frac", "weight_decay", "grad_clip", "eval_interval", "eval_batches", "corpus_sha256",
+              "tokenizer", "validation_split")
+MERGE_KEYS_PER_SWEEP = {"params": ("steps",), "data": ("n_layer", "d_model")}
+
+
+def check_mergeable(records: list[dict]) -> None:
+    """Runs trained with different settings (a shard started with another --batch-size, another corpus)
+    would make the fits meaningless: name the first difference and the runs on each side."""
+    defined = [r for r in records if isinstance(r.get("definition"), dict)]
+    for key in MERGE_KEYS + tuple(k for ks in MERGE_KEYS_PER_SWEEP.values() for k in ks):
+        groups: dict[str, list[str]] = {}
+        for r in defined:
+            if key in MERGE_KEYS or key in MERGE_KEYS_PER_SWEEP.get(r.get("sweep"), ()):
+                groups.setdefault(json.dumps(r["definition"].get(key)), []).append(r["run_id"])
+        if len(groups) > 1:
+            sides = "; ".join(f"{key} {v} in {', '.join(ids[:3])}" + (" ..." if len(ids) > 3 else "")
+                              for v, ids in groups.items())
+            raise UserError(f"--fit-only: the saved runs were trained with different settings ({sides}); "
+                            f"move the runs that do not belong out of runs/ and merge again")
+
+
+def merge_saved_runs(folder: Path) -> dict:
+    """results.json for a folder that one run, several shards or --parallel wrote to: every record under
+    runs/ (one file per run, the source of truth), plus runs that only a results file mentions
+    (interrupted ones), in plan order; settings and environment from results.json or a part's file."""
+    files = [folder / "results.json"] if (folder / "results.json").is_file() else []
+    files += sorted(folder.glob("results.*.json"))
+    bases = []
+    for f in files:
+        try:
+            obj = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"--fit-only {f}: cannot read it ({type(e).__name__}); move it away and merge "
+                            f"again") from None
+        if isinstance(obj, dict) and isinstance(obj.get("experiments"), list):
+            bases.append((f, obj))
+    store = RunStore(folder)
+    records = {}
+    for path in sorted(store.folder.glob("*.json")):
+        rec = store.load(path.stem)
+        records[rec.get("run_id", path.stem)] = rec
+    for _, obj in bases:
+        for e in obj["experiments"]:
+            key = e.get("run_id", e.get("name"))
+            if key not in records:
+                records[key] = e
+    if not records:
+        raise UserError(f"--fit-only {folder}: no runs under runs/ and no results file; give the folder that "
+                        f"the training command (or its shards) wrote")
+    experiments = list(records.values())
+    check_mergeable(experiments)
+    results = dict(bases[0][1]) if bases else {"schema_version": SCHEMA_VERSION, "config": {}}
+    results.pop("scope", None)
+    seeds = (results.get("config") or {}).get("seeds") or []
+    sweep_rank = {"params": 0, "data": 1}
+
+    def plan_order(e):
+        seed = e.get("seed", 0)
+        return (seeds.index(seed) if seed in seeds else len(seeds) + (seed or 0),
+                sweep_rank.get(e.get("sweep"), 2), e.get("target") or 0, str(e.get("run_id", e.get("name"))))
+
+    results["experiments"] = sorted(experiments, key=plan_order)
+    results["merged_from"] = {"runs_folder": str(store.folder), "run_records": len(records),
+                              "results_files": [f.name for f, _ in bases],
+                              "processes": sorted({str((o.get("environment") or {}).get("device_name"))
+                                                   for _, o in bases})}
+    return results
+
+
 def expand_seeds(plan: list[Experiment], seeds: list[int]) -> list[Experiment]:
     """Seed-major order: the whole ladder of the first seed comes first, so an early stop still leaves
     complete sweeps to fit."""
@@ -3232,39 +3665,76 @@ def expand_seeds(plan: list[Experiment], seeds: list[int]) -> list[Experiment]:
 
 
 def run(cfg: RunConfig, preset: Preset, estimate: bool = True, n_bootstrap: int = N_BOOTSTRAP,
-        benchmark_steps: int = 0, fresh: bool = False, command: str | None = None) -> dict:
+        benchmark_steps: int = 0, fresh: bool = False, command: str | None = None,
+        scope: RunScope | None = None) -> dict:
+    scope = scope or RunScope()
     out_dir = Path(cfg.output_dir)
+    # under torchrun: join the group first, so that rank 0 alone touches the folder and the others wait
+    dist_info = distributed_from_env()
+    if dist_info.enabled and (scope.parallel or 0) > 1:
+        raise UserError("--parallel runs several single-process runs at once; under torchrun every run "
+                        "already uses all the processes: drop --parallel")
+    if dist_info.enabled and benchmark_steps:
+        raise UserError("--benchmark times one process: run it without torchrun")
+    claim_local_gpu(dist_info, cfg.device)
+    device = setup_device(cfg.device, cfg.dtype)
+    dist_info = init_distributed(dist_info, device.name)
+    _LOGGING["on"] = dist_info.is_main
+    main_rank = dist_info.is_main
+    if dist_info.enabled:
+        check_batch_split(cfg.batch_size, dist_info.world_size)
+    if scope.child and device.name == "cuda":
+        import torch
+        torch.cuda.set_per_process_memory_fraction(1.0 / scope.child)
     # early checks, before any corpus work or training: each is a UserError (one line, exit 2)
     prepare_output_dir(out_dir)
-    if fresh:
+    if fresh and main_rank and not scope.child:
         archive_previous(out_dir)
+    dist_info.barrier()
     existing = read_results(out_dir)
     check_data_readable(cfg.data)
-    device = setup_device(cfg.device, cfg.dtype)
     import torch
     log(f"device: {device.name} ({device.description}), dtype {device.dtype}, torch {torch.__version__}, "
-        f"python {platform.python_version()}")
-    runs = expand_seeds(build_plan(cfg, preset), cfg.seeds)
-    check_free_space(out_dir, runs, cfg.keep_checkpoints)
+        f"python {platform.python_version()}"
+        + (f"; {dist_info.world_size} processes (torchrun), {cfg.batch_size // dist_info.world_size} of every "
+           f"{cfg.batch_size} sequences per process" if dist_info.enabled else ""))
+    all_runs = expand_seeds(build_plan(cfg, preset), cfg.seeds)
+    runs = select_runs(all_runs, scope)
+    check_free_space(out_dir, all_runs, cfg.keep_checkpoints)
     every_s, every_steps = parse_checkpoint_every(cfg.checkpoint_every)
     policy = CheckpointPolicy(out_dir / "checkpoints", every_s, every_steps, cfg.keep_checkpoints)
     store = RunStore(out_dir)
-    if existing is not None:
+    if existing is not None and main_rank:
         store.recover(existing["experiments"])
+    dist_info.barrier()
     refuse_changed_settings(existing, cfg, runs, store, policy, None)
+    refuse_other_results_files(out_dir, cfg, store, policy, None)
 
-    corpus = load_corpus(cfg.data, cfg.vocab_size, Path(cfg.cache_dir), text_column=cfg.text_column,
-                         split=cfg.split, num_proc=cfg.num_proc,
-                         bpe_sample_chars=cfg.bpe_sample_chars or BPE_SAMPLE_CHARS)
+    # rank 0 prepares (tokenizes) the corpus while the others wait; then they read its cache
+    corpus = None
+    if main_rank:
+        corpus = load_corpus(cfg.data, cfg.vocab_size, Path(cfg.cache_dir), text_column=cfg.text_column,
+                             split=cfg.split, num_proc=cfg.num_proc,
+                             bpe_sample_chars=cfg.bpe_sample_chars or BPE_SAMPLE_CHARS)
+    dist_info.barrier()
+    if corpus is None:
+        corpus = load_corpus(cfg.data, cfg.vocab_size, Path(cfg.cache_dir), text_column=cfg.text_column,
+                             split=cfg.split, num_proc=cfg.num_proc,
+                             bpe_sample_chars=cfg.bpe_sample_chars or BPE_SAMPLE_CHARS)
+    dist_info.agree(corpus.record.get("fingerprint") or corpus.record.get("sha256"), "the corpus's tokens")
     cfg.vocab_size = corpus.vocab_size
     plan = build_plan(cfg, preset)
     data_budget = check_data_budget(plan, len(corpus.train), cfg.no_repeat)    # refuses under --no-repeat
-    runs = expand_seeds(plan, cfg.seeds)
+    all_runs = expand_seeds(plan, cfg.seeds)
+    runs = select_runs(all_runs, scope)
     refuse_changed_settings(existing, cfg, runs, store, policy, corpus.record)
-    remove_stale_temporaries(policy.folder)
-    remove_stale_temporaries(store.folder)
+    refuse_other_results_files(out_dir, cfg, store, policy, corpus.record)
+    if main_rank:
+        remove_stale_temporaries(policy.folder)
+        remove_stale_temporaries(store.folder)
     stop = StopRequest()
-    trainer = Trainer(cfg, corpus, device, progress_bar=sys.stderr.isatty(), checkpoints=policy, stop=stop)
+    trainer = Trainer(cfg, corpus, device, progress_bar=sys.stderr.isatty() and main_rank and not scope.child,
+                      checkpoints=policy, stop=stop, dist=dist_info)
     if benchmark_steps:
         report = benchmark(trainer, plan, steps=benchmark_steps)
         write_json_atomic(out_dir / "benchmark.json", report)
@@ -3276,8 +3746,29 @@ def run(cfg: RunConfig, preset: Preset, estimate: bool = True, n_bootstrap: int 
         if rec is not None and rec["status"] in FINAL_STATUSES and \
                 rec["experiment_hash"] == definition_hash(experiment_definition(exp, cfg, corpus.record)):
             done[exp.run_id] = rec
+    dist_info.agree(sorted(done), "which runs finished earlier")
+    results_file = out_dir / scope.results_name()
+    results = {"schema_version": SCHEMA_VERSION, "mode": cfg.mode, "config": dataclasses.asdict(cfg),
+               "environment": {**environment_record(device, corpus), "processes": dist_info.world_size},
+               "data_budget": data_budget, "experiments": [], "fits": {}, "predictions": []}
+    if scope.partial:
+        results["scope"] = scope.record(runs)
+        if main_rank:       # written before training, so shards started at the same moment see each other
+            write_json_atomic(results_file, results)
+            refuse_other_results_files(out_dir, cfg, store, policy, corpus.record)
+
+    k = scope.parallel or (1 if scope.child else default_parallel(
+        [e for e in runs if e.run_id not in done], cfg, device.name, gpu_memory_bytes(device.name)))
+    todo = [e for e in runs if e.run_id not in done]
+    if k > 1 and not scope.child and len(todo) > 1:
+        print_plan(plan, cfg, None)
+        for line in data_budget_lines(data_budget):
+            log(line)
+        return run_parallel(min(k, len(todo)), runs, todo, done, results, results_file, scope, cfg, corpus,
+                            store, n_bootstrap, command)
+
     estimates = None
-    if estimate and len(done) < len(runs):
+    if estimate and len(done) < len(runs) and main_rank:
         try:
             estimates = estimate_wall_time(trainer, plan)
         except Exception as e:
@@ -3285,10 +3776,16 @@ def run(cfg: RunConfig, preset: Preset, estimate: bool = True, n_bootstrap: int 
                 raise
             log("plan: the time estimate ran out of device memory; skipping it (training retries with "
                 "smaller micro-batches)")
-    print_plan(plan, cfg, estimates)
+    if scope.child:
+        log(f"parallel {scope.child}: this process trains {', '.join(e.run_id for e in runs)}")
+    else:
+        print_plan(plan, cfg, estimates)
+    if scope.partial and not scope.child:
+        log(f"this process trains {len(runs)} of the plan's {len(all_runs)} runs ({scope.describe()}): "
+            f"{', '.join(e.run_id for e in runs) or 'none'}")
     if len(cfg.seeds) > 1:
         log(f"  every experiment runs once per seed: seeds {', '.join(map(str, cfg.seeds))} "
-            f"({len(runs)} runs)")
+            f"({len(all_runs)} runs)")
     for line in data_budget_lines(data_budget):
         log(line)
     if device.name == "cpu" and cfg.mode != "tiny" and estimates:
@@ -3299,16 +3796,15 @@ def run(cfg: RunConfig, preset: Preset, estimate: bool = True, n_bootstrap: int 
         log(f"resume: {len(done)} of {len(runs)} runs finished earlier (kept, not retrained)"
             + (f"; continuing {', '.join(resumable)} from checkpoints" if resumable else ""))
     if existing is not None:
-        others = {e["run_id"] for e in existing["experiments"]} - {e.run_id for e in runs}
+        others = {e["run_id"] for e in existing["experiments"]} - {e.run_id for e in all_runs}
         if others:
             log(f"note: {len(others)} earlier runs are not in this plan; their records stay in {store.folder} "
                 f"and are left out of results.json")
 
-    results = {"schema_version": SCHEMA_VERSION, "mode": cfg.mode, "config": dataclasses.asdict(cfg),
-               "environment": environment_record(device, corpus), "data_budget": data_budget,
-               "experiments": [], "fits": {}, "predictions": []}
     t0 = time.time()
-    with stop_on_signals(stop):
+    import contextlib
+    # under torchrun a signal ends every rank at once (see README); one process checkpoints and stops
+    with stop_on_signals(stop) if not dist_info.enabled else contextlib.nullcontext():
         for i, exp in enumerate(runs):
             if exp.run_id in done:
                 results["experiments"].append(done[exp.run_id])
@@ -3322,24 +3818,148 @@ def run(cfg: RunConfig, preset: Preset, estimate: bool = True, n_bootstrap: int 
                 if e.record is not None:
                     results["experiments"].append(e.record)
                 results["wall_time_s"] = round(time.time() - t0, 2)
-                finish_results(results, out_dir, n_bootstrap, figure=False)
+                if scope.partial:
+                    write_json_atomic(results_file, results)
+                else:
+                    finish_results(results, out_dir, n_bootstrap, figure=False)
                 import signal
                 n_final = sum(1 for r in results["experiments"] if r["status"] in FINAL_STATUSES)
                 runs_text = f"{n_final} finished run" + ("" if n_final == 1 else "s")
                 where = (f" in {exp.run_id} at step {e.record['steps_done']}/{exp.steps} (checkpoint saved)"
                          if e.record is not None else "")
                 raise RunInterrupted(e.signum, f"interrupted by {signal.Signals(e.signum).name}{where}; "
-                                     f"results.json holds {runs_text}. Resume with the same "
+                                     f"{results_file.name} holds {runs_text}. Resume with the same "
                                      f"command: {command or 'the same command'}") from None
-            store.save(record)                   # the record first, then the checkpoint may go
+            if main_rank:
+                store.save(record)               # the record first, then the checkpoint may go
             trainer.remove_checkpoint(exp)
             results["experiments"].append(record)
             results["wall_time_s"] = round(time.time() - t0, 2)
-            write_json_atomic(out_dir / "results.json", results)
+            if main_rank:
+                write_json_atomic(results_file, results)
+    if not main_rank:                            # rank 0 fits and writes; the others are done
+        return results
+    if scope.partial:
+        n = len(results["experiments"])
+        log(f"done in {format_duration(time.time() - t0)}: {n} run{'' if n == 1 else 's'} recorded in "
+            f"{store.folder} and {results_file}" + ("" if scope.child else
+            f"; when every part has finished, merge and fit them with: python {Path(__file__).name} "
+            f"--fit-only {out_dir}"))
+        return results
     finish_results(results, out_dir, n_bootstrap)
     print_summary(results, out_dir)
     log(f"done in {format_duration(time.time() - t0)}")
     return results
+
+
+def run_parallel(k: int, runs: list[Experiment], todo: list[Experiment], done: dict, results: dict,
+                 results_file: Path, scope: RunScope, cfg: RunConfig, corpus: Corpus, store: RunStore,
+                 n_bootstrap: int, command: str | None) -> dict:
+    """--parallel K: train `todo` in K child processes of this same command (each given its runs with
+    --only), forward SIGINT/SIGTERM to them, stop the others if one fails, then assemble the records
+    of `runs` in plan order and fit them exactly as a sequential run would."""
+    import signal
+    import subprocess
+    out_dir = Path(cfg.output_dir)
+    t0 = time.time()
+    groups = balance_runs(todo, k)
+    base = child_arguments(scope.argv)
+    log(f"parallel: {len(todo)} runs in {len(groups)} processes at once, each with 1/{k} of the "
+        + ("GPU's memory" if results["environment"]["device"] == "cuda" else "cores"))
+    children = []
+    for i, group in enumerate(groups):
+        ids = [e.run_id for e in group]
+        log(f"  process {i + 1}/{len(groups)}: {', '.join(ids)}")
+        env = dict(os.environ, **{PARALLEL_ENV: str(k)})
+        argv = [sys.executable, str(Path(__file__).resolve()), *base, "--no-estimate",
+                "--only", ",".join(ids), "--parallel-child", str(k)]
+        # a session of its own: a Ctrl-C in the terminal reaches the parent alone, which forwards it once
+        children.append((ids, subprocess.Popen(argv, env=env, start_new_session=True)))
+    received = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        log(f"received {signal.Signals(signum).name}: passing it on to the {len(children)} training processes "
+            f"(each saves a checkpoint at its next step and stops)")
+        for _, p in children:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    failed = None
+    try:
+        while any(p.poll() is None for _, p in children):
+            for ids, p in children:
+                if p.poll() not in (None, 0) and failed is None and not received:
+                    failed = (ids, p.returncode)
+                    log(f"parallel: the process training {', '.join(ids)} failed (exit status {p.returncode}); "
+                        f"stopping the others (they save checkpoints)")
+                    for _, q in children:
+                        if q.poll() is None:
+                            q.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if failed is None:
+        bad = [(ids, p.returncode) for ids, p in children if p.returncode != 0]
+        failed = bad[0] if bad and not received else None
+    unfinished = {}                              # a stopped child's interrupted run lives only in its file
+    for ids, _ in children:
+        part = out_dir / RunScope(only=ids).results_name()
+        if part.exists():
+            try:
+                unfinished.update((e["run_id"], e) for e in json.loads(part.read_text())["experiments"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass                             # a half-written part: its finished runs are under runs/
+            part.unlink()
+    for exp in runs:                             # plan order, as a sequential run writes them
+        rec = done.get(exp.run_id) or store.load(exp.run_id) or unfinished.get(exp.run_id)
+        if rec is not None:
+            results["experiments"].append(rec)
+    if received or failed:
+        if scope.partial:
+            write_json_atomic(results_file, results)
+        else:
+            finish_results(results, out_dir, n_bootstrap, figure=False)
+        n_final = sum(1 for r in results["experiments"] if r["status"] in FINAL_STATUSES)
+        if failed:
+            raise ParallelFailure(f"the process training {', '.join(failed[0])} failed with exit status "
+                                  f"{failed[1]} (its error is above); the others stopped with checkpoints "
+                                  f"saved; {results_file.name} holds {n_final} finished runs. Fix the cause and "
+                                  f"rerun the same command to resume: {command or ''}".rstrip())
+        raise RunInterrupted(received[0], f"interrupted by {signal.Signals(received[0]).name}; "
+                             f"{results_file.name} holds {n_final} finished runs. Resume with the same "
+                             f"command: {command or 'the same command'}")
+    if scope.partial:
+        write_json_atomic(results_file, results)
+        log(f"parallel: {len(results['experiments'])} runs recorded in {results_file}; merge the shards with "
+            f"--fit-only {out_dir}")
+        return results
+    finish_results(results, out_dir, n_bootstrap)
+    print_summary(results, out_dir)
+    log(f"done in {format_duration(time.time() - t0)} with {len(groups)} processes at once")
+    return results
+
+
+class ParallelFailure(Exception):
+    """A child of --parallel failed; main() prints this and exits with status 1."""
+
+
+def _leave_process_group(status: int) -> int:
+    """Under torchrun: a failed rank leaves at once (os._exit) so torchrun sees the failure and stops the
+    other ranks, instead of hanging in the process group's teardown; a finished rank leaves cleanly."""
+    if "torch" not in sys.modules:            # --fit-only and --fit-csv never import torch
+        return status
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return status
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if status != 0:
+        os._exit(status)
+    dist.destroy_process_group()
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -3349,6 +3969,8 @@ def main(argv: list[str] | None = None) -> int:
     # the command that resumes this run: the same one, without --fresh (which would start over)
     command = "python " + shlex.join([sys.argv[0] if argv is None else Path(__file__).name,
                                       *(str(a) for a in given if a != "--fresh")])
+    rank = distributed_from_env().rank
+    who = f" (rank {rank})" if distributed_from_env().enabled else ""
     try:
         if args.fit_only and args.fit_csv:
             raise UserError("give --fit-only or --fit-csv, not both")
@@ -3359,20 +3981,38 @@ def main(argv: list[str] | None = None) -> int:
             fit_table(args.fit_csv, args.output_dir, args.bootstrap)
             return 0
         cfg, preset = config_from_args(args)
+        scope = scope_from_args(args, [str(a) for a in given])
         run(cfg, preset, estimate=not args.no_estimate, n_bootstrap=args.bootstrap,
-            benchmark_steps=args.benchmark_steps if args.benchmark else 0, fresh=args.fresh, command=command)
+            benchmark_steps=args.benchmark_steps if args.benchmark else 0,
+            fresh=args.fresh and not scope.child, command=command, scope=scope)
     except UserError as e:
+        print(f"error{who}: {e}", file=sys.stderr, flush=True)
+        return _leave_process_group(2)
+    except ParallelFailure as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return 1
     except RunInterrupted as e:
         log(str(e))
         print(str(e), file=sys.stderr, flush=True)
-        return 128 + e.signum
+        return _leave_process_group(128 + e.signum)
     except KeyboardInterrupt:
         print("interrupted; results.json holds every finished experiment; rerun the same command to resume "
               "from the latest checkpoint", file=sys.stderr, flush=True)
-        return 130
-    return 0
+        return _leave_process_group(130)
+    except Exception as e:
+        if not who:
+            raise
+        # one rank failed: say why, leave torchrun's error file for its summary, and exit non-zero at once
+        import traceback
+        traceback.print_exc()
+        print(f"error{who}: {type(e).__name__}: {e}; torchrun stops the other ranks", file=sys.stderr, flush=True)
+        try:
+            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+            ErrorHandler().record_exception(e)
+        except Exception:
+            pass
+        return _leave_process_group(1)
+    return _leave_process_group(0)
 
 
 if __name__ == "__main__":

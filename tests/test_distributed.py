@@ -1,0 +1,257 @@
+"""Beyond one process (issue 7, issue 6 item 5): DistributedDataParallel under torchrun (gloo on the CPU),
+a sweep split with --shard/--only and merged by --fit-only, a failing rank, and --parallel K.
+
+Every run is the real CLI on a byte-level token file with models of 25K and 100K parameters. Each process
+is pinned to its share of the cores so that every process trains with one thread: the thread count
+changes float sums in the last bits (measured: 3e-6 relative in a final loss), and on a loaded machine two
+threads per process were 50x slower than one."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import run_scaling_experiments_enhanced as rse
+from conftest import SCRIPT
+
+pytestmark = pytest.mark.filterwarnings("ignore::scipy.optimize.OptimizeWarning")
+
+
+@pytest.fixture(scope="module")
+def byte_tokens(tmp_path_factory, corpus_file) -> Path:
+    """The shared generated corpus as bytes in a uint16 token file: vocabulary 256, no tokenizer to train."""
+    path = tmp_path_factory.mktemp("bytes") / "corpus.bin"
+    np.frombuffer(corpus_file.read_bytes(), dtype=np.uint8).astype(np.uint16).tofile(path)
+    return path
+
+
+def small_args(byte_tokens, out, *extra):
+    """4 runs (2 sizes x 16 steps, then 62 and 125 steps at 100K), batch 4 x 32 tokens, seconds in all."""
+    return [str(a) for a in [
+        "--mode", "tiny", "--data", byte_tokens, "--vocab-size", "256", "--param-sizes", "25K,100K",
+        "--data-sizes", "8K,16K", "--max-steps", "16", "--batch-size", "4", "--context-length", "32",
+        "--eval-interval", "8", "--eval-batches", "2", "--log-interval", "4", "--no-estimate",
+        "--bootstrap", "50", "--output-dir", out, *extra]]
+
+
+def pinned(n_cores):
+    """preexec_fn: run the child on the first n_cores cores this process may use."""
+    cores = sorted(os.sched_getaffinity(0))[:n_cores]
+    return lambda: os.sched_setaffinity(0, cores)
+
+
+def cli(args, cwd, n_cores=1, env_extra=None, timeout=120, torchrun=0):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    launcher = [sys.executable]
+    if torchrun:
+        with socket.socket() as s:               # a free port for torchrun's rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port", str(port)]
+    return subprocess.run([*launcher, str(SCRIPT), *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, preexec_fn=pinned(n_cores))
+
+
+def load(out: Path, name="results.json") -> dict:
+    return json.loads((out / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, byte_tokens):
+    """One unsharded single-process run: the reference for every test here."""
+    out = tmp_path_factory.mktemp("baseline") / "out"
+    r = cli(small_args(byte_tokens, out), out.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return load(out)
+
+
+def assert_same_runs(a: dict, b: dict):
+    assert [e["run_id"] for e in b["experiments"]] == [e["run_id"] for e in a["experiments"]]
+    for x, y in zip(a["experiments"], b["experiments"]):
+        assert y["status"] == x["status"] == "completed"
+        assert y["final_val_loss"] == x["final_val_loss"], x["run_id"]
+        assert y["curve"] == x["curve"], x["run_id"]
+        assert y["experiment_hash"] == x["experiment_hash"]
+    assert b["fits"] == a["fits"] and b["predictions"] == a["predictions"]
+
+
+def test_torchrun_two_ranks_match_one_process(tmp_path, byte_tokens, baseline):
+    out = tmp_path / "ddp"
+    t0 = time.time()
+    r = cli(small_args(byte_tokens, out), tmp_path, n_cores=2, torchrun=2)
+    wall = time.time() - t0
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "2 processes (torchrun), 2 of every 4 sequences per process" in r.stdout
+    assert r.stdout.count("] done: final val loss") == 4                   # rank 1 logs nothing
+    res = load(out)
+    assert res["environment"]["processes"] == 2
+    assert sorted(p.name for p in out.glob("results*.json")) == ["results.json"]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(
+        f"{e['run_id']}.json" for e in baseline["experiments"])
+    assert not list(out.glob("checkpoints/*.pt"))                          # removed once each run finished
+    worst = 0.0
+    for one, two in zip(baseline["experiments"], res["experiments"]):
+        assert two["run_id"] == one["run_id"] and two["status"] == "completed"
+        assert two["steps"] == one["steps"] and two["tokens"] == one["tokens"]      # same global batch
+        assert two["initial_loss"] == pytest.approx(one["initial_loss"], rel=1e-5)
+        assert two["final_val_loss"] == pytest.approx(one["final_val_loss"], rel=1e-3)
+        assert two["curve"]["train_loss"] == pytest.approx(one["curve"]["train_loss"], rel=1e-3)
+        worst = max(worst, abs(two["final_val_loss"] / one["final_val_loss"] - 1))
+    print(f"torchrun 2 ranks: {wall:.1f}s wall; largest final-loss difference from 1 process {worst:.1e} relative")
+
+
+def test_ranks_take_their_own_slice_of_every_batch(byte_tokens, monkeypatch):
+    """Rank 1 of 2 trains on, and evaluates, exactly the second half of the windows one process uses."""
+    class RankOneOfTwo(rse.Distributed):
+        def mean_(self, t):          # no process group here: this rank's own mean
+            return t
+
+    cfg = rse.RunConfig(mode="tiny", param_sizes=[25_000], data_sizes=[], data_model_size=25_000, steps=2,
+                        batch_size=4, grad_accum=2, context_length=32, vocab_size=256, lr=1e-3,
+                        eval_batches=2, device="cpu")
+    corpus = rse.load_token_file(byte_tokens, 256)
+    device = rse.setup_device("cpu")
+    trainer = rse.Trainer(cfg, corpus, device, dist=RankOneOfTwo(rank=1, world_size=2))
+    seen = []
+    real_get_batch = rse.get_batch
+    monkeypatch.setattr(rse, "get_batch", lambda tokens, offs, t: (seen.append(offs.tolist()),
+                                                                   real_get_batch(tokens, offs, t))[1])
+    exp = rse.Experiment("probe", "params", 0, 2, 32, 1, 2, 0, 1e-3, 0, 0)
+    model = trainer.new_model(exp, 0)
+    opt = rse.configure_optimizer(model, 1e-3, 0.0, fused=False)
+    trainer.train_step(model, opt, exp, step=5, stream=7)
+    n = len(corpus.train)
+    assert seen == [rse.batch_offsets(n, 32, 4, 0, 7, 5, micro)[2:].tolist() for micro in range(2)]
+    seen.clear()
+    trainer.evaluate(model)
+    assert seen == [trainer.val_offsets[4 * i:4 * i + 4][2:].tolist() for i in range(2)]
+
+
+def test_batch_that_does_not_split_over_ranks_is_refused_in_one_line():
+    with pytest.raises(rse.UserError, match=r"--batch-size 8 cannot be split evenly over 3 processes: pass "
+                                            r"--batch-size 6 or 9 .* or start 2 or 4 or 8 processes"):
+        rse.check_batch_split(8, 3)
+    rse.check_batch_split(8, 4)
+    assert [rse.rank_slice(8, r, 4) for r in range(4)] == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
+
+
+def test_a_crashing_rank_stops_every_rank_and_the_rerun_resumes(tmp_path, byte_tokens, baseline):
+    out = tmp_path / "crash"
+    args = small_args(byte_tokens, out, "--checkpoint-every", "3steps")
+    t0 = time.time()
+    r = cli(args, tmp_path, n_cores=2, torchrun=2, timeout=120, env_extra={"SCALING_LAB_TEST_CRASH": "1:10"})
+    wall = time.time() - t0
+    log = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "error (rank 1): RuntimeError: injected failure on rank 1 at step 10" in log
+    assert "Root Cause" in log and "rank      : 1" in log                   # torchrun's summary names rank 1
+    assert not (out / "runs").exists()
+    # rank 0 checkpointed the first run at step 9 (its state is every rank's); the same command resumes it
+    again = cli(args, tmp_path, n_cores=2, torchrun=2, timeout=120)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert "[params-N25K-seed0] resuming from its checkpoint at step 9/16" in again.stdout
+    res = load(out)
+    assert res["experiments"][0]["resumed_at_steps"] == [9]
+    for one, two in zip(baseline["experiments"], res["experiments"]):
+        assert two["final_val_loss"] == pytest.approx(one["final_val_loss"], rel=1e-3)
+    print(f"crash on rank 1 at step 10: whole job stopped in {wall:.1f}s (exit status {r.returncode})")
+
+
+def test_shard_and_only_into_one_folder_then_fit_only_equal_one_run(tmp_path, byte_tokens, baseline):
+    out = tmp_path / "shared"
+    r0 = cli(small_args(byte_tokens, out, "--shard", "0/2"), tmp_path)
+    assert r0.returncode == 0, r0.stderr[-3000:]
+    # the other half by name, as a second kind of job would: --only takes experiment names or run ids
+    r1 = cli(small_args(byte_tokens, out, "--only", "params-N100K,data-D16K-seed0"), tmp_path)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    assert not (out / "results.json").exists()                            # parts never write it
+    part0 = load(out, "results.shard-0-of-2.json")
+    assert part0["scope"]["run_ids"] == ["params-N25K-seed0", "data-D8K-seed0"]
+    assert [e["run_id"] for e in part0["experiments"]] == part0["scope"]["run_ids"]
+    (part1,) = [p for p in out.glob("results.only-*.json")]
+    assert load(out, part1.name)["scope"]["run_ids"] == ["params-N100K-seed0", "data-D16K-seed0"]
+
+    # a part started with other settings cannot join the folder
+    bad = cli(small_args(byte_tokens, out, "--shard", "1/2", "--max-steps", "20"), tmp_path)
+    assert bad.returncode == 2 and "steps 16 -> 20 (--max-steps" in bad.stderr and bad.stderr.count("\n") == 1
+
+    fit = cli(["--fit-only", out, "--bootstrap", "50"], tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "4 runs merged from 4 records" in fit.stdout
+    merged = load(out)
+    assert_same_runs(baseline, merged)
+    assert merged["config"]["steps"] == 16 and len(merged["merged_from"]["results_files"]) == 2
+
+
+def test_fit_only_refuses_runs_trained_with_other_settings(tmp_path, baseline):
+    runs = tmp_path / "mixed" / "runs"
+    runs.mkdir(parents=True)
+    for e in baseline["experiments"]:
+        (runs / f"{e['run_id']}.json").write_text(json.dumps(e))
+    odd = dict(baseline["experiments"][0], run_id="params-N50K-seed0", name="params-N50K")
+    odd["definition"] = dict(odd["definition"], batch_size=8)
+    (runs / "params-N50K-seed0.json").write_text(json.dumps(odd))
+    with pytest.raises(rse.UserError, match=r"different settings \(batch_size 4 in data-D16K-seed0, "
+                                            r"data-D8K-seed0, params-N100K-seed0 \.\.\.; batch_size 8 in "
+                                            r"params-N50K-seed0\)"):
+        rse.merge_saved_runs(tmp_path / "mixed")
+
+
+def test_parallel_two_gives_the_sequential_results(tmp_path, byte_tokens, baseline):
+    out = tmp_path / "par"
+    t0 = time.time()
+    r = cli(small_args(byte_tokens, out, "--parallel", "2"), tmp_path, n_cores=2)
+    wall = time.time() - t0
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "parallel: 4 runs in 2 processes at once, each with 1/2 of the cores" in r.stdout
+    assert r.stdout.count("device: cpu (") == 3 and r.stdout.count("(1 threads)") == 2    # parent + 2 children
+    assert_same_runs(baseline, load(out))
+    assert sorted(p.name for p in out.glob("results*.json")) == ["results.json"]   # children's parts merged
+    print(f"--parallel 2: {wall:.1f}s wall")
+
+
+def test_default_parallel_rule_and_balance():
+    quick, full = rse.PRESETS["quick"], rse.PRESETS["full"]
+
+    def plan(preset):
+        cfg = rse.RunConfig(mode=preset.name, param_sizes=list(preset.param_sizes),
+                            data_sizes=list(preset.data_sizes), data_model_size=preset.data_model_size,
+                            steps=preset.steps, batch_size=preset.batch_size, grad_accum=1,
+                            context_length=preset.context_length, vocab_size=preset.vocab_size, lr=None)
+        return rse.build_plan(cfg, preset), cfg
+
+    runs, cfg = plan(quick)                                  # 7 runs, largest ~56M total parameters
+    assert rse.default_parallel(runs, cfg, "cuda", 80 * 2**30) == 4
+    assert rse.default_parallel(runs, cfg, "cuda", 8 * 2**30) == 1  # one run needs ~4.4 GiB by the estimate
+    assert rse.default_parallel(runs, cfg, "cpu", None) == 1
+    assert rse.default_parallel(*plan(full), "cuda", 80 * 2**30) == 1   # 500M: one at a time
+    groups = rse.balance_runs(runs, 3)
+    assert sorted(e.run_id for g in groups for e in g) == sorted(e.run_id for e in runs)
+    loads = [sum(e.n_params_total * e.tokens for e in g) for g in groups]
+    assert max(loads) < 1.6 * min(loads)
+
+
+def test_shard_and_only_selection_and_their_errors(baseline):
+    cfg = rse.RunConfig(mode="tiny", param_sizes=[25_000, 100_000], data_sizes=[8_000, 16_000],
+                        data_model_size=100_000, steps=16, batch_size=4, grad_accum=1, context_length=32,
+                        vocab_size=256, lr=None, seeds=[0, 1])
+    runs = rse.expand_seeds(rse.build_plan(cfg, rse.PRESETS["tiny"]), cfg.seeds)          # 8 runs
+    assert [e.run_id for e in rse.select_runs(runs, rse.RunScope(shard=(1, 3)))] == \
+        [runs[i].run_id for i in (1, 4, 7)]
+    only = rse.RunScope(only=["data-D8K", "params-N25K-seed1"])
+    assert [e.run_id for e in rse.select_runs(runs, only)] == ["data-D8K-seed0", "params-N25K-seed1",
+                                                                "data-D8K-seed1"]
+    with pytest.raises(rse.UserError, match="--only params-N1M: not in this plan"):
+        rse.select_runs(runs, rse.RunScope(only=["params-N1M"]))
+    for bad in ("2/2", "1", "a/b", "-1/2"):
+        with pytest.raises(rse.UserError, match="give I/N with 0 <= I < N"):
+            rse.parse_shard(bad)
+    with pytest.raises(rse.UserError, match="--fresh with --shard/--only would move the other parts' runs"):
+        rse.scope_from_args(rse.build_parser().parse_args(["--shard", "0/2", "--fresh"]), [])
+    assert rse.child_arguments(["--mode", "tiny", "--parallel", "2", "--shard=0/2", "--fresh", "--only", "x",
+                                "--seed", "3"]) == ["--mode", "tiny", "--seed", "3"]
