@@ -37,6 +37,7 @@ import platform
 import sys
 import sysconfig
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -2141,8 +2142,14 @@ def _bootstrap(theta_hat, logx, logy, with_e, n_boot, seed, min_distinct):
     return theta[good], None
 
 
-def _percentiles(samples) -> list[float]:
-    lo, hi = np.percentile(np.asarray(samples, dtype=float), [2.5, 97.5])
+def _percentiles(samples) -> list[float] | None:
+    """2.5th and 97.5th percentiles of the finite draws (a draw can be NaN where, say, an exponent at
+    its bound of 0 leaves no compute-optimal point); None when no draw is finite."""
+    samples = np.asarray(samples, dtype=float)
+    samples = samples[np.isfinite(samples)]
+    if samples.size == 0:
+        return None
+    lo, hi = np.percentile(samples, [2.5, 97.5])
     return [float(lo), float(hi)]
 
 
@@ -2220,6 +2227,10 @@ def fit_power_law(x, y, n_bootstrap: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SE
                      f"best {min(ONE_VAR_REFINED, len(starts))} of {len(starts)} starts; 95% CI: percentile bootstrap over runs, seed {seed}, "
                      f"refits warm-started from the full-data optimum",
            "ci95": {"a": None, "b": None, "c": None}, "_x_ref": x_ref, "_with_e": three}
+    fit["c_at_bound"] = bool(three and c[0] < 1e-3 * ys.min())
+    if fit["c_at_bound"]:
+        notes.append("c fell to its bound 0: these runs do not identify an irreducible loss, so far "
+                     "extrapolations keep falling toward 0; read them as a pure power law's, likely too low")
     if n - n_par < 1:
         notes.append("no degree of freedom left: no interval can be estimated")
     else:
@@ -2299,6 +2310,10 @@ def fit_joint_law(n_params, tokens, loss, n_bootstrap: int = N_BOOTSTRAP, seed: 
                      f"2024); 95% CI: percentile bootstrap over runs, seed {seed}, refits started from "
                      f"the full-data optimum",
            "ci95": {k: None for k in ("E", "A", "B", "alpha", "beta")}}
+    fit["E_at_bound"] = bool(E[0] < 1e-3 * ys.min())
+    if fit["E_at_bound"]:
+        notes.append("E fell to its bound 0: these runs do not identify an irreducible loss, so the "
+                     "compute-optimal allocation and far predictions are not trustworthy")
     samples, why = _bootstrap(theta, logx, logy, True, n_bootstrap, seed, 3)
     if samples is None:
         notes.append(f"no interval: {why}")
@@ -2330,10 +2345,12 @@ def compute_optimal_allocation(E, A, B, alpha, beta, flops):
     with G = (alpha A / (beta B))^(1/(alpha+beta)). Returns (N_opt, D_opt, loss at the optimum)."""
     E, A, B, alpha, beta = (np.asarray(v, dtype=float)[..., None] for v in (E, A, B, alpha, beta))
     c6 = np.asarray(flops, dtype=float) / 6.0
-    G = np.power(alpha * A / (beta * B), 1.0 / (alpha + beta))
-    n_opt = G * np.power(c6, beta / (alpha + beta))
-    d_opt = np.power(c6, alpha / (alpha + beta)) / G
-    return n_opt, d_opt, E + A * n_opt ** -alpha + B * d_opt ** -beta
+    # a bootstrap draw with an exponent at its bound of 0 has no interior optimum: NaN, left out of intervals
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        G = np.power(alpha * A / (beta * B), 1.0 / (alpha + beta))
+        n_opt = G * np.power(c6, beta / (alpha + beta))
+        d_opt = np.power(c6, alpha / (alpha + beta)) / G
+        return n_opt, d_opt, E + A * n_opt ** -alpha + B * d_opt ** -beta
 
 
 def compute_budgets(run_flops) -> list[tuple[str, float]]:
@@ -2370,6 +2387,8 @@ def compute_optimal(joint: dict, run_flops) -> dict:
             row[f"{key}_ci95"] = _percentiles(draws[k][:, i]) if draws is not None else None
         row["tokens_per_parameter_ci95"] = (_percentiles(draws[1][:, i] / draws[0][:, i])
                                             if draws is not None else None)
+        if draws is not None:        # draws without an interior optimum are left out of the intervals
+            row["draws_without_optimum"] = int(np.sum(~np.isfinite(draws[0][:, i])))
         rows.append(row)
     a_exp = joint["beta"] / (joint["alpha"] + joint["beta"])
     positive = [f for f in run_flops if f and np.isfinite(f) and f > 0]
@@ -2380,8 +2399,11 @@ def compute_optimal(joint: dict, run_flops) -> dict:
     if joint.get("_samples") is not None:
         E, A, B, al, be = _joint_params(joint["_samples"])
         for key, draw in zip(("N_opt", "D_opt", "loss"), compute_optimal_allocation(E, A, B, al, be, grid)):
-            lo, hi = np.percentile(draw, [2.5, 97.5], axis=0)
-            frontier[f"{key}_lo"], frontier[f"{key}_hi"] = lo.tolist(), hi.tolist()
+            with warnings.catch_warnings():       # an all-NaN column gives NaN, written as null below
+                warnings.simplefilter("ignore", RuntimeWarning)
+                lo, hi = np.nanpercentile(draw, [2.5, 97.5], axis=0)
+            frontier[f"{key}_lo"] = [float(v) if np.isfinite(v) else None for v in lo]
+            frontier[f"{key}_hi"] = [float(v) if np.isfinite(v) else None for v in hi]
     out = {"available": True, "constraint": "C = 6 N D",
            "N_opt_exponent": a_exp, "D_opt_exponent": 1 - a_exp,
            "note": "N_opt grows as C^(beta/(alpha+beta)), D_opt as C^(alpha/(alpha+beta)); far beyond the "
@@ -2679,7 +2701,9 @@ def build_scaling_figure(results: dict):
             beyond = np.logspace(np.log10(xs.max()), np.log10(x_max), 200)
             var = "N" if sweep == "params" else "D"
             ax.plot(inside, power_law(inside, a, b, c), "-", color="red", lw=2,
-                    label=f"fit: L = {c:.3g} + {a:.3g}/{var}^{b:.3f}  (R² = {fit['r2']:.3f})")
+                    label=f"fit: L = {c:.3g} + {a:.3g}/{var}^{b:.3f}  (R² = {fit['r2']:.3f})"
+                          + ("\n  c at its bound 0: no floor identified, far predictions likely too low"
+                             if fit.get("c_at_bound") else ""))
             ax.plot(beyond, power_law(beyond, a, b, c), "--", color="red", lw=1.5, label="extrapolation")
             band = fit.get("band95")
             if band:
@@ -2757,10 +2781,11 @@ def build_scaling_figure(results: dict):
     corpus = env.get("corpus", {})
     fig.suptitle(f"Scaling laws, mode '{results.get('mode')}' on {env.get('device', '?')}: "
                  f"{corpus.get('name', '?')}", fontsize=14)
-    fig.text(0.5, 0.01, f"Predicted losses are for this corpus ({corpus.get('name', '?')}) and tokenizer "
-             f"({corpus.get('tokenizer', '?')}), not the named models' own losses; extrapolating many "
-             f"orders of magnitude from these runs is uncertain.", ha="center", fontsize=9, style="italic")
-    fig.tight_layout(rect=(0, 0.03, 1, 0.96))
+    fig.text(0.5, 0.008, f"Predicted losses are for this corpus ({corpus.get('name', '?')}) and tokenizer "
+             f"({corpus.get('tokenizer', '?')}), not the named models' own losses;\nextrapolating many "
+             f"orders of magnitude from these runs is uncertain, and the bands only show how much the fit "
+             f"moves when the runs are resampled.", ha="center", fontsize=9, style="italic")
+    fig.tight_layout(rect=(0, 0.04, 1, 0.96))
     return fig
 
 
@@ -3342,6 +3367,7 @@ def finish_results(results: dict, out_dir: Path, n_bootstrap: int = N_BOOTSTRAP,
         results["compute_optimal"] = {"available": False, "reason": reason}
         log(f"fits: {reason}")
     results["fit_wall_time_s"] = round(time.time() - t0, 2)
+    results["n_bootstrap"] = n_bootstrap
     write_json_atomic(out_dir / "results.json", results)
     if not figure:
         return
@@ -3371,7 +3397,7 @@ def log_fit_summary(results: dict) -> None:
         log(f"  joint fit: L = {joint['E']:.4g} + {joint['A']:.4g}/N^{joint['alpha']:.4f} + "
             f"{joint['B']:.4g}/D^{joint['beta']:.4f}  R2 {joint['r2']:.4f}, {joint['n_points']} runs; 95% CI "
             f"E {_fmt_ci(ci.get('E'), '{:.4g}')}, alpha {_fmt_ci(ci.get('alpha'), '{:.4f}')}, "
-            f"beta {_fmt_ci(ci.get('beta'), '{:.4f}')}")
+            f"beta {_fmt_ci(ci.get('beta'), '{:.4f}')}" + (f" ({joint['note']})" if joint.get("note") else ""))
     else:
         log(f"  joint fit: unavailable ({joint.get('reason')})")
     for name, ho in results.get("holdout", {}).items():
@@ -3395,7 +3421,7 @@ def log_fit_summary(results: dict) -> None:
                 f"not that model's loss)")
     if "fit_wall_time_s" in results:
         log(f"  fits took {format_duration(results['fit_wall_time_s'])} "
-            f"({results['fits'].get('joint', {}).get('n_bootstrap') or N_BOOTSTRAP} bootstrap resamples each)")
+            f"({results.get('n_bootstrap', N_BOOTSTRAP)} bootstrap resamples each)")
 
 
 def print_summary(results: dict, out_dir: Path) -> None:
@@ -3469,6 +3495,7 @@ def fit_table(path: str, output_dir: str | None, n_bootstrap: int) -> dict:
                                 "status": "completed"} for p in points]}
     results.update(analyse_table(points, n_bootstrap))
     results["fit_wall_time_s"] = round(time.time() - t0, 2)
+    results["n_bootstrap"] = n_bootstrap
     write_json_atomic(out_dir / "results.json", results)
     try:
         plot_compute_optimal_figure(results, out_dir / "compute_optimal.png")
