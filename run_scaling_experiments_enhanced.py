@@ -1092,7 +1092,8 @@ _MEASURED_PEAK: dict = {}
 
 
 def measure_matmul_peak(device: str, dtype: str, size: int = 2048, seconds: float = 1.0) -> float:
-    """FLOP/s of a large square matmul on this device: the ceiling for devices without a data sheet."""
+    """FLOP/s of a large square matmul on this device, the best of many short blocks (other load only
+    ever slows a block down): the ceiling for devices without a data sheet."""
     import torch
     key = (device, dtype, size)
     if key not in _MEASURED_PEAK:
@@ -1100,15 +1101,15 @@ def measure_matmul_peak(device: str, dtype: str, size: int = 2048, seconds: floa
         a = torch.randn(size, size, device=device, dtype=tdtype)
         b = torch.randn(size, size, device=device, dtype=tdtype)
         a @ b                                                # warm-up
-        _sync(device)
-        n, t0 = 0, time.time()
-        while time.time() - t0 < seconds or n < 3:
-            a @ b
-            n += 1
-            if n % 4 == 0:
-                _sync(device)
-        _sync(device)
-        _MEASURED_PEAK[key] = 2.0 * size**3 * n / (time.time() - t0)
+        best, t_end = 0.0, time.time() + seconds
+        while time.time() < t_end or best == 0.0:
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(2):
+                a @ b
+            _sync(device)
+            best = max(best, 2 * 2.0 * size**3 / (time.perf_counter() - t0))
+        _MEASURED_PEAK[key] = best
     return _MEASURED_PEAK[key]
 
 
@@ -1858,31 +1859,46 @@ def reset_peak_memory(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def plain_eager_tokens_per_s(n_layer: int, d_model: int, n_head: int, vocab_size: int, context_length: int,
-                             batch_size: int, device: str, steps: int, warmup: int = 3) -> float:
+def plain_eager_step(n_layer: int, d_model: int, n_head: int, vocab_size: int, context_length: int,
+                     batch_size: int, device: str):
     """The reference: the same GPT in plain eager fp32 with a stock AdamW on one fixed random batch, no
-    data loading, clipping, schedule or logging. Our step must be at least this fast."""
+    data loading, clipping, schedule or logging. Returns a function doing one step; ours must keep up."""
     import torch
     torch.manual_seed(0)
     model = build_model(n_layer, d_model, n_head, vocab_size, context_length).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, vocab_size, (batch_size, context_length), device=device)
     y = torch.randint(0, vocab_size, (batch_size, context_length), device=device)
-    for i in range(warmup + steps):
-        if i == warmup:
-            _sync(device)
-            t0 = time.time()
+
+    def step():
         model(x, y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    _sync(device)
-    return steps * batch_size * context_length / (time.time() - t0)
+    return step
+
+
+def median_step_times(step_fns: dict, steps: int, device: str, block: int = 5) -> dict[str, float]:
+    """Seconds per step of each function, timed in alternating blocks of `block` steps (so all of them
+    see the same background load) and summarised by the median block, which a busy machine's spikes
+    do not move."""
+    times: dict[str, list[float]] = {name: [] for name in step_fns}
+    for _ in range(max(1, steps // block)):
+        for name, fn in step_fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(block):
+                fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) / block)
+    return {name: float(np.median(v)) for name, v in times.items()}
 
 
 def benchmark(trainer: Trainer, plan: list[Experiment], steps: int = 30, warmup: int = 5,
               reference: bool = True) -> dict:
     """Time `steps` training steps (after `warmup`, which also absorbs compilation) of every distinct model
-    shape in the plan; report tokens/s, MFU, peak memory and the projected wall time of the whole plan."""
+    shape in the plan; report tokens/s, MFU, peak memory and the projected wall time of the whole plan.
+    With `reference`, a plain eager fp32 step of the same model is timed in alternating blocks."""
+    import itertools
     import torch
     cfg, dev = trainer.cfg, trainer.device
     peak, peak_source = device_peak_flops(dev, cfg.peak_tflops)
@@ -1890,34 +1906,35 @@ def benchmark(trainer: Trainer, plan: list[Experiment], steps: int = 30, warmup:
     rows, rate = [], {}
     shapes = sorted({(e.n_layer, e.d_model, e.n_head) for e in plan}, key=lambda t: t[0] * t[1] ** 2)
     for n_layer, d_model, n_head in shapes:
-        probe = Experiment("benchmark", "params", 0, n_layer, d_model, n_head, warmup + steps, 0, 1e-4, 0, 0)
+        probe = Experiment("benchmark", "params", 0, n_layer, d_model, n_head, 10**9, 0, 1e-4, 0, 0)
         model = trainer.new_model(probe, 0)
         opt = configure_optimizer(model, 1e-4, cfg.weight_decay, fused=dev.name == "cuda")
         step_model = trainer.for_training(model)
+        counter = itertools.count()
+        fns = {"ours": lambda: trainer.train_step(step_model, opt, probe, next(counter), 0)}
         reset_peak_memory(dev.name)
-        for s in range(warmup):
-            trainer.train_step(step_model, opt, probe, s, 0)
+        for _ in range(warmup):
+            fns["ours"]()
         _sync(dev.name)
-        t0 = time.time()
-        for s in range(steps):
-            loss, _ = trainer.train_step(step_model, opt, probe, warmup + s, 0)
-        float(loss)
-        _sync(dev.name)
-        dt = time.time() - t0
-        tok_s = steps * tps / dt
+        peak_mem = peak_memory_bytes(dev.name)     # ours alone: the reference's model is not counted
+        if reference:
+            fns["reference"] = plain_eager_step(n_layer, d_model, n_head, trainer.corpus.vocab_size,
+                                                cfg.context_length, cfg.batch_size * cfg.grad_accum, dev.name)
+            for _ in range(3):
+                fns["reference"]()
+        step_s = median_step_times(fns, steps, dev.name)
+        tok_s = tps / step_s["ours"]
         fpt = flops_per_token(n_layer, d_model, trainer.corpus.vocab_size, cfg.context_length)
         row = {"n_layer": n_layer, "d_model": d_model, "n_head": n_head,
                "n_params_nonembedding": n_params_nonembedding(n_layer, d_model),
-               "tokens_per_s": round(tok_s, 1), "step_time_s": round(dt / steps, 5),
+               "tokens_per_s": round(tok_s, 1), "step_time_s": round(step_s["ours"], 5),
                "flops_per_token": fpt, "mfu": tok_s * fpt / peak,
-               "peak_memory_mb": round(peak_memory_bytes(dev.name) / 2**20, 1)}
-        del model, opt, step_model
+               "peak_memory_mb": round(peak_mem / 2**20, 1)}
         if reference:
-            ref = plain_eager_tokens_per_s(n_layer, d_model, n_head, trainer.corpus.vocab_size,
-                                           cfg.context_length, cfg.batch_size * cfg.grad_accum, dev.name,
-                                           steps=max(5, steps // 2))
+            ref = tps / step_s["reference"]
             row["plain_eager_fp32_tokens_per_s"] = round(ref, 1)
             row["speedup_vs_plain_eager"] = round(tok_s / ref, 3)
+        del model, opt, step_model, fns
         rate[(n_layer, d_model)] = tok_s
         rows.append(row)
         ref_txt = (f" | plain eager fp32 {row['plain_eager_fp32_tokens_per_s'] / 1e3:.2f}k tok/s "
@@ -1932,7 +1949,8 @@ def benchmark(trainer: Trainer, plan: list[Experiment], steps: int = 30, warmup:
         f"compile {'on' if trainer.compile else 'off'}; MFU against {format_count(peak)}FLOP/s ({peak_source})")
     return {"mode": cfg.mode, "device": dev.name, "device_name": dev.description, "dtype": dev.dtype,
             "compile": trainer.compile, "torch_version": torch.__version__, "peak_flops": peak,
-            "peak_source": peak_source, "tokens_per_step": tps, "timed_steps": steps, "warmup_steps": warmup,
+            "peak_source": peak_source, "tokens_per_step": tps, "timed_steps": max(1, steps // 5) * 5,
+            "timing": "median of 5-step blocks, alternating with the reference", "warmup_steps": warmup,
             "sizes": rows, "projected_wall_time_s": round(projected, 1)}
 
 
