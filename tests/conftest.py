@@ -41,6 +41,14 @@ def corpus_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def byte_tokens(tmp_path_factory, corpus_file) -> Path:
+    """The generated corpus as bytes in a uint16 token file: vocabulary 256, no tokenizer to train."""
+    path = tmp_path_factory.mktemp("bytes") / "corpus.bin"
+    np.frombuffer(corpus_file.read_bytes(), dtype=np.uint8).astype(np.uint16).tofile(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("token-cache")
 

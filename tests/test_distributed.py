@@ -13,21 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import run_scaling_experiments_enhanced as rse
 from conftest import SCRIPT
 
 pytestmark = pytest.mark.filterwarnings("ignore::scipy.optimize.OptimizeWarning")
-
-
-@pytest.fixture(scope="module")
-def byte_tokens(tmp_path_factory, corpus_file) -> Path:
-    """The shared generated corpus as bytes in a uint16 token file: vocabulary 256, no tokenizer to train."""
-    path = tmp_path_factory.mktemp("bytes") / "corpus.bin"
-    np.frombuffer(corpus_file.read_bytes(), dtype=np.uint8).astype(np.uint16).tofile(path)
-    return path
 
 
 def small_args(byte_tokens, out, *extra):
