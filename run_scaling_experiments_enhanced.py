@@ -30,6 +30,7 @@ import argparse
 import codecs
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -858,14 +859,21 @@ def check_data_budget(plan: list, n_train_tokens: int, no_repeat: bool = False) 
 
 
 def data_budget_lines(budget: dict) -> list[str]:
-    """The log lines that say which runs repeat data, and by how much."""
+    """The one log line that says which runs repeat data, and by how much."""
     n = budget["n_train_tokens"]
-    lines = [f"warning: {r['name']} trains on {format_count(r['tokens'])} tokens, {r['epochs']:.2f} epochs of "
-             f"this corpus's {format_count(n)} training tokens: data repeats ({format_count(r['tokens_missing'])} "
-             f"more tokens would avoid it; --no-repeat refuses such a plan)" for r in budget["runs"]
-             if r["tokens_missing"] > 0]
-    return lines or [f"data: the largest run reads {budget['max_epochs']:.2f} epochs of the "
-                     f"{format_count(n)} training tokens; no run repeats data"]
+    repeating = [r for r in budget["runs"] if r["tokens_missing"] > 0]
+    if len(repeating) == 1:
+        r = repeating[0]
+        return [f"warning: {r['name']} trains on {format_count(r['tokens'])} tokens, {r['epochs']:.2f} epochs of "
+                f"this corpus's {format_count(n)} training tokens: data repeats "
+                f"({format_count(r['tokens_missing'])} more tokens would avoid it; --no-repeat refuses such a plan)"]
+    if repeating:
+        most = max(r["tokens_missing"] for r in repeating)
+        return [f"warning: {len(repeating)} runs repeat this corpus's {format_count(n)} training tokens ("
+                + ", ".join(f"{r['name']} {r['epochs']:.2f} epochs" for r in repeating)
+                + f"); {format_count(most)} more tokens would avoid it; --no-repeat refuses such a plan"]
+    return [f"data: the largest run reads {budget['max_epochs']:.2f} epochs of the "
+            f"{format_count(n)} training tokens; no run repeats data"]
 
 
 def batch_offsets(n_tokens: int, context_length: int, batch_size: int, *key: int) -> np.ndarray:
@@ -4007,6 +4015,14 @@ def _leave_process_group(status: int) -> int:
     return status
 
 
+def _stdout_is_stderr() -> bool:
+    try:
+        a, b = os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def main(argv: list[str] | None = None) -> int:
     import shlex
     args = build_parser().parse_args(argv)
@@ -4037,7 +4053,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     except RunInterrupted as e:
-        log(str(e))
+        if not _stdout_is_stderr():      # under `> log 2>&1` or in a terminal, say it once
+            log(str(e))
         print(str(e), file=sys.stderr, flush=True)
         return _leave_process_group(128 + e.signum)
     except KeyboardInterrupt:
