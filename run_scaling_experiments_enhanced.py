@@ -15,10 +15,13 @@ Map of this file, in data-flow order:
     3. data                          built-in corpus, text/bin loaders, Hugging Face datasets, streaming
                                      BPE tokenizer and token cache, the repetition check, batches
     4. model                         GPT-2 style decoder and its closed-form parameter counts
-    5. training                      device setup, LR schedule, one experiment, the plan's time estimate,
-                                     torchrun ranks (DDP), how many runs share a GPU (--parallel)
-    6. fitting                       power-law fits and predictions (pure functions)
-    7. figure                        the 2x2 matplotlib figure
+    5. training                      device setup, LR schedule, one experiment with its checkpoints,
+                                     divergence and out-of-memory handling, the plan's time estimate,
+                                     FLOPs/MFU and --benchmark, torchrun ranks (DDP), --parallel sizing
+    6. fitting                       robust power-law and joint L(N, D) fits with bootstrap intervals,
+                                     hold-out checks, compute-optimal allocation, predictions (pure
+                                     functions, no torch)
+    7. figure                        the 2x2 figure and compute_optimal.png
     8. CLI                           argparse, the output folder, --shard/--only/--parallel and the
                                      merge of their runs, run(), main()
 
