@@ -2968,50 +2968,50 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description="Train a ladder of GPT models, fit scaling laws, extrapolate, plot.")
-    # what to run
-    p.add_argument("--mode", default="quick",
+    g = p.add_argument_group("what to run")
+    g.add_argument("--mode", default="quick",
                    help=f"preset: {', '.join(PRESETS)} (tiny is sized for a CPU; default quick)")
-    p.add_argument("--param-sizes", help="replace the parameter sweep's N targets, e.g. 1M,3M,10M")
-    p.add_argument("--data-sizes", help="replace the data sweep's D targets, e.g. 5M,20M")
-    p.add_argument("--data-model-size", help="N target of the data sweep's model (default: the preset's)")
-    # data
-    p.add_argument("--data", default="builtin",
+    g.add_argument("--param-sizes", help="replace the parameter sweep's N targets, e.g. 1M,3M,10M")
+    g.add_argument("--data-sizes", help="replace the data sweep's D targets, e.g. 5M,20M")
+    g.add_argument("--data-model-size", help="N target of the data sweep's model (default: the preset's)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="builtin",
                    help="'builtin' (the Python standard library), a text file, a folder of text files, "
                         "a uint16 .bin (uint32 .u32.bin) token file, hf:NAME[:CONFIG][@REVISION] (a "
                         "Hugging Face Hub dataset, streamed), or a local dataset folder (save_to_disk "
                         "output, or .parquet or .jsonl files)")
-    p.add_argument("--vocab-size", type=positive_int, help="BPE vocabulary (default: the preset's)")
-    p.add_argument("--cache-dir", help="tokenizer and token cache (default ~/.cache/scaling-lab, or "
+    g.add_argument("--vocab-size", type=positive_int, help="BPE vocabulary (default: the preset's)")
+    g.add_argument("--cache-dir", help="tokenizer and token cache (default ~/.cache/scaling-lab, or "
                                        "$SCALING_LAB_CACHE)")
-    # optimisation
-    p.add_argument("--max-steps", type=positive_int, help="steps of every parameter-sweep run")
-    p.add_argument("--batch-size", type=positive_int, help="sequences per micro-batch")
-    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--context-length", type=positive_int, help="tokens per sequence")
-    p.add_argument("--lr", type=positive_float,
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max-steps", type=positive_int, help="steps of every parameter-sweep run")
+    g.add_argument("--batch-size", type=positive_int, help="sequences per micro-batch")
+    g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--context-length", type=positive_int, help="tokens per sequence")
+    g.add_argument("--lr", type=positive_float,
                    help="one peak learning rate for every size (default: min(1e-2, 0.4/d_model))")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
-    # evaluation and logging
-    p.add_argument("--eval-interval", type=positive_int, help="steps between validation evaluations")
-    p.add_argument("--eval-batches", type=positive_int, help="validation batches per evaluation")
-    p.add_argument("--log-interval", type=positive_int, help="steps between log lines")
-    # where
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--eval-interval", type=positive_int, help="steps between validation evaluations")
+    g.add_argument("--eval-batches", type=positive_int, help="validation batches per evaluation")
+    g.add_argument("--log-interval", type=positive_int, help="steps between log lines")
+    g = p.add_argument_group("device and output")
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
                    help="auto picks CUDA, then MPS, then CPU")
-    p.add_argument("--output-dir", help="default scaling_results_<mode>_v2")
-    p.add_argument("--no-estimate", action="store_true", help="skip the timed steps of the plan's estimate")
-    # speed
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+    g.add_argument("--output-dir", help="default scaling_results_<mode>_v2")
+    g.add_argument("--no-estimate", action="store_true", help="skip the timed steps of the plan's estimate")
+    g = p.add_argument_group("speed")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 autocast on CUDA, fp32 on MPS and CPU; bf16 on a CPU needs avx512_bf16/AMX")
-    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+    g.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="torch.compile the model (default on CUDA only)")
-    p.add_argument("--no-compile", dest="compile", action="store_false", help="never torch.compile")
-    p.add_argument("--peak-tflops", type=positive_float,
+    g.add_argument("--no-compile", dest="compile", action="store_false", help="never torch.compile")
+    g.add_argument("--peak-tflops", type=positive_float,
                    help="device peak for MFU (default: data sheet for known GPUs, else a measured matmul)")
-    p.add_argument("--benchmark", action="store_true",
+    g.add_argument("--benchmark", action="store_true",
                    help="time every model size of the mode, print tokens/s, MFU, memory and the projected "
                         "wall time, write benchmark.json; trains nothing else")
-    p.add_argument("--benchmark-steps", type=positive_int, default=30, help="timed steps per size")
+    g.add_argument("--benchmark-steps", type=positive_int, default=30, help="timed steps per size")
     # fitting without training (no torch needed): saved runs or any table of runs
     fit = p.add_argument_group("fitting")
     fit.add_argument("--fit-only", metavar="PATH",
