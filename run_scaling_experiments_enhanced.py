@@ -1380,12 +1380,13 @@ def check_batch_split(batch_size: int, world_size: int) -> None:
                         f"or start {' or '.join(divisors) or 'one'} processes per run")
 
 
-def _injected_crash(dist_info: Distributed, step: int) -> None:
+def _injected_crash_step(dist_info: Distributed) -> int | None:
     """Test-only hook: SCALING_LAB_TEST_CRASH='<rank>:<step>' makes that rank raise just before that
-    (1-based) step of every run, as a real failure on one rank would."""
+    (1-based) step of every run, as a real failure on one rank would. Read once per run, not per step."""
     rank, _, at = os.environ.get("SCALING_LAB_TEST_CRASH", "").partition(":")
-    if rank.isdigit() and at.isdigit() and int(rank) == dist_info.rank and int(at) == step:
-        raise RuntimeError(f"injected failure on rank {dist_info.rank} at step {step} (SCALING_LAB_TEST_CRASH)")
+    if rank.isdigit() and at.isdigit() and int(rank) == dist_info.rank:
+        return int(at)
+    return None
 
 
 # --- several runs at once on one machine (--parallel): how many, and which runs go together ---
@@ -1632,6 +1633,7 @@ class Trainer:
                 f"{format_count(exp.tokens)} tokens ({epochs:.2f} epochs), peak lr {exp.peak_lr:.2e}, "
                 f"initial val loss {initial:.3f}")
         nan_at = _injected_nan_step(exp)
+        crash_at = _injected_crash_step(self.dist)
         bar = None
         if self.progress_bar:
             from tqdm import tqdm
@@ -1661,7 +1663,9 @@ class Trainer:
                 raise TrainingInterrupted(self.stop.signum, self._record(
                     exp, definition, n_nonemb, n_total, epochs, initial, curve, "interrupted",
                     wall_before + time.time() - t_start, step, resumed_at, None))
-            _injected_crash(self.dist, step + 1)
+            if crash_at == step + 1:
+                raise RuntimeError(f"injected failure on rank {self.dist.rank} at step {step + 1} "
+                                   f"(SCALING_LAB_TEST_CRASH)")
             if nan_at is not None and step + 1 == nan_at:
                 with torch.no_grad():
                     next(model.parameters()).fill_(float("nan"))
