@@ -316,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, opt) is not None:
                 runner_argv += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
         cfg, preset = rse.config_from_args(rse.build_parser().parse_args(runner_argv))
-        cfg.data, cfg.device, cfg.cache_dir, cfg.seed = "simulated", "none", "", args.seed
-        cfg.output_dir = args.output_dir
+        cfg = dataclasses.replace(cfg, data="simulated", device="none", cache_dir="", seed=args.seed,
+                                  output_dir=args.output_dir)
         out_dir = Path(args.output_dir)
         results = simulate(cfg, preset, args.law, args.noise, args.seed)
         rse.prepare_output_dir(out_dir)

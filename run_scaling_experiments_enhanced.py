@@ -9,21 +9,23 @@ size), fits L(N) = c + a/N^b and L(D) = c + a/D^b, extrapolates to well-known mo
 `results.json` (first) and the 2x2 figure `scaling_laws_complete.png` (after) into
 `scaling_results_<mode>_v2/`.
 
-Map of this file, in data-flow order:
-    1. errors and small helpers      UserError, size parsing, atomic JSON
-    2. presets                       modes, experiment plans, model-shape and learning-rate rules
-    3. data                          built-in corpus, text/bin loaders, Hugging Face datasets, streaming
-                                     BPE tokenizer and token cache, the repetition check, batches
-    4. model                         GPT-2 style decoder and its closed-form parameter counts
-    5. training                      device setup, LR schedule, one experiment with its checkpoints,
-                                     divergence and out-of-memory handling, the plan's time estimate,
-                                     FLOPs/MFU and --benchmark, torchrun ranks (DDP), --parallel sizing
-    6. fitting                       robust power-law and joint L(N, D) fits with bootstrap intervals,
-                                     hold-out checks, compute-optimal allocation, predictions (pure
-                                     functions, no torch)
-    7. figure                        the 2x2 figure and compute_optimal.png
-    8. CLI                           argparse, the output folder, --shard/--only/--parallel and the
-                                     merge of their runs, run(), main()
+Map of this file, in data-flow order (each section opens with a banner saying what it owns):
+     1. errors and small helpers      UserError, size parsing, atomic JSON, the log line
+     2. presets                       modes, experiment plans, model-shape and learning-rate rules
+     3. data                          built-in corpus, text/bin loaders, Hugging Face datasets, streaming
+                                      BPE tokenizer and token cache, the repetition check, batches
+     4. model                         GPTConfig and the GPT-2 style decoder's modules, FLOPs per token
+     5. training                      device, LR schedule, TrainState, the Trainer's step loop and its
+                                      out-of-memory retries
+     6. resume and checkpoints        a run's identity, checkpoint files, the output folder's records,
+                                      settings checks, signals
+     7. speed                         peak FLOP/s, MFU, peak memory, the plan's time estimate, --benchmark
+     8. distributed and parallel      torchrun ranks (DDP), --shard/--only, --parallel, merging parts
+     9. fitting                       robust power-law and joint L(N, D) fits with bootstrap intervals,
+                                      hold-out checks, compute-optimal allocation, predictions (pure
+                                      functions, no torch)
+    10. figure                        the 2x2 figure and compute_optimal.png
+    11. CLI                           argparse, the run's configuration, prepare -> train -> finish, main()
 
 `quick_scaling_demo.py` and `compare_quick_vs_real.py` import from this file; nothing is copied.
 """
@@ -31,37 +33,68 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
+import csv
 import dataclasses
+import datetime
+import gc
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
 import platform
+import random
+import re
+import resource
+import shlex
+import shutil
+import signal
+import subprocess
 import sys
 import sysconfig
+import textwrap
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+# scipy's L-BFGS-B makes thousands of tiny BLAS calls; with OpenBLAS threads on a busy CPU each costs
+# milliseconds (the Chinchilla fit measured 15 s instead of 2 s). It must be set before numpy and scipy
+# load OpenBLAS; a value the user exported wins, and torch's own threads are not affected.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import matplotlib  # noqa: E402
+matplotlib.use("Agg")                    # files only: runs under nohup and over ssh have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy.optimize import minimize  # noqa: E402
+import tokenizers  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+try:       # the demo, the comparison, --fit-only and --fit-csv also run where torch is not installed
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from torch.nn import functional as F
+    from torch.nn.parallel import DistributedDataParallel
+except ImportError:
+    torch = dist = nn = F = DistributedDataParallel = None
+_Module = nn.Module if nn is not None else object    # base of the model's classes, importable without torch
 
 SCHEMA_VERSION = 1
 EOT_TOKEN = "<|endoftext|>"
 
-
 # ----------------------------------------------------------------------------------------------------
-# 1. errors and small helpers: the user-facing exception, size strings, atomic files
+# 1. errors and small helpers: the user-facing exception, size strings, atomic files, the log
 # ----------------------------------------------------------------------------------------------------
-
 class UserError(Exception):
     """A mistake the user can fix; main() prints it as one line and exits with status 2."""
 
-
 _SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
-
 
 def parse_count(text: str) -> int:
     """'25K' -> 25000, '0.3M' -> 300000, '1B' -> 10**9; must be positive."""
@@ -125,15 +158,29 @@ def _json_default(o):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
-
-_LOGGING = {"on": True}            # off on every torchrun rank but rank 0, so each line appears once
-
+def read_json_file(path: Path, advice: str) -> object:
+    """A JSON file's contents; a file that cannot be read or parsed is a one-line UserError ending in
+    `advice` (the file is never touched)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not readable JSON ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                        f"{advice}") from None
 
 def log(msg: str = "") -> None:
     """One flushed line on stdout, readable under `tail -f`."""
-    if _LOGGING["on"]:
-        print(msg, flush=True)
+    print(msg, flush=True)
 
+
+@contextlib.contextmanager
+def silenced(quiet: bool):
+    """Within the block, when `quiet`, stdout goes nowhere: every torchrun rank but rank 0 logs nothing,
+    so each line appears once."""
+    if not quiet:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
 
 # ----------------------------------------------------------------------------------------------------
 # 2. presets: the modes, the rule that turns a parameter target into a model shape, the LR rule
@@ -158,7 +205,6 @@ class Preset:
     eval_batches: int = 20
     log_interval: int = 50
 
-
 # tiny: depth-2 models of width 32, 64, 128, 256 (N = 25K, 100K, 397K, 1.58M) for 800 steps of 16 x 128
 # tokens, and the width-64 model on 0.25M to 2M tokens; a 2,048-token BPE because a larger vocabulary's
 # output layer dominates these widths (4,096 halved the speed of the small models). 1,000 steps took about
@@ -177,7 +223,6 @@ PRESETS: dict[str, Preset] = {
                    tuple(x * 10**6 for x in (10, 50, 100, 200, 500, 1000)), steps=8000,
                    data_model_size=50 * 10**6, eval_interval=500),
 }
-
 
 def n_params_nonembedding(n_layer: int, d_model: int) -> int:
     """Kaplan's N: every weight except token and position embeddings (the output layer is tied to them).
@@ -255,7 +300,7 @@ class Experiment:
         return f"{self.name}-seed{self.seed}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     """Every setting of a run; recorded whole in results.json under `config`."""
     mode: str
@@ -316,7 +361,6 @@ def build_plan(cfg: RunConfig, preset: Preset) -> list[Experiment]:
         plan.append(make(f"data-D{format_count(d)}", "data", d, cfg.data_model_size, steps))
     return plan
 
-
 # ----------------------------------------------------------------------------------------------------
 # 3. data: built-in corpus, text/token files, HF datasets, streaming BPE + token cache, repetition, batches
 # ----------------------------------------------------------------------------------------------------
@@ -346,6 +390,25 @@ def builtin_corpus_files() -> tuple[str, list[Path]]:
     return name, files
 
 
+def check_data_source(data: str) -> None:
+    """--data names something that exists and can be read (the Hub and the built-in corpus aside)."""
+    if data == "builtin" or data.startswith("hf:"):
+        return
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise UserError(f"--data {data}: no such file or folder; give a text file, a folder of text files, a "
+                        f".bin token file, a dataset folder, hf:NAME[:CONFIG], or 'builtin'")
+    try:
+        if path.is_dir():
+            os.listdir(path)
+        else:
+            with open(path, "rb") as f:
+                f.read(1)
+    except OSError as e:
+        raise UserError(f"--data {data}: cannot be read ({e.strerror or e}); check its permissions or give "
+                        f"another path") from None
+
+
 def text_corpus_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
@@ -373,14 +436,6 @@ def iter_file_text(path: Path) -> Iterator[str]:
     tail = decoder.decode(b"", final=True)
     if tail:
         yield tail
-
-
-def read_documents(files: list[Path], root: Path | None) -> list[str]:
-    """Every text file whole, in memory (small corpora and tests only; load_corpus streams instead)."""
-    docs = ["".join(iter_file_text(p)) for p in files if not is_binary_file(p)]
-    if not any(docs):
-        raise UserError(f"--data {root}: no UTF-8 text found")
-    return docs
 
 
 def piece_size(n_chars: int) -> int:
@@ -503,13 +558,11 @@ def load_corpus(data: str, vocab_size: int, cache_dir: Path, *, text_column: str
     if data.endswith(".bin") and Path(data).expanduser().is_file():
         return load_token_file(Path(data).expanduser(), vocab_size)
     t0 = time.time()
+    check_data_source(data)
     local = Path(data).expanduser()
-    if data.startswith("hf:") or (data != "builtin" and local.exists() and dataset_files_kind(local)):
+    if data.startswith("hf:") or (data != "builtin" and dataset_files_kind(local)):
         source = dataset_source(data, text_column, split)
     else:
-        if data != "builtin" and not local.exists():
-            raise UserError(f"--data {data}: no such file or folder; give a text file, a folder of text "
-                            f"files, a .bin token file, hf:NAME[:CONFIG], or 'builtin'")
         source = text_file_source(data)
     split_rule = f"every{VAL_EVERY}-of-{source.piece_chars}chars"
     key_text = f"{source.identity}|bpe-bytelevel-v1|{vocab_size}|{split_rule}"
@@ -580,7 +633,7 @@ def dataset_files_kind(path: Path) -> str | None:
 
 def _import_datasets():
     try:
-        import datasets
+        import datasets          # optional (the built-in corpus and text files need it not) and slow to import
     except ImportError:
         raise UserError("--data hf:... and dataset folders need the Hugging Face datasets library: "
                         "pip install datasets") from None
@@ -607,7 +660,7 @@ def hub_revision(name: str, revision: str | None) -> str | None:
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return revision
     try:
-        from huggingface_hub import HfApi
+        from huggingface_hub import HfApi      # installed with datasets, which is optional
         return HfApi().dataset_info(name, revision=revision, timeout=20).sha
     except Exception:          # offline, private or renamed: the run goes on, the record says unknown
         return revision
@@ -692,12 +745,11 @@ def set_tokenizer_threads(num_proc: int | None) -> None:
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT_TOKEN], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT_TOKEN], show_progress=False,
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
@@ -787,7 +839,6 @@ def build_token_cache(source: CorpusSource, vocab_size: int, entry: Path, *,
         for w in writers.values():
             w.close()
     except BaseException:             # a bad row or an interrupt: leave no half-written folder behind
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     tokens_sha = hashlib.sha256(writers[False].sha.hexdigest().encode() + writers[True].sha.hexdigest().encode())
@@ -803,7 +854,6 @@ def build_token_cache(source: CorpusSource, vocab_size: int, entry: Path, *,
     tok.save(str(tmp / "tokenizer.json"))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     if entry.exists():                # another process finished first; keep theirs
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         os.replace(tmp, entry)
@@ -888,110 +938,121 @@ def batch_offsets(n_tokens: int, context_length: int, batch_size: int, *key: int
 
 def get_batch(tokens: np.ndarray, offsets: np.ndarray, context_length: int):
     """Inputs and next-token targets, each (B, T) int64, sliced from the memory map."""
-    import torch
     idx = offsets[:, None] + np.arange(context_length + 1)
     chunk = torch.from_numpy(tokens[idx].astype(np.int64))      # (B, T+1)
     return chunk[:, :-1], chunk[:, 1:]
-
 
 # ----------------------------------------------------------------------------------------------------
 # 4. model: a GPT-2 style decoder (pre-LayerNorm, SDPA causal attention, GELU MLP, tied embeddings)
 # ----------------------------------------------------------------------------------------------------
 
-def build_model(n_layer: int, d_model: int, n_head: int, vocab_size: int, context_length: int):
-    """Imported lazily so the fitting and figure code (and quick_scaling_demo.py) need no torch."""
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
-
-    class CausalSelfAttention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.qkv = nn.Linear(d_model, 3 * d_model)
-            self.proj = nn.Linear(d_model, d_model)
-
-        def forward(self, x):
-            B, T, C = x.shape
-            q, k, v = self.qkv(x).split(C, dim=2)
-            # (B, T, C) -> (B, n_head, T, head_dim)
-            q, k, v = (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in (q, k, v))
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
-
-    class MLP(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(d_model, 4 * d_model)
-            self.proj = nn.Linear(4 * d_model, d_model)
-
-        def forward(self, x):
-            return self.proj(F.gelu(self.fc(x)))
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ln1 = nn.LayerNorm(d_model)
-            self.attn = CausalSelfAttention()
-            self.ln2 = nn.LayerNorm(d_model)
-            self.mlp = MLP()
-
-        def forward(self, x):
-            x = x + self.attn(self.ln1(x))
-            return x + self.mlp(self.ln2(x))
-
-    class GPT(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.tok_emb = nn.Embedding(vocab_size, d_model)
-            self.pos_emb = nn.Embedding(context_length, d_model)
-            self.blocks = nn.ModuleList(Block() for _ in range(n_layer))
-            self.ln_f = nn.LayerNorm(d_model)
-            self.apply(self._init)
-            # GPT-2: residual projections scaled by 1/sqrt(2 n_layer) so the residual stream's variance
-            # does not grow with depth
-            for name, p in self.named_parameters():
-                if name.endswith("proj.weight"):
-                    nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layer))
-
-        @staticmethod
-        def _init(m):
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-
-        def forward(self, idx, targets=None):
-            B, T = idx.shape
-            pos = torch.arange(T, device=idx.device)
-            x = self.tok_emb(idx) + self.pos_emb(pos)                   # (B, T, C)
-            for block in self.blocks:
-                x = block(x)
-            logits = self.ln_f(x) @ self.tok_emb.weight.T                # tied output layer, (B, T, V)
-            if targets is None:
-                return logits
-            return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-
-        def count_params(self) -> tuple[int, int]:
-            total = sum(p.numel() for p in self.parameters())
-            emb = self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
-            return total - emb, total
-
-    return GPT()
+@dataclass(frozen=True)
+class GPTConfig:
+    """The shape of one model of the ladder."""
+    vocab_size: int
+    context_length: int
+    n_layer: int
+    d_model: int
+    n_head: int
 
 
-def configure_optimizer(model, lr: float, weight_decay: float, fused: bool):
-    """AdamW, betas (0.9, 0.95); matrices are weight-decayed, biases and LayerNorm gains are not."""
-    import torch
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    kwargs = {"fused": True} if fused else {}
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **kwargs)
+class CausalSelfAttention(_Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
 
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)                                   # each (B, T, C)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)            # (B, n_head, T, head_dim)
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MLP(_Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.d_model, 4 * config.d_model)
+        self.proj = nn.Linear(4 * config.d_model, config.d_model)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(_Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.d_model)
+        self.attn = CausalSelfAttention(config)
+        self.ln2 = nn.LayerNorm(config.d_model)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(_Module):
+    """Token and position embeddings, n_layer blocks, a final LayerNorm and an output layer tied to the
+    token embedding. forward(idx) gives logits; forward(idx, targets) the mean cross-entropy."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.context_length, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.d_model)
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 n_layer) so the residual stream's variance does
+        # not grow with depth
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        pos = torch.arange(T, device=idx.device)
+        x = self.tok_emb(idx) + self.pos_emb(pos)                       # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.ln_f(x) @ self.tok_emb.weight.T                    # tied output layer, (B, T, V)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def count_params(self) -> tuple[int, int]:
+        """(non-embedding, total): Kaplan's N leaves out the token and position embeddings."""
+        total = sum(p.numel() for p in self.parameters())
+        emb = self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
+        return total - emb, total
+
+    def configure_optimizer(self, lr: float, weight_decay: float, fused: bool):
+        """AdamW, betas (0.9, 0.95): every matrix is weight-decayed, biases and LayerNorm gains are not."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **({"fused": True} if fused else {}))
+
+
+def flops_per_token(n_layer: int, d_model: int, vocab_size: int, context_length: int) -> float:
+    """Training FLOPs per token: 6 x every matmul weight (blocks 12 d^2 per layer, plus the tied output
+    layer V d) plus attention's 12 n_layer d_model context (PaLM's accounting)."""
+    n_matmul = n_layer * 12 * d_model * d_model + vocab_size * d_model
+    return 6.0 * n_matmul + 12.0 * n_layer * d_model * context_length
 
 # ----------------------------------------------------------------------------------------------------
-# 5. training: device, LR schedule, one experiment, the plan's time estimate
+# 5. training: the device, the LR schedule, a run's state, and the Trainer's straight step loop
 # ----------------------------------------------------------------------------------------------------
 
 def lr_at(step: int, total_steps: int, peak_lr: float, warmup_frac: float = 0.1,
@@ -1027,7 +1088,6 @@ def cpu_threads_per_process() -> int:
 def setup_device(requested: str, dtype: str = "auto") -> DeviceInfo:
     """Resolve --device and --dtype. auto: CUDA, then MPS, then CPU; bf16 autocast on CUDA, fp32 elsewhere
     (bf16 on a CPU only when asked for, and only where the CPU has native bf16 instructions)."""
-    import torch
     has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
@@ -1036,7 +1096,7 @@ def setup_device(requested: str, dtype: str = "auto") -> DeviceInfo:
             raise UserError("--device cuda: no CUDA GPU is visible to torch; use --device auto or cpu")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        if dtype == "bf16" or dtype == "auto":
+        if dtype in ("bf16", "auto"):
             if not torch.cuda.is_bf16_supported():
                 if dtype == "bf16":
                     raise UserError("--dtype bf16: this GPU has no bf16 support; use --dtype fp32")
@@ -1059,7 +1119,6 @@ def setup_device(requested: str, dtype: str = "auto") -> DeviceInfo:
 
 
 def _cpu_supports_bf16() -> bool:
-    import torch
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -1067,7 +1126,6 @@ def _cpu_supports_bf16() -> bool:
 
 
 def _mps_supports_bf16() -> bool:
-    import torch
     try:
         torch.ones(1, device="mps", dtype=torch.bfloat16)
         return True
@@ -1075,72 +1133,439 @@ def _mps_supports_bf16() -> bool:
         return False
 
 
-# Dense (no sparsity) tensor-core peaks in TFLOP/s from the vendors' data sheets: bf16 and TF32/fp32.
-# Matched against torch.cuda.get_device_name() in order; the first key contained in the name wins.
-GPU_PEAK_TFLOPS = [
-    ("H200", 989.0, 494.5), ("H100 PCIe", 756.0, 378.0), ("H100", 989.0, 494.5), ("GH200", 989.0, 494.5),
-    ("A100", 312.0, 156.0), ("L40S", 362.0, 183.0), ("L4", 121.0, 60.0), ("A10G", 70.0, 35.0),
-    ("A10", 125.0, 62.5), ("RTX 4090", 165.2, 82.6), ("RTX 3090", 71.0, 35.6), ("V100", 125.0, 15.7),
-    ("T4", 65.0, 8.1),
-]
+def sync_device(device: str) -> None:
+    """Wait for the device's queued work, so a timer around it measures the work."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()
 
 
-def flops_per_token(n_layer: int, d_model: int, vocab_size: int, context_length: int) -> float:
-    """Training FLOPs per token: 6 x every matmul weight (blocks 12 d^2 per layer, plus the tied output
-    layer V d) plus attention's 12 n_layer d_model context (PaLM's accounting)."""
-    n_matmul = n_layer * 12 * d_model * d_model + vocab_size * d_model
-    return 6.0 * n_matmul + 12.0 * n_layer * d_model * context_length
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; MPS a RuntimeError saying 'MPS backend out of memory'."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
-def gpu_peak_flops(device_name: str, dtype: str) -> float | None:
-    for key, bf16, fp32 in GPU_PEAK_TFLOPS:
-        if key.lower() in device_name.lower():
-            return (bf16 if dtype == "bf16" else fp32) * 1e12
-    return None
+def new_curve() -> dict:
+    return {"step": [], "tokens": [], "train_loss": [], "val_loss": [], "lr": [], "eval_step": [],
+            "eval_tokens": []}
 
 
-_MEASURED_PEAK: dict = {}
+class StopRequest:
+    """Set by the CLI's SIGINT/SIGTERM handler; the step loop checkpoints and stops at the next step."""
+
+    def __init__(self):
+        self.signum: int | None = None
 
 
-def measure_matmul_peak(device: str, dtype: str, size: int = 2048, seconds: float = 1.0) -> float:
-    """FLOP/s of a large square matmul on this device, the best of many short blocks (other load only
-    ever slows a block down): the ceiling for devices without a data sheet."""
-    import torch
-    key = (device, dtype, size)
-    if key not in _MEASURED_PEAK:
-        tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        a = torch.randn(size, size, device=device, dtype=tdtype)
-        b = torch.randn(size, size, device=device, dtype=tdtype)
-        a @ b                                                # warm-up
-        best, t_end = 0.0, time.time() + seconds
-        while time.time() < t_end or best == 0.0:
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(2):
-                a @ b
-            _sync(device)
-            best = max(best, 2 * 2.0 * size**3 / (time.perf_counter() - t0))
-        _MEASURED_PEAK[key] = best
-    return _MEASURED_PEAK[key]
+class TrainingInterrupted(Exception):
+    """A stop was requested: the run's checkpoint is on disk and `record` holds its curve so far."""
+
+    def __init__(self, signum: int, record: dict | None):
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum, self.record = signum, record
 
 
-def device_peak_flops(device: DeviceInfo, override_tflops: float | None = None) -> tuple[float, str]:
-    """(peak FLOP/s, where it came from) for the MFU denominator."""
-    if override_tflops:
-        return override_tflops * 1e12, "--peak-tflops"
-    if device.name == "cuda":
-        peak = gpu_peak_flops(device.description, device.dtype)
-        if peak:
-            return peak, f"data sheet ({device.description}, dense {device.dtype})"
-    return measure_matmul_peak(device.name, device.dtype), f"measured {device.dtype} matmul peak"
+@dataclass
+class TrainState:
+    """Everything of one run that changes while it trains. `checkpoint_fields` is what a checkpoint
+    saves of it, `record` what results.json reports; the model and optimizer travel beside it."""
+    step: int = 0                          # optimizer steps done
+    curve: dict = field(default_factory=new_curve)
+    initial_loss: float | None = None
+    window: list = field(default_factory=list)     # step losses since the last log line, device tensors
+    last_good_loss: float | None = None
+    wall_before_s: float = 0.0             # wall time of earlier processes that trained this run
+    resumed_at_steps: list = field(default_factory=list)
+    micro_split: int = 1                   # every micro-batch cut into this many pieces after an OOM
+    oom_events: list = field(default_factory=list)
+    lr: float | None = None
+    diverged: tuple | None = None          # (1-based step, last finite loss) once a loss is not finite
+    t_start: float = 0.0                   # this process's clocks: speed and checkpoints
+    t_log: float = 0.0
+    step_log: int = 0                      # steps done at the last log line
+    t_ckpt: float = 0.0
+    step_ckpt: int = 0
+
+    def __post_init__(self):
+        self.restart_clocks()
+
+    def restart_clocks(self) -> None:
+        """Speed and the checkpoint interval count from here (after the untrained model's evaluation)."""
+        self.t_start = self.t_log = self.t_ckpt = time.time()
+        self.step_log, self.step_ckpt = self.step - len(self.window), self.step
+
+    @property
+    def wall_time_s(self) -> float:
+        return self.wall_before_s + time.time() - self.t_start
+
+    def checkpoint_fields(self) -> dict:
+        return {"step": self.step, "lr": self.lr, "curve": self.curve, "initial_loss": self.initial_loss,
+                "window": [float(w) for w in self.window], "last_good_loss": self.last_good_loss,
+                "wall_time_s": self.wall_time_s, "resumed_at_steps": self.resumed_at_steps,
+                "micro_split": self.micro_split, "oom_events": self.oom_events}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, device: str, micro_split: int, oom_events: list) -> "TrainState":
+        """The state a checkpoint saved; an out-of-memory retry in this process keeps its smaller
+        micro-batches and its events."""
+        return cls(step=ckpt["step"], curve=ckpt["curve"], initial_loss=ckpt["initial_loss"],
+                   window=[torch.tensor(v, device=device) for v in ckpt["window"]],
+                   last_good_loss=ckpt["last_good_loss"], wall_before_s=ckpt["wall_time_s"],
+                   resumed_at_steps=[*ckpt["resumed_at_steps"], ckpt["step"]], lr=ckpt.get("lr"),
+                   micro_split=max(micro_split, ckpt["micro_split"]),
+                   oom_events=[*ckpt["oom_events"], *(e for e in oom_events if e not in ckpt["oom_events"])])
+
+    def first_nonfinite(self) -> int | None:
+        """Index in the window of the first non-finite step loss (one host sync)."""
+        if not self.window:
+            return None
+        ok = torch.isfinite(torch.stack(self.window)).cpu()
+        return None if bool(ok.all()) else int((~ok).nonzero()[0, 0])
+
+    def record(self, exp: Experiment, trainer: "Trainer", status: str, steps_done: int) -> dict:
+        """This run's entry in results.json (and its file under runs/)."""
+        cfg, vocab = trainer.cfg, trainer.corpus.vocab_size
+        definition = experiment_definition(exp, cfg, trainer.corpus.record)
+        wall_s = self.wall_time_s if status != "out_of_memory" else 0.0
+        tok_s = steps_done * cfg.tokens_per_step / max(wall_s, 1e-9)   # whole run: evals, checkpoints too
+        return {
+            "name": exp.name, "run_id": exp.run_id, "seed": exp.seed, "sweep": exp.sweep, "target": exp.target,
+            "n_params_nonembedding": exp.n_params_nonembedding, "n_params_total": exp.n_params_total,
+            "n_layer": exp.n_layer, "d_model": exp.d_model, "n_head": exp.n_head,
+            "tokens": exp.tokens, "steps": exp.steps, "tokens_per_step": cfg.tokens_per_step,
+            "epochs": round(exp.tokens / len(trainer.corpus.train), 4), "peak_lr": exp.peak_lr,
+            "flops": exp.flops, "initial_loss": self.initial_loss,
+            "final_val_loss": self.curve["val_loss"][-1] if status == "completed" else None,
+            "status": status, "steps_done": steps_done,
+            "diverged_at_step": self.diverged[0] if self.diverged else None,
+            "last_good_loss": self.diverged[1] if self.diverged else None,
+            "wall_time_s": round(wall_s, 2), "tokens_per_s": round(tok_s, 1),
+            "flops_per_token": flops_per_token(exp.n_layer, exp.d_model, vocab, cfg.context_length),
+            "mfu": round(trainer.mfu(exp, tok_s), 5),
+            "peak_flops": trainer.peak_flops[0], "peak_flops_source": trainer.peak_flops[1],
+            "peak_memory_mb": round(peak_memory_bytes(trainer.device.name) / 2**20, 1),
+            "dtype": trainer.device.dtype, "compiled": trainer.compile, "device": trainer.device.name,
+            "micro_batch_size": math.ceil(cfg.batch_size / self.micro_split),
+            "micro_steps_per_step": cfg.grad_accum * self.micro_split,
+            "oom_retries": list(self.oom_events), "resumed_at_steps": list(self.resumed_at_steps),
+            "experiment_hash": definition_hash(definition), "definition": definition,
+            "curve": self.curve,
+        }
 
 
-# --- what makes runs resumable: a run's identity, checkpoints, stop requests, out-of-memory retries ---
+@dataclass
+class RunModel:
+    """One run's model, the module the step loop calls (compiled and/or DDP-wrapped), its optimizer."""
+    model: object
+    step_model: object
+    opt: object
+
+
+class Trainer:
+    """Trains the runs of a plan on one device: holds the settings, the corpus, the device, the
+    checkpoint policy and the stop request; each run's changing state lives in a TrainState."""
+
+    def __init__(self, cfg: RunConfig, corpus: Corpus, device: DeviceInfo, progress_bar: bool = False,
+                 checkpoints: CheckpointPolicy | None = None, stop: StopRequest | None = None,
+                 dist: Distributed | None = None):
+        self.cfg, self.corpus, self.device = cfg, corpus, device
+        self.dist = dist or Distributed()
+        self.progress_bar = progress_bar
+        self.checkpoints = checkpoints or CheckpointPolicy()
+        self.stop = stop or StopRequest()
+        self.val_offsets = batch_offsets(len(corpus.val), cfg.context_length,
+                                         cfg.batch_size * cfg.eval_batches, 20240, 0)
+        self.compile = cfg.compile if cfg.compile is not None else device.name == "cuda"
+        self._peak: tuple[float, str] | None = None
+
+    @property
+    def peak_flops(self) -> tuple[float, str]:
+        """(FLOP/s, source) of the MFU denominator, looked up or measured once per Trainer."""
+        if self._peak is None:
+            self._peak = device_peak_flops(self.device, self.cfg.peak_tflops)
+        return self._peak
+
+    def mfu(self, exp: Experiment, tokens_per_s: float) -> float:
+        fpt = flops_per_token(exp.n_layer, exp.d_model, self.corpus.vocab_size, self.cfg.context_length)
+        return tokens_per_s * fpt / self.peak_flops[0]
+
+    def autocast(self):
+        if self.device.dtype == "bf16":
+            return torch.autocast(device_type=self.device.name, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def new_model(self, exp: Experiment, seed: int) -> RunModel:
+        """The run's model initialised from `seed`; compiled on CUDA by default (evaluation uses the eager
+        one); under torchrun wrapped in DistributedDataParallel (compile inside DDP, as PyTorch advises,
+        so DDP's gradient hooks stay eager)."""
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig(self.corpus.vocab_size, self.cfg.context_length, exp.n_layer, exp.d_model,
+                              exp.n_head)).to(self.device.name)
+        opt = model.configure_optimizer(exp.peak_lr, self.cfg.weight_decay, fused=self.device.name == "cuda")
+        step_model = torch.compile(model) if self.compile else model
+        if self.dist.enabled:
+            step_model = DistributedDataParallel(
+                step_model, device_ids=[self.dist.local_rank] if self.device.name == "cuda" else None)
+        return RunModel(model, step_model, opt)
+
+    def evaluate(self, model, micro_split: int = 1) -> float:
+        """Mean loss over the fixed validation batches (the same windows for every experiment)."""
+        cfg = self.cfg
+        model.eval()
+        losses = []
+        rows = rank_slice(cfg.batch_size, self.dist.rank, self.dist.world_size)   # all rows for one process
+        with torch.no_grad(), self.autocast():
+            for i in range(cfg.eval_batches):
+                offs = self.val_offsets[i * cfg.batch_size:(i + 1) * cfg.batch_size][rows]
+                for piece in np.array_split(offs, micro_split):
+                    x, y = get_batch(self.corpus.val, piece, cfg.context_length)
+                    loss = model(x.to(self.device.name), y.to(self.device.name)).float()
+                    losses.append(loss * (len(piece) / len(offs)))
+        model.train()
+        # equal shares per rank, so the mean over ranks is the mean over the whole validation set
+        return float(self.dist.mean_(torch.stack(losses).sum() / cfg.eval_batches))
+
+    def train_step(self, rm: RunModel, exp: Experiment, step: int, micro_split: int = 1):
+        """One optimizer step over grad_accum micro-batches; returns the mean train loss as a device tensor
+        (so the step loop need not wait for the device) and the learning rate."""
+        cfg = self.cfg
+        lr = lr_at(step, exp.steps, exp.peak_lr, cfg.warmup_frac, cfg.min_lr_frac)
+        for g in rm.opt.param_groups:
+            g["lr"] = lr
+        ddp = isinstance(rm.step_model, DistributedDataParallel)
+        # under torchrun every rank draws the same windows and keeps its own share of them
+        rows = rank_slice(cfg.batch_size, self.dist.rank, self.dist.world_size)
+        total = torch.zeros((), device=self.device.name)
+        for micro in range(cfg.grad_accum):
+            offs = batch_offsets(len(self.corpus.train), cfg.context_length, cfg.batch_size,
+                                 exp.seed, data_stream_seed(exp), step, micro)[rows]
+            pieces = np.array_split(offs, micro_split)
+            for k, piece in enumerate(pieces):
+                x, y = get_batch(self.corpus.train, piece, cfg.context_length)
+                if self.device.name == "cuda":        # pinned host memory lets the copy run asynchronously
+                    x, y = x.pin_memory(), y.pin_memory()
+                x, y = x.to(self.device.name, non_blocking=True), y.to(self.device.name, non_blocking=True)
+                # DDP averages gradients over the ranks once per step, in the last backward pass
+                last = micro == cfg.grad_accum - 1 and k == len(pieces) - 1
+                with rm.step_model.no_sync() if ddp and not last else contextlib.nullcontext():
+                    with self.autocast():
+                        # a piece's mean loss weighted by its share of the micro-batch
+                        loss = rm.step_model(x, y) * (len(piece) / len(offs)) / cfg.grad_accum
+                    loss.backward()
+                total += loss.detach()
+        if ddp:             # the step's loss over the whole batch, the same number on every rank
+            self.dist.mean_(total)
+        torch.nn.utils.clip_grad_norm_(rm.model.parameters(), cfg.grad_clip)
+        rm.opt.step()
+        rm.opt.zero_grad(set_to_none=True)
+        return total, lr
+
+    # --- one run: start or resume, the step loop, and what each step may also do --------------------
+
+    def train(self, exp: Experiment) -> dict:
+        """Train `exp` and return its record; on a CUDA or MPS out-of-memory error retry it with half the
+        micro-batch and twice the micro-steps (the same sequences per optimizer step), from its latest
+        checkpoint if it has one. Gives up with status "out_of_memory" once a micro-batch would be less
+        than one sequence."""
+        micro_split, oom_events = 1, []
+        while True:
+            try:
+                return self.train_once(exp, micro_split, oom_events)
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+                message = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                if self.dist.enabled:     # a retry on one rank only would desynchronise the others
+                    raise UserError(
+                        f"{exp.run_id}: out of memory on rank {self.dist.rank} ({message}); under torchrun "
+                        f"there are no automatic retries: pass --batch-size {max(1, self.cfg.batch_size // 2)} "
+                        f"--grad-accum {self.cfg.grad_accum * 2} (the same tokens per step) or start more "
+                        f"processes") from None
+            # outside the except block, so the traceback's frames (and their tensors) can be freed
+            self.free_device_memory()
+            before = math.ceil(self.cfg.batch_size / micro_split)
+            if micro_split * 2 > self.cfg.batch_size:
+                log(f"[{exp.run_id}] out of memory even with micro-batches of {before} sequence(s): giving up "
+                    f"on this run ({message}); the others continue")
+                oom_events.append({"micro_batch_size": before, "error": message, "gave_up": True})
+                state = TrainState(micro_split=micro_split, oom_events=oom_events)
+                return state.record(exp, self, "out_of_memory", 0)
+            micro_split *= 2
+            after = math.ceil(self.cfg.batch_size / micro_split)
+            oom_events.append({"micro_batch_size": before, "retry_micro_batch_size": after,
+                               "micro_steps_per_step": self.cfg.grad_accum * micro_split, "error": message})
+            log(f"[{exp.run_id}] out of memory with micro-batches of {before} sequences ({message}); retrying "
+                f"with {after} and {self.cfg.grad_accum * micro_split} micro-steps per step (same effective batch)")
+
+    def free_device_memory(self) -> None:
+        gc.collect()
+        if self.device.name == "cuda":
+            torch.cuda.empty_cache()
+        elif self.device.name == "mps":
+            torch.mps.empty_cache()
+
+    def train_once(self, exp: Experiment, micro_split: int = 1, oom_events: list | None = None) -> dict:
+        """Train one experiment, continuing from its checkpoint if it has one, and return its
+        results.json record (status completed or diverged). On a stop request it checkpoints and raises
+        TrainingInterrupted."""
+        reset_peak_memory(self.device.name)
+        _ = self.peak_flops              # look up or measure it now, not inside a timed interval
+        rm = self.new_model(exp, init_seed(exp))
+        assert rm.model.count_params()[0] == exp.n_params_nonembedding
+        state = self.start_or_resume(exp, rm, micro_split, oom_events or [])
+        bar = (tqdm(total=exp.steps, initial=state.step, desc=exp.run_id, leave=False, file=sys.stderr)
+               if self.progress_bar else None)
+        say = bar.write if bar else log
+        for step in range(state.step, exp.steps):
+            if self.stop.signum is not None:
+                self.save_checkpoint(exp, rm, state)
+                raise TrainingInterrupted(self.stop.signum, state.record(exp, self, "interrupted", state.step))
+            loss, state.lr = self.train_step(rm, exp, step, state.micro_split)
+            state.window.append(loss)
+            state.step = step + 1
+            last = state.step == exp.steps
+            log_now = state.step % self.cfg.log_interval == 0 or last
+            ckpt_now = not last and self.checkpoint_due(state)
+            if (log_now or ckpt_now) and not self.losses_finite(state, log_now):
+                if state.diverged:
+                    break
+                ckpt_now = False
+            if log_now:
+                self.log_step(exp, state, say)
+            if state.step % self.cfg.eval_interval == 0 or last:
+                if not self.evaluate_into(exp, rm, state, say):
+                    break
+            if ckpt_now:
+                self.save_checkpoint(exp, rm, state)
+                say(f"[{exp.run_id}] checkpoint at step {state.step}/{exp.steps}")
+            if bar:
+                bar.update(1)
+        if bar:
+            bar.close()
+        return self.finish_run(exp, rm, state)
+
+    def start_or_resume(self, exp: Experiment, rm: RunModel, micro_split: int, oom_events: list) -> TrainState:
+        """The run's state from its checkpoint (model, optimizer and RNGs restored), or a new one whose
+        curve starts with the untrained model's validation loss."""
+        ckpt = self.load_checkpoint(exp)      # every rank reads rank 0's checkpoint
+        self.dist.agree(ckpt["step"] if ckpt is not None else 0, f"the step {exp.run_id} resumes from")
+        if ckpt is not None:
+            rm.model.load_state_dict(ckpt["model"])
+            rm.opt.load_state_dict(ckpt["optimizer"])
+            set_rng_state(ckpt["rng"], self.device.name)
+            state = TrainState.from_checkpoint(ckpt, self.device.name, micro_split, oom_events)
+            log(f"[{exp.run_id}] resuming from its checkpoint at step {state.step}/{exp.steps}")
+            return state
+        state = TrainState(micro_split=micro_split, oom_events=oom_events)
+        state.initial_loss = self.evaluate(rm.model, micro_split)
+        for key, value in (("eval_step", 0), ("eval_tokens", 0), ("val_loss", state.initial_loss)):
+            state.curve[key].append(value)
+        state.restart_clocks()
+        log(f"[{exp.run_id}] start: N={format_count(exp.n_params_nonembedding)} non-embedding "
+            f"({format_count(exp.n_params_total)} total), n_layer={exp.n_layer} d_model={exp.d_model} "
+            f"n_head={exp.n_head}, {exp.steps} steps, {format_count(exp.tokens)} tokens "
+            f"({exp.tokens / len(self.corpus.train):.2f} epochs), peak lr {exp.peak_lr:.2e}, "
+            f"initial val loss {state.initial_loss:.3f}")
+        return state
+
+    def checkpoint_due(self, state: TrainState) -> bool:
+        # only rank 0 writes checkpoints, so only rank 0 keeps their clock
+        return self.dist.is_main and self.checkpoints.due(state.step - state.step_ckpt,
+                                                          time.time() - state.t_ckpt)
+
+    def losses_finite(self, state: TrainState, log_now: bool) -> bool:
+        """Whether every step loss since the last log line is finite. A non-finite one at a log step ends
+        the run as diverged (state.diverged set); between log steps under torchrun only rank 0 looks, so
+        it just skips its checkpoint and every rank stops together at the next log step."""
+        bad = state.first_nonfinite()
+        if bad is None:
+            state.last_good_loss = float(state.window[-1])
+            return True
+        if log_now or not self.dist.enabled:
+            if bad > 0:
+                state.last_good_loss = float(state.window[bad - 1])
+            state.diverged = (state.step_log + bad + 1, state.last_good_loss)
+        return False
+
+    def log_step(self, exp: Experiment, state: TrainState, say) -> None:
+        """One line per log interval: mean train loss, lr, speed, MFU, this run's ETA."""
+        train_loss = float(torch.stack(state.window).mean())    # the only host sync of the interval
+        state.window = []
+        now = time.time()
+        tok_s = (state.step - state.step_log) * self.cfg.tokens_per_step / max(now - state.t_log, 1e-9)
+        state.t_log, state.step_log = now, state.step
+        eta = (exp.steps - state.step) * self.cfg.tokens_per_step / max(tok_s, 1e-9)
+        curve = state.curve
+        curve["step"].append(state.step)
+        curve["tokens"].append(state.step * self.cfg.tokens_per_step)
+        curve["train_loss"].append(round(train_loss, 5))
+        curve["lr"].append(state.lr)
+        say(f"[{exp.run_id}] step {state.step}/{exp.steps} | loss {train_loss:.3f} | lr {state.lr:.2e} | "
+            f"{tok_s / 1e3:.1f}k tok/s | MFU {100 * self.mfu(exp, tok_s):.1f}% | eta {format_duration(eta)}")
+
+    def evaluate_into(self, exp: Experiment, rm: RunModel, state: TrainState, say) -> bool:
+        """Evaluate and add the loss to the curve; False (the run diverged) if it is not finite."""
+        v = self.evaluate(rm.model, state.micro_split)
+        if not math.isfinite(v):
+            state.diverged = (state.step, state.last_good_loss)
+            return False
+        state.curve["eval_step"].append(state.step)
+        state.curve["eval_tokens"].append(state.step * self.cfg.tokens_per_step)
+        state.curve["val_loss"].append(v)
+        say(f"[{exp.run_id}] eval step {state.step}: val loss {v:.4f}")
+        return True
+
+    def finish_run(self, exp: Experiment, rm: RunModel, state: TrainState) -> dict:
+        if state.diverged:
+            step, good = state.diverged
+            log(f"[{exp.run_id}] diverged: non-finite loss at step {step}/{exp.steps} (last finite loss "
+                f"{good if good is None else round(good, 4)}); this run is left out of the fits, the others "
+                f"continue")
+            return state.record(exp, self, "diverged", step)
+        record = state.record(exp, self, "completed", exp.steps)
+        log(f"[{exp.run_id}] done: final val loss {record['final_val_loss']:.4f} (initial "
+            f"{state.initial_loss:.3f}) in {format_duration(record['wall_time_s'])}, "
+            f"{record['tokens_per_s'] / 1e3:.1f}k tok/s")
+        if self.checkpoints.keep and self.checkpoints.folder is not None:
+            self.save_checkpoint(exp, rm, state)     # the final state, for fine-tuning or inspection
+        return record
+
+    # --- checkpoints of this Trainer's runs (the format and the folder's rules: section 6) -------------
+
+    def save_checkpoint(self, exp: Experiment, rm: RunModel, state: TrainState) -> None:
+        """Model, optimizer, RNGs and the run's state, written to a temporary file and renamed, so a kill
+        at any moment leaves the previous checkpoint whole. DDP keeps the replicas identical: rank 0's
+        state is everyone's."""
+        if not self.dist.is_main:
+            return
+        definition = experiment_definition(exp, self.cfg, self.corpus.record)
+        write_checkpoint(self.checkpoints.path(exp.run_id), {
+            "format": CHECKPOINT_FORMAT, "run_id": exp.run_id, "experiment_hash": definition_hash(definition),
+            "definition": definition, "model": rm.model.state_dict(), "optimizer": rm.opt.state_dict(),
+            "rng": rng_state(self.device.name), **state.checkpoint_fields()})
+        state.t_ckpt, state.step_ckpt = time.time(), state.step
+
+    def load_checkpoint(self, exp: Experiment) -> dict | None:
+        if self.checkpoints.folder is None or not self.checkpoints.path(exp.run_id).exists():
+            return None
+        path = self.checkpoints.path(exp.run_id)
+        ckpt = torch.load(path, map_location=self.device.name, weights_only=True)
+        exp_hash = definition_hash(experiment_definition(exp, self.cfg, self.corpus.record))
+        if ckpt.get("experiment_hash") != exp_hash:          # the CLI refuses this case before training
+            raise UserError(f"checkpoint {path} belongs to other settings; pass --fresh to move it aside")
+        return ckpt
+
+    def remove_checkpoint(self, exp: Experiment) -> None:
+        if self.checkpoints.folder is not None and not self.checkpoints.keep and self.dist.is_main:
+            self.checkpoints.path(exp.run_id).unlink(missing_ok=True)
+
+# ----------------------------------------------------------------------------------------------------
+# 6. resume and checkpoints: a run's identity, checkpoint files, the output folder, signals
+# ----------------------------------------------------------------------------------------------------
 
 DEFINITION_VERSION = 1
-# settings of a definition that come from the corpus; known only once the corpus is loaded
-CORPUS_DEFINITION_KEYS = ("corpus_sha256", "tokenizer", "validation_split")
-
 
 def experiment_definition(exp: Experiment, cfg: RunConfig, corpus_record: dict | None) -> dict:
     """Everything that determines a run's results; its hash decides whether earlier work is reused.
@@ -1178,11 +1603,14 @@ def init_seed(exp: Experiment) -> int:
     return int(hashlib.sha256(f"init|{exp.name}|{exp.seed}".encode()).hexdigest()[:8], 16)
 
 
-def data_stream(exp: Experiment) -> int:
+def data_stream_seed(exp: Experiment) -> int:
+    """The seed of this run's stream of training batches (with the step, it fixes every batch)."""
     return int(hashlib.sha256(exp.name.encode()).hexdigest()[:8], 16)
 
+CHECKPOINT_FORMAT = "scaling-lab-checkpoint-v1"
 
-@dataclass
+
+@dataclass(frozen=True)
 class CheckpointPolicy:
     """Where and how often a run saves its state. folder None: never (the plan's timing probes)."""
     folder: Path | None = None
@@ -1201,44 +1629,21 @@ class CheckpointPolicy:
         return self.every_s is not None and seconds_since >= self.every_s
 
 
-class StopRequest:
-    """Set by the CLI's SIGINT/SIGTERM handler; the step loop checkpoints and stops at the next step."""
-
-    def __init__(self):
-        self.signum: int | None = None
-
-
-class TrainingInterrupted(Exception):
-    """A stop was requested: the run's checkpoint is on disk and `record` holds its curve so far."""
-
-    def __init__(self, signum: int, record: dict):
-        super().__init__(f"interrupted by signal {signum}")
-        self.signum, self.record = signum, record
+def write_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temporary file, fsync, rename: a kill at any moment leaves the previous one whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA raises torch.OutOfMemoryError; MPS a RuntimeError saying 'MPS backend out of memory'."""
-    import torch
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
-
-
-def _injected_nan_step(exp: Experiment) -> int | None:
-    """Test-only hook: SCALING_LAB_TEST_NAN_AT='<name or run_id>:<step>' poisons that run's weights
-    just before that (1-based) step, so its loss is NaN there, as in a real divergence."""
-    spec = os.environ.get("SCALING_LAB_TEST_NAN_AT", "")
-    name, _, step = spec.rpartition(":")
-    if name and name in (exp.name, exp.run_id) and step.isdigit():
-        return int(step)
-    return None
-
-
-def _rng_state(device: str) -> dict:
+def rng_state(device: str) -> dict:
     """Every RNG the process has, in types torch.load(weights_only=True) accepts. Training itself draws
     no random numbers after initialisation (batches are pure functions of the step), but a future
     dropout or sampler would, and a checkpoint must not silently depend on that."""
-    import random
-    import torch
     legacy = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": [legacy[0], legacy[1].tolist(), *legacy[2:]]}
@@ -1247,9 +1652,7 @@ def _rng_state(device: str) -> dict:
     return state
 
 
-def _set_rng_state(state: dict, device: str) -> None:
-    import random
-    import torch
+def set_rng_state(state: dict, device: str) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     kind, key, *rest = state["numpy"]
@@ -1260,7 +1663,6 @@ def _set_rng_state(state: dict, device: str) -> None:
 
 def read_checkpoint_header(path: Path) -> dict | None:
     """The definition and step of a checkpoint, without reading its tensors (memory-mapped)."""
-    import torch
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:       # a checkpoint that cannot be read is reported, never overwritten
@@ -1269,7 +1671,415 @@ def read_checkpoint_header(path: Path) -> dict | None:
     return {k: state.get(k) for k in ("format", "run_id", "experiment_hash", "definition", "step")}
 
 
-# --- beyond one process: torchrun's ranks (DDP), each rank's slice of a batch, agreement checks ---
+def checkpoint_bytes(n_params_total: int) -> int:
+    """fp32 weights and AdamW's two moments, plus a margin for the curve and RNG states."""
+    return 12 * n_params_total + 2**20
+
+
+def required_free_bytes(runs: list[Experiment], keep_checkpoints: bool) -> int:
+    """Two copies of the largest checkpoint exist for a moment during its atomic replacement; with
+    --keep-checkpoints every run's final checkpoint stays. Plus room for records and the figure."""
+    sizes = [checkpoint_bytes(e.n_params_total) for e in runs]
+    return (sum(sizes) + max(sizes) if keep_checkpoints else 2 * max(sizes)) + 50 * 2**20
+
+
+def check_free_space(out_dir: Path, runs: list[Experiment], keep_checkpoints: bool) -> None:
+    need = required_free_bytes(runs, keep_checkpoints)
+    free = shutil.disk_usage(out_dir).free
+    if free < need:
+        raise UserError(f"only {free / 2**20:.0f} MiB free where {out_dir} lives; checkpoints and results need "
+                        f"about {need / 2**20:.0f} MiB: free some space or choose another --output-dir")
+
+
+# --- the output folder across runs: validated results files, one record per run, settings checks ---
+
+# statuses that end a run for good; "out_of_memory" and "interrupted" are tried again on the next run
+FINAL_STATUSES = ("completed", "diverged")
+# run-level settings whose change makes earlier results incomparable (sizes and seeds may be extended)
+DEFINING_CONFIG_KEYS = ("mode", "steps", "batch_size", "grad_accum", "context_length", "vocab_size", "lr",
+                        "warmup_frac", "min_lr_frac", "weight_decay", "grad_clip", "eval_interval",
+                        "eval_batches", "log_interval", "seed")
+OPTION_OF = {"mode": "--mode", "steps": "--max-steps", "batch_size": "--batch-size",
+             "grad_accum": "--grad-accum", "context_length": "--context-length", "vocab_size": "--vocab-size",
+             "lr": "--lr", "peak_lr": "--lr", "seed": "--seed/--seeds", "eval_interval": "--eval-interval",
+             "eval_batches": "--eval-batches", "log_interval": "--log-interval", "corpus_sha256": "--data",
+             "tokenizer": "--data", "validation_split": "--data", "tokens": "--data-sizes/--max-steps",
+             "n_layer": "--data-model-size", "d_model": "--data-model-size"}
+
+class RunInterrupted(Exception):
+    """SIGINT/SIGTERM during training: everything is saved; main() prints how to resume."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+def read_results(out_dir: Path, name: str = "results.json") -> dict | None:
+    """The output folder's results.json (or a part's results.<part>.json) if it is ours and resumable;
+    None if there is none. Anything else is a UserError: a file this script cannot vouch for is never
+    overwritten."""
+    path = out_dir / name
+    if not path.exists():
+        return None
+    advice = "it is left untouched: move it away, choose another --output-dir, or pass --fresh to move it aside"
+    obj = read_json_file(path, advice)
+    if not (isinstance(obj, dict) and "schema_version" in obj and isinstance(obj.get("experiments"), list)
+            and isinstance(obj.get("config"), dict)):
+        raise UserError(f"{path} was not written by this script (no schema_version, config and experiments); "
+                        f"{advice}")
+    if obj["schema_version"] != SCHEMA_VERSION:
+        raise UserError(f"{path} has schema version {obj['schema_version']}, this script writes "
+                        f"{SCHEMA_VERSION}; {advice}")
+    if not all(isinstance(e, dict) and "run_id" in e and "experiment_hash" in e for e in obj["experiments"]):
+        raise UserError(f"{path} holds experiments without resume records (written before resume support); "
+                        f"{advice}")
+    return obj
+
+
+class RunStore:
+    """One JSON record per finished run under runs/: each written on its own (atomically), so runs can
+    be trained and recorded independently; results.json is assembled from them."""
+
+    def __init__(self, out_dir: Path):
+        self.folder = Path(out_dir) / "runs"
+
+    def path(self, run_id: str) -> Path:
+        return self.folder / f"{run_id}.json"
+
+    def load(self, run_id: str) -> dict | None:
+        path = self.path(run_id)
+        if not path.exists():
+            return None
+        rec = read_json_file(path, "move it away to train that run again, or pass --fresh")
+        if not (isinstance(rec, dict) and "experiment_hash" in rec and "definition" in rec):
+            raise UserError(f"{path} is not a run record of this script; move it away or pass --fresh")
+        return rec
+
+    def save(self, record: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.path(record["run_id"]), record)
+
+    def recover(self, experiments: list[dict]) -> None:
+        """Records that results.json holds but runs/ lost (deleted by hand) are written back."""
+        for e in experiments:
+            if e.get("status") in FINAL_STATUSES and "definition" in e and not self.path(e["run_id"]).exists():
+                self.save(e)
+
+
+def archive_previous(out_dir: Path) -> Path | None:
+    """--fresh: move this script's earlier outputs into previous-<date>-<time>/ (never delete them)."""
+    names = ["results.json", "scaling_laws_complete.png", "runs", "checkpoints",
+             *sorted(p.name for p in out_dir.glob("results.*.json"))]
+    present = [n for n in names if (out_dir / n).exists()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    archive = out_dir / f"previous-{stamp}"
+    k = 1
+    while archive.exists():
+        k += 1
+        archive = out_dir / f"previous-{stamp}-{k}"
+    archive.mkdir()
+    for n in present:
+        os.replace(out_dir / n, archive / n)
+    log(f"--fresh: moved the earlier {', '.join(present)} to {archive}")
+    return archive
+
+
+def prepare_output_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {path} ({e.strerror}); choose another with "
+                        f"--output-dir") from None
+
+
+def refuse_changed_settings(existing: dict | None, cfg: RunConfig, runs: list[Experiment], store: RunStore,
+                            checkpoints: CheckpointPolicy, corpus_record: dict | None) -> None:
+    """Compare this command with the earlier work in the output folder: results.json's settings and
+    the definition of every run that has a record or a checkpoint. Any difference is a UserError that
+    names the settings; without a corpus record the corpus keys wait for a second call."""
+    diffs: dict[str, list] = {}          # key -> [old, new, number of runs]
+    if existing is not None:
+        old_cfg = existing["config"]
+        for key in DEFINING_CONFIG_KEYS:
+            if key in old_cfg and old_cfg[key] != getattr(cfg, key):
+                diffs[key] = [old_cfg[key], getattr(cfg, key), 0]
+    for exp in runs:
+        new = experiment_definition(exp, cfg, corpus_record)
+        earlier = []
+        rec = store.load(exp.run_id)
+        if rec is not None:
+            earlier.append(rec["definition"])
+        if checkpoints.folder is not None and checkpoints.path(exp.run_id).exists():
+            earlier.append(read_checkpoint_header(checkpoints.path(exp.run_id))["definition"] or {})
+        for old in earlier:
+            for key, o, n in definition_differences(old, new, list(new)):
+                entry = diffs.setdefault(key, [o, n, 0])
+                entry[2] += 1
+    if diffs:
+        parts = []
+        for key, (o, n, count) in diffs.items():
+            opt = OPTION_OF.get(key)
+            where = ", ".join(x for x in (opt, f"{count} runs" if count else None) if x)
+            parts.append(f"{key} {o} -> {n}" + (f" ({where})" if where else ""))
+        raise UserError(f"{cfg.output_dir} holds results made with other settings: {'; '.join(parts)}. "
+                        f"Rerun the earlier command to resume it, pass --fresh to move the earlier results "
+                        f"aside, or choose another --output-dir")
+
+
+def remove_stale_temporaries(folder: Path, min_age_s: float = 600.0) -> None:
+    """Temporary files of processes that died mid-write (their renamed targets are intact). In a folder
+    that shards on other machines share, a process id says nothing, so only files untouched for
+    `min_age_s` go (a write in progress keeps its file's modification time fresh)."""
+    if not folder.is_dir():
+        return
+    for tmp in folder.glob(".*.tmp*"):
+        pid = tmp.name.rpartition(".tmp")[2]
+        try:
+            if time.time() - tmp.stat().st_mtime < min_age_s:
+                continue
+            os.kill(int(pid), 0)               # still alive: another process of ours is writing it
+        except (ValueError, ProcessLookupError):
+            tmp.unlink(missing_ok=True)
+        except (PermissionError, FileNotFoundError):
+            pass
+
+
+def stop_on_signals(stop: StopRequest):
+    """While training, SIGINT and SIGTERM ask the step loop to checkpoint and stop; a second signal
+    stops at once (KeyboardInterrupt)."""
+
+    def handler(signum, frame):
+        if stop.signum is not None:
+            raise KeyboardInterrupt
+        stop.signum = signum
+        log(f"received {signal.Signals(signum).name}: saving a checkpoint at the next step, then stopping "
+            f"(send it again to stop at once)")
+
+    @contextlib.contextmanager
+    def installed():
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+    return installed()
+
+# ----------------------------------------------------------------------------------------------------
+# 7. speed: the device's peak FLOP/s, MFU, peak memory, the plan's time estimate, and --benchmark
+# ----------------------------------------------------------------------------------------------------
+
+# Dense (no sparsity) tensor-core peaks in TFLOP/s from the vendors' data sheets: bf16 and TF32/fp32.
+# Matched against torch.cuda.get_device_name() in order; the first key contained in the name wins.
+GPU_PEAK_TFLOPS = [
+    ("H200", 989.0, 494.5), ("H100 PCIe", 756.0, 378.0), ("H100", 989.0, 494.5), ("GH200", 989.0, 494.5),
+    ("A100", 312.0, 156.0), ("L40S", 362.0, 183.0), ("L4", 121.0, 60.0), ("A10G", 70.0, 35.0),
+    ("A10", 125.0, 62.5), ("RTX 4090", 165.2, 82.6), ("RTX 3090", 71.0, 35.6), ("V100", 125.0, 15.7),
+    ("T4", 65.0, 8.1),
+]
+
+
+def gpu_peak_flops(device_name: str, dtype: str) -> float | None:
+    for key, bf16, fp32 in GPU_PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return (bf16 if dtype == "bf16" else fp32) * 1e12
+    return None
+
+
+def measure_matmul_peak(device: str, dtype: str, size: int = 2048, seconds: float = 1.0) -> float:
+    """FLOP/s of a large square matmul on this device, the best of many short blocks (other load only
+    ever slows a block down): the ceiling for devices without a data sheet."""
+    tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=tdtype)
+    b = torch.randn(size, size, device=device, dtype=tdtype)
+    a @ b                                                # warm-up
+    best, t_end = 0.0, time.time() + seconds
+    while time.time() < t_end or best == 0.0:
+        sync_device(device)
+        t0 = time.perf_counter()
+        for _ in range(2):
+            a @ b
+        sync_device(device)
+        best = max(best, 2 * 2.0 * size**3 / (time.perf_counter() - t0))
+    return best
+
+
+def device_peak_flops(device: DeviceInfo, override_tflops: float | None = None) -> tuple[float, str]:
+    """(peak FLOP/s, where it came from) for the MFU denominator."""
+    if override_tflops:
+        return override_tflops * 1e12, "--peak-tflops"
+    if device.name == "cuda":
+        peak = gpu_peak_flops(device.description, device.dtype)
+        if peak:
+            return peak, f"data sheet ({device.description}, dense {device.dtype})"
+    return measure_matmul_peak(device.name, device.dtype), f"measured {device.dtype} matmul peak"
+
+
+def peak_memory_bytes(device: str) -> int:
+    """Peak memory of this process on the device: allocator peak on CUDA, driver allocation on MPS,
+    peak resident set size on a CPU (process-wide, so it only grows)."""
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    if device == "mps":
+        return int(torch.mps.driver_allocated_memory())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)     # bytes on macOS, KiB on Linux
+
+
+def reset_peak_memory(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def probe_experiment(n_layer: int, d_model: int, n_head: int) -> Experiment:
+    """A stand-in run of this shape for timing: small constant lr, never saved or recorded."""
+    return Experiment("probe", "params", 0, n_layer, d_model, n_head, 10**9, 0, 1e-4, 0, 0)
+
+
+def plan_shapes(plan: list[Experiment]) -> list[tuple[int, int, int]]:
+    """The plan's distinct (n_layer, d_model, n_head), smallest first."""
+    return sorted({(e.n_layer, e.d_model, e.n_head) for e in plan}, key=lambda s: s[0] * s[1] ** 2)
+
+
+def median_step_times(step_fns: dict, steps: int, device: str, block: int = 5) -> dict[str, float]:
+    """Seconds per step of each function, timed in alternating blocks of `block` steps (so all of them
+    see the same background load) and summarised by the median block, which a busy machine's spikes
+    do not move."""
+    times: dict[str, list[float]] = {name: [] for name in step_fns}
+    for _ in range(max(1, steps // block)):
+        for name, fn in step_fns.items():
+            sync_device(device)
+            t0 = time.perf_counter()
+            for _ in range(block):
+                fn()
+            sync_device(device)
+            times[name].append((time.perf_counter() - t0) / block)
+    return {name: float(np.median(v)) for name, v in times.items()}
+
+
+def timed_step_fn(trainer: Trainer, shape: tuple[int, int, int], warmup: int):
+    """A function doing one training step of a fresh model of this shape, after `warmup` steps (which
+    absorb allocation, kernel selection and compilation)."""
+    probe = probe_experiment(*shape)
+    rm = trainer.new_model(probe, 0)
+    counter = itertools.count()
+
+    def step():
+        trainer.train_step(rm, probe, next(counter))
+    for _ in range(warmup):
+        step()
+    return step
+
+
+def eval_overhead(cfg: RunConfig) -> float:
+    """Evaluation's share on top of training: an eval batch costs about a third of a training step."""
+    return cfg.eval_batches / (3 * cfg.eval_interval)
+
+
+def estimate_wall_time(trainer: Trainer, plan: list[Experiment], budget_s: float = 30.0) -> dict[str, float]:
+    """Seconds per experiment, from a few timed steps of each distinct shape on this device.
+
+    Shapes are timed from the smallest up; once a step would take long, the larger shapes are
+    estimated from the FLOP rate of the largest timed one (6 N per token, non-embedding plus output
+    layer), so the estimate itself stays within about `budget_s`.
+    """
+    cfg = trainer.cfg
+    step_s, flop_rate, spent = {}, None, 0.0      # step_s: (n_layer, d_model) -> seconds per step
+    for shape in plan_shapes(plan):
+        n_layer, d_model, _ = shape
+        flops_step = 6 * (n_params_nonembedding(n_layer, d_model) + trainer.corpus.vocab_size * d_model) \
+            * cfg.tokens_per_step
+        if flop_rate and spent + 3 * flops_step / flop_rate > budget_s:
+            step_s[(n_layer, d_model)] = flops_step / flop_rate
+            continue
+        dt = median_step_times({"ours": timed_step_fn(trainer, shape, warmup=1)}, 2, trainer.device.name,
+                               block=1)["ours"]
+        spent += 3 * dt
+        step_s[(n_layer, d_model)] = dt
+        flop_rate = flops_step / dt
+    return {e.name: e.steps * step_s[(e.n_layer, e.d_model)] * (1 + eval_overhead(cfg)) for e in plan}
+
+
+def plain_eager_step(n_layer: int, d_model: int, n_head: int, vocab_size: int, context_length: int,
+                     batch_size: int, device: str):
+    """The reference: the same GPT in plain eager fp32 with a stock AdamW on one fixed random batch, no
+    data loading, clipping, schedule or logging. Returns a function doing one step; ours must keep up."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size, context_length, n_layer, d_model, n_head)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, vocab_size, (batch_size, context_length), device=device)
+    y = torch.randint(0, vocab_size, (batch_size, context_length), device=device)
+
+    def step():
+        model(x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def benchmark_shape(trainer: Trainer, shape: tuple[int, int, int], steps: int, warmup: int,
+                    reference: bool) -> dict:
+    """tokens/s, MFU and peak memory of one model shape (and of the plain eager reference)."""
+    cfg, dev = trainer.cfg, trainer.device
+    n_layer, d_model, n_head = shape
+    reset_peak_memory(dev.name)
+    fns = {"ours": timed_step_fn(trainer, shape, warmup)}
+    sync_device(dev.name)
+    peak_mem = peak_memory_bytes(dev.name)     # ours alone: the reference's model is not counted
+    if reference:
+        fns["reference"] = plain_eager_step(n_layer, d_model, n_head, trainer.corpus.vocab_size,
+                                            cfg.context_length, cfg.batch_size * cfg.grad_accum, dev.name)
+        for _ in range(3):
+            fns["reference"]()
+    step_s = median_step_times(fns, steps, dev.name)
+    tok_s = cfg.tokens_per_step / step_s["ours"]
+    fpt = flops_per_token(n_layer, d_model, trainer.corpus.vocab_size, cfg.context_length)
+    row = {"n_layer": n_layer, "d_model": d_model, "n_head": n_head,
+           "n_params_nonembedding": n_params_nonembedding(n_layer, d_model),
+           "tokens_per_s": round(tok_s, 1), "step_time_s": round(step_s["ours"], 5),
+           "flops_per_token": fpt, "mfu": tok_s * fpt / trainer.peak_flops[0],
+           "peak_memory_mb": round(peak_mem / 2**20, 1)}
+    if reference:
+        ref = cfg.tokens_per_step / step_s["reference"]
+        row["plain_eager_fp32_tokens_per_s"] = round(ref, 1)
+        row["speedup_vs_plain_eager"] = round(tok_s / ref, 3)
+    ref_txt = (f" | plain eager fp32 {row['plain_eager_fp32_tokens_per_s'] / 1e3:.2f}k tok/s "
+               f"(x{row['speedup_vs_plain_eager']:.2f})" if reference else "")
+    log(f"benchmark N={format_count(row['n_params_nonembedding']):>6} (n_layer {n_layer}, d_model "
+        f"{d_model}): {tok_s / 1e3:.2f}k tok/s | MFU {100 * row['mfu']:.1f}% | peak mem "
+        f"{row['peak_memory_mb']:.0f} MB{ref_txt}")
+    return row
+
+
+def benchmark(trainer: Trainer, plan: list[Experiment], steps: int = 30, warmup: int = 5,
+              reference: bool = True) -> dict:
+    """Time `steps` training steps (after `warmup`) of every distinct model shape in the plan; report
+    tokens/s, MFU, peak memory and the projected wall time of the whole plan. With `reference`, a plain
+    eager fp32 step of the same model is timed in alternating blocks."""
+    cfg, dev = trainer.cfg, trainer.device
+    peak, peak_source = trainer.peak_flops
+    rows = [benchmark_shape(trainer, shape, steps, warmup, reference) for shape in plan_shapes(plan)]
+    tok_s = {(r["n_layer"], r["d_model"]): r["tokens_per_s"] for r in rows}
+    projected = sum(e.steps * cfg.tokens_per_step / tok_s[(e.n_layer, e.d_model)] for e in plan) \
+        * (1 + eval_overhead(cfg))
+    log(f"benchmark: projected wall time of mode '{cfg.mode}' ({len(plan)} experiments): "
+        f"{format_duration(projected)} on {dev.name} ({dev.description}), dtype {dev.dtype}, "
+        f"compile {'on' if trainer.compile else 'off'}; MFU against {format_count(peak)}FLOP/s ({peak_source})")
+    return {"mode": cfg.mode, "device": dev.name, "device_name": dev.description, "dtype": dev.dtype,
+            "compile": trainer.compile, "torch_version": torch.__version__, "peak_flops": peak,
+            "peak_source": peak_source, "tokens_per_step": cfg.tokens_per_step,
+            "timed_steps": max(1, steps // 5) * 5,
+            "timing": "median of 5-step blocks, alternating with the reference", "warmup_steps": warmup,
+            "sizes": rows, "projected_wall_time_s": round(projected, 1)}
+
+# ----------------------------------------------------------------------------------------------------
+# 8. distributed and parallel: torchrun's ranks (DDP), --shard/--only, --parallel, merging the parts
+# ----------------------------------------------------------------------------------------------------
 
 # Training's collectives (gradients, losses) give up after this long, so a rank that hangs ends the job
 # instead of holding every GPU forever. The longest the other ranks ever wait is rank 0 writing a
@@ -1279,7 +2089,7 @@ DIST_TIMEOUT_S = 30 * 60
 PREPARE_TIMEOUT_S = 12 * 3600
 
 
-@dataclass
+@dataclass(frozen=True)
 class Distributed:
     """This process's place among torchrun's ranks; a process on its own is rank 0 of 1."""
     rank: int = 0
@@ -1298,13 +2108,11 @@ class Distributed:
 
     def barrier(self) -> None:
         if self.enabled:
-            import torch.distributed as dist
             dist.barrier(group=self.control)
 
     def mean_(self, t):
         """Average a tensor over the ranks in place (SUM then divide: gloo has no AVG)."""
         if self.enabled:
-            import torch.distributed as dist
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
             t /= self.world_size
         return t
@@ -1315,7 +2123,6 @@ class Distributed:
         not the same files on every node."""
         if not self.enabled:
             return value
-        import torch.distributed as dist
         values = [None] * self.world_size
         dist.all_gather_object(values, value, group=self.control)
         if any(v != values[0] for v in values):
@@ -1323,7 +2130,6 @@ class Distributed:
                             f"{[v for v in values if v != values[0]][0]}): --output-dir, --data and "
                             f"--cache-dir must be folders every node sees, with the same contents")
         return value
-
 
 def distributed_from_env() -> Distributed:
     """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE in every worker it starts."""
@@ -1339,7 +2145,6 @@ def claim_local_gpu(dist_info: Distributed, requested_device: str) -> None:
     every rank would open a context on GPU 0)."""
     if not dist_info.enabled or requested_device not in ("auto", "cuda"):
         return
-    import torch
     if torch.cuda.is_available():
         if dist_info.local_rank >= torch.cuda.device_count():
             raise UserError(f"torchrun started {dist_info.local_world_size} processes on this node but it has "
@@ -1351,8 +2156,6 @@ def init_distributed(dist_info: Distributed, device: str) -> Distributed:
     """Join torchrun's process group (rendezvous from its environment): NCCL on CUDA, gloo on CPU."""
     if not dist_info.enabled:
         return dist_info
-    import datetime
-    import torch.distributed as dist
     if device not in ("cuda", "cpu"):
         raise UserError(f"torchrun with --device {device}: DistributedDataParallel runs here on CUDA (NCCL) "
                         f"or CPU (gloo); use one process on {device}, or --device cpu")
@@ -1379,22 +2182,11 @@ def check_batch_split(batch_size: int, world_size: int) -> None:
                         f"--batch-size {' or '.join(options)} (then --grad-accum to keep the tokens per step), "
                         f"or start {' or '.join(divisors) or 'one'} processes per run")
 
-
-def _injected_crash_step(dist_info: Distributed) -> int | None:
-    """Test-only hook: SCALING_LAB_TEST_CRASH='<rank>:<step>' makes that rank raise just before that
-    (1-based) step of every run, as a real failure on one rank would. Read once per run, not per step."""
-    rank, _, at = os.environ.get("SCALING_LAB_TEST_CRASH", "").partition(":")
-    if rank.isdigit() and at.isdigit() and int(rank) == dist_info.rank:
-        return int(at)
-    return None
-
-
 # --- several runs at once on one machine (--parallel): how many, and which runs go together ---
 
 PARALLEL_MAX = 4                    # processes sharing one GPU by default
 # a model this large (total parameters) keeps a GPU busy on its own: its runs go one at a time
 PARALLEL_MAX_PARAMS = 100 * 10**6
-
 
 def estimated_run_memory_bytes(exp: Experiment, cfg: RunConfig) -> int:
     """Rough device memory of one run: fp32 weights, gradients and AdamW's two moments (16 bytes per
@@ -1424,7 +2216,6 @@ def gpu_memory_bytes(device: str) -> int | None:
     """Total memory of the current GPU, read without creating a CUDA context."""
     if device != "cuda":
         return None
-    import torch
     return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
 
 
@@ -1440,545 +2231,284 @@ def balance_runs(runs: list[Experiment], k: int) -> list[list[Experiment]]:
     return [sorted(g, key=lambda e: order[e.run_id]) for _, g in loads if g]
 
 
-class Trainer:
-    """Trains one experiment; holds the device, the corpus and the run's settings."""
-
-    def __init__(self, cfg: RunConfig, corpus: Corpus, device: DeviceInfo, progress_bar: bool = False,
-                 checkpoints: CheckpointPolicy | None = None, stop: StopRequest | None = None,
-                 dist: Distributed | None = None):
-        self.cfg, self.corpus, self.device = cfg, corpus, device
-        self.dist = dist or Distributed()
-        self.progress_bar = progress_bar
-        self.checkpoints = checkpoints or CheckpointPolicy()
-        self.stop = stop or StopRequest()
-        # after an out-of-memory error every micro-batch is cut into this many pieces (same sequences,
-        # same weights, so the same effective batch); reset per run by run_with_oom_retries
-        self.micro_split = 1
-        self.oom_events: list[dict] = []
-        self.val_offsets = batch_offsets(len(corpus.val), cfg.context_length,
-                                         cfg.batch_size * cfg.eval_batches, 20240, 0)
-        self.compile = cfg.compile if cfg.compile is not None else device.name == "cuda"
-        self._peak: tuple[float, str] | None = None
+@dataclass
+class RunScope:
+    """Which runs of the plan this process trains, and which results file it writes. A process that
+    trains part of the plan (--shard, --only) writes results.<part>.json, never results.json, so any
+    number of them can share a folder; --fit-only on the folder merges them."""
+    shard: tuple[int, int] | None = None
+    only: list[str] | None = None
+    parallel: int | None = None     # --parallel K; None: default_parallel
+    child: int | None = None        # in a child of --parallel K: K
+    argv: list[str] = field(default_factory=list)
 
     @property
-    def peak_flops(self) -> tuple[float, str]:
-        """(FLOP/s, source) of the MFU denominator, looked up or measured once per process."""
-        if self._peak is None:
-            self._peak = device_peak_flops(self.device, self.cfg.peak_tflops)
-        return self._peak
+    def partial(self) -> bool:
+        return self.shard is not None or self.only is not None
 
-    def mfu(self, exp: Experiment, tokens_per_s: float) -> float:
-        fpt = flops_per_token(exp.n_layer, exp.d_model, self.corpus.vocab_size, self.cfg.context_length)
-        return tokens_per_s * fpt / self.peak_flops[0]
+    def describe(self) -> str:
+        return f"--shard {self.shard[0]}/{self.shard[1]}" if self.shard else f"--only {','.join(self.only or [])}"
 
-    def for_training(self, model):
-        """The module the step loop calls: compiled on CUDA by default (evaluation uses the eager one);
-        under torchrun, that module wrapped in DistributedDataParallel (compile inside DDP, as PyTorch
-        advises, so DDP's gradient hooks stay eager)."""
-        import torch
-        step_model = torch.compile(model) if self.compile else model
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-            step_model = DistributedDataParallel(
-                step_model, device_ids=[self.dist.local_rank] if self.device.name == "cuda" else None)
-        return step_model
+    def results_name(self) -> str:
+        if self.shard:
+            return f"results.shard-{self.shard[0]}-of-{self.shard[1]}.json"
+        if self.only:
+            key = hashlib.sha256(",".join(sorted(self.only)).encode()).hexdigest()[:10]
+            return f"results.only-{key}.json"
+        return "results.json"
 
-    def autocast(self):
-        import contextlib
-        import torch
-        if self.device.dtype == "bf16":
-            return torch.autocast(device_type=self.device.name, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def new_model(self, exp: Experiment, seed: int):
-        import torch
-        torch.manual_seed(seed)
-        model = build_model(exp.n_layer, exp.d_model, exp.n_head, self.corpus.vocab_size,
-                            self.cfg.context_length).to(self.device.name)
-        return model
-
-    def evaluate(self, model) -> float:
-        """Mean loss over the fixed validation batches (the same windows for every experiment)."""
-        import torch
-        cfg = self.cfg
-        model.eval()
-        losses = []
-        rows = rank_slice(cfg.batch_size, self.dist.rank, self.dist.world_size)   # all rows for one process
-        with torch.no_grad(), self.autocast():
-            for i in range(cfg.eval_batches):
-                offs = self.val_offsets[i * cfg.batch_size:(i + 1) * cfg.batch_size][rows]
-                for piece in np.array_split(offs, self.micro_split):
-                    x, y = get_batch(self.corpus.val, piece, cfg.context_length)
-                    loss = model(x.to(self.device.name), y.to(self.device.name)).float()
-                    losses.append(loss * (len(piece) / len(offs)))
-        model.train()
-        # equal shares per rank, so the mean over ranks is the mean over the whole validation set
-        return float(self.dist.mean_(torch.stack(losses).sum() / cfg.eval_batches))
-
-    def train_step(self, model, opt, exp: Experiment, step: int, stream: int):
-        """One optimizer step over grad_accum micro-batches; returns (mean train loss as a device tensor,
-        so the step loop need not wait for the device, and the lr)."""
-        import contextlib
-        import torch
-        from torch.nn.parallel import DistributedDataParallel
-        cfg = self.cfg
-        lr = lr_at(step, exp.steps, exp.peak_lr, cfg.warmup_frac, cfg.min_lr_frac)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        ddp = isinstance(model, DistributedDataParallel)
-        # under torchrun every rank draws the same windows and keeps its own share of them
-        rows = rank_slice(cfg.batch_size, self.dist.rank, self.dist.world_size)
-        total = torch.zeros((), device=self.device.name)
-        for micro in range(cfg.grad_accum):
-            offs = batch_offsets(len(self.corpus.train), cfg.context_length, cfg.batch_size,
-                                 exp.seed, stream, step, micro)[rows]
-            pieces = np.array_split(offs, self.micro_split)
-            for k, piece in enumerate(pieces):
-                x, y = get_batch(self.corpus.train, piece, cfg.context_length)
-                if self.device.name == "cuda":        # pinned host memory lets the copy run asynchronously
-                    x, y = x.pin_memory(), y.pin_memory()
-                x, y = x.to(self.device.name, non_blocking=True), y.to(self.device.name, non_blocking=True)
-                # DDP averages gradients over the ranks once per step, in the last backward pass
-                last = micro == cfg.grad_accum - 1 and k == len(pieces) - 1
-                with model.no_sync() if ddp and not last else contextlib.nullcontext():
-                    with self.autocast():
-                        # a piece's mean loss weighted by its share of the micro-batch
-                        loss = model(x, y) * (len(piece) / len(offs)) / cfg.grad_accum
-                    loss.backward()
-                total += loss.detach()
-        if ddp:             # the step's loss over the whole batch, the same number on every rank
-            self.dist.mean_(total)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return total, lr
-
-    def save_checkpoint(self, exp: Experiment, definition: dict, model, opt, progress: dict) -> None:
-        """Model, optimizer, RNGs, schedule position and the curve so far, written to a temporary file
-        and renamed, so a kill at any moment leaves the previous checkpoint whole."""
-        if not self.dist.is_main:       # DDP keeps the replicas identical: rank 0's state is everyone's
-            return
-        import torch
-        path = self.checkpoints.path(exp.run_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"format": "scaling-lab-checkpoint-v1", "run_id": exp.run_id,
-                 "experiment_hash": definition_hash(definition), "definition": definition,
-                 "model": model.state_dict(), "optimizer": opt.state_dict(),
-                 "rng": _rng_state(self.device.name), "micro_split": self.micro_split,
-                 "oom_events": self.oom_events, **progress}
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-    def load_checkpoint(self, exp: Experiment, exp_hash: str) -> dict | None:
-        if self.checkpoints.folder is None or not self.checkpoints.path(exp.run_id).exists():
-            return None
-        import torch
-        path = self.checkpoints.path(exp.run_id)
-        state = torch.load(path, map_location=self.device.name, weights_only=True)
-        if state.get("experiment_hash") != exp_hash:          # the CLI refuses this case before training
-            raise UserError(f"checkpoint {path} belongs to other settings; pass --fresh to move it aside")
-        return state
-
-    def remove_checkpoint(self, exp: Experiment) -> None:
-        if self.checkpoints.folder is not None and not self.checkpoints.keep and self.dist.is_main:
-            self.checkpoints.path(exp.run_id).unlink(missing_ok=True)
-
-    def run(self, exp: Experiment) -> dict:
-        """Train one experiment, continuing from its checkpoint if it has one, and return its
-        results.json record (status completed or diverged). On a stop request it checkpoints and raises
-        TrainingInterrupted."""
-        import torch
-        cfg = self.cfg
-        definition = experiment_definition(exp, cfg, self.corpus.record)
-        exp_hash = definition_hash(definition)
-        stream = data_stream(exp)                                  # this run's data stream
-        reset_peak_memory(self.device.name)
-        _ = self.peak_flops              # look up or measure it now, not inside a timed interval
-        model = self.new_model(exp, init_seed(exp))
-        n_nonemb, n_total = model.count_params()
-        assert n_nonemb == exp.n_params_nonembedding, (n_nonemb, exp.n_params_nonembedding)
-        opt = configure_optimizer(model, exp.peak_lr, cfg.weight_decay, fused=self.device.name == "cuda")
-        step_model = self.for_training(model)
-        epochs = exp.tokens / len(self.corpus.train)
-        state = self.load_checkpoint(exp, exp_hash)      # every rank reads rank 0's checkpoint
-        self.dist.agree(state["step"] if state is not None else 0, f"the step {exp.run_id} resumes from")
-        if state is not None:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            _set_rng_state(state["rng"], self.device.name)
-            start, curve, initial = state["step"], state["curve"], state["initial_loss"]
-            wall_before, resumed_at = state["wall_time_s"], [*state["resumed_at_steps"], state["step"]]
-            last_good = state["last_good_loss"]
-            # the losses of the steps since the last log line, so the next line's mean is the same
-            window = [torch.tensor(v, device=self.device.name) for v in state["window"]]
-            self.micro_split = max(self.micro_split, state["micro_split"])
-            self.oom_events = [*state["oom_events"],
-                               *(e for e in self.oom_events if e not in state["oom_events"])]
-            del state
-            log(f"[{exp.run_id}] resuming from its checkpoint at step {start}/{exp.steps}")
-        else:
-            start, wall_before, resumed_at, last_good, window = 0, 0.0, [], None, []
-            curve = {"step": [], "tokens": [], "train_loss": [], "val_loss": [], "lr": [],
-                     "eval_step": [], "eval_tokens": []}
-            initial = self.evaluate(model)
-            curve["eval_step"].append(0)
-            curve["eval_tokens"].append(0)
-            curve["val_loss"].append(initial)
-            log(f"[{exp.run_id}] start: N={format_count(n_nonemb)} non-embedding ({format_count(n_total)} "
-                f"total), n_layer={exp.n_layer} d_model={exp.d_model} n_head={exp.n_head}, {exp.steps} steps, "
-                f"{format_count(exp.tokens)} tokens ({epochs:.2f} epochs), peak lr {exp.peak_lr:.2e}, "
-                f"initial val loss {initial:.3f}")
-        nan_at = _injected_nan_step(exp)
-        crash_at = _injected_crash_step(self.dist)
-        bar = None
-        if self.progress_bar:
-            from tqdm import tqdm
-            bar = tqdm(total=exp.steps, initial=start, desc=exp.run_id, leave=False, file=sys.stderr)
-        t_start = time.time()
-        t_last, step_last = t_start, start - len(window)     # step_last: steps done at the last log line
-        t_ckpt, step_ckpt = t_start, start
-        diverged = None               # (1-based step, last finite loss) once a loss is NaN or infinite
-        lr = None
-
-        def progress(steps_done: int) -> dict:
-            return {"step": steps_done, "lr": lr, "curve": curve, "initial_loss": initial,
-                    "window": [float(w) for w in window], "last_good_loss": last_good,
-                    "wall_time_s": wall_before + time.time() - t_start, "resumed_at_steps": resumed_at}
-
-        def first_nonfinite() -> int | None:
-            """Index in the window of the first non-finite step loss (one host sync)."""
-            if not window:
-                return None
-            ok = torch.isfinite(torch.stack(window)).cpu()
-            return None if bool(ok.all()) else int((~ok).nonzero()[0, 0])
-
-        step = start
-        for step in range(start, exp.steps):
-            if self.stop.signum is not None:
-                self.save_checkpoint(exp, definition, model, opt, progress(step))
-                raise TrainingInterrupted(self.stop.signum, self._record(
-                    exp, definition, n_nonemb, n_total, epochs, initial, curve, "interrupted",
-                    wall_before + time.time() - t_start, step, resumed_at, None))
-            if crash_at == step + 1:
-                raise RuntimeError(f"injected failure on rank {self.dist.rank} at step {step + 1} "
-                                   f"(SCALING_LAB_TEST_CRASH)")
-            if nan_at is not None and step + 1 == nan_at:
-                with torch.no_grad():
-                    next(model.parameters()).fill_(float("nan"))
-            loss, lr = self.train_step(step_model, opt, exp, step, stream)
-            window.append(loss)
-            last = step == exp.steps - 1
-            log_now = (step + 1) % cfg.log_interval == 0 or last
-            # only rank 0 writes checkpoints, so only rank 0 keeps their clock
-            ckpt_now = not last and self.dist.is_main and \
-                self.checkpoints.due(step + 1 - step_ckpt, time.time() - t_ckpt)
-            if log_now or ckpt_now:
-                bad = first_nonfinite()
-                if bad is not None and not log_now and self.dist.enabled:
-                    # rank 0 alone: skip this checkpoint; all ranks see the same losses and stop
-                    # together at the next log step, with the same diverged step
-                    ckpt_now = False
-                elif bad is not None:
-                    if bad > 0:
-                        last_good = float(window[bad - 1])
-                    diverged = (step_last + bad + 1, last_good)
-                    break
-                else:
-                    last_good = float(window[-1])
-            if log_now:
-                train_loss = float(torch.stack(window).mean())    # the only host sync of the interval
-                window = []
-                now = time.time()
-                tok_s = (step + 1 - step_last) * cfg.tokens_per_step / max(now - t_last, 1e-9)
-                t_last, step_last = now, step + 1
-                eta = (exp.steps - step - 1) * cfg.tokens_per_step / max(tok_s, 1e-9)
-                curve["step"].append(step + 1)
-                curve["tokens"].append((step + 1) * cfg.tokens_per_step)
-                curve["train_loss"].append(round(train_loss, 5))
-                curve["lr"].append(lr)
-                (bar.write if bar else log)(
-                    f"[{exp.run_id}] step {step + 1}/{exp.steps} | loss {train_loss:.3f} | lr {lr:.2e} | "
-                    f"{tok_s / 1e3:.1f}k tok/s | MFU {100 * self.mfu(exp, tok_s):.1f}% | "
-                    f"eta {format_duration(eta)}")
-            if (step + 1) % cfg.eval_interval == 0 or last:
-                v = self.evaluate(model)
-                if not math.isfinite(v):
-                    diverged = (step + 1, last_good)
-                    break
-                curve["eval_step"].append(step + 1)
-                curve["eval_tokens"].append((step + 1) * cfg.tokens_per_step)
-                curve["val_loss"].append(v)
-                (bar.write if bar else log)(f"[{exp.run_id}] eval step {step + 1}: val loss {v:.4f}")
-            if ckpt_now:
-                self.save_checkpoint(exp, definition, model, opt, progress(step + 1))
-                t_ckpt, step_ckpt = time.time(), step + 1
-                (bar.write if bar else log)(f"[{exp.run_id}] checkpoint at step {step + 1}/{exp.steps}")
-            if bar:
-                bar.update(1)
-        if bar:
-            bar.close()
-        wall = wall_before + time.time() - t_start
-        if diverged:
-            log(f"[{exp.run_id}] diverged: non-finite loss at step {diverged[0]}/{exp.steps} (last finite "
-                f"loss {diverged[1] if diverged[1] is None else round(diverged[1], 4)}); this run is left "
-                f"out of the fits, the others continue")
-            record = self._record(exp, definition, n_nonemb, n_total, epochs, initial, curve, "diverged",
-                                  wall, diverged[0], resumed_at, diverged)
-        else:
-            record = self._record(exp, definition, n_nonemb, n_total, epochs, initial, curve, "completed",
-                                  wall, exp.steps, resumed_at, None)
-            log(f"[{exp.run_id}] done: final val loss {record['final_val_loss']:.4f} (initial {initial:.3f}) "
-                f"in {format_duration(wall)}, {record['tokens_per_s'] / 1e3:.1f}k tok/s")
-        if self.checkpoints.keep and self.checkpoints.folder is not None and not diverged:
-            # the final state (a diverged run keeps its last periodic checkpoint, from before the NaN)
-            self.save_checkpoint(exp, definition, model, opt, progress(exp.steps))
-        return record
-
-    def _record(self, exp, definition, n_nonemb, n_total, epochs, initial, curve, status, wall_s,
-                steps_done, resumed_at, diverged) -> dict:
-        cfg = self.cfg
-        completed = status == "completed"
-        return {
-            "name": exp.name, "run_id": exp.run_id, "seed": exp.seed, "sweep": exp.sweep, "target": exp.target,
-            "n_params_nonembedding": n_nonemb, "n_params_total": n_total,
-            "n_layer": exp.n_layer, "d_model": exp.d_model, "n_head": exp.n_head,
-            "tokens": exp.tokens, "steps": exp.steps, "tokens_per_step": cfg.tokens_per_step,
-            "epochs": round(epochs, 4), "peak_lr": exp.peak_lr, "flops": exp.flops,
-            "initial_loss": initial, "final_val_loss": curve["val_loss"][-1] if completed else None,
-            "status": status, "steps_done": steps_done,
-            "diverged_at_step": diverged[0] if diverged else None,
-            "last_good_loss": diverged[1] if diverged else None,
-            "wall_time_s": round(wall_s, 2),
-            "tokens_per_s": round(steps_done * cfg.tokens_per_step / max(wall_s, 1e-9), 1),
-            # speed over the whole run, evaluations and checkpoints included
-            "flops_per_token": flops_per_token(exp.n_layer, exp.d_model, self.corpus.vocab_size,
-                                               cfg.context_length),
-            "mfu": round(self.mfu(exp, steps_done * cfg.tokens_per_step / max(wall_s, 1e-9)), 5),
-            "peak_flops": self.peak_flops[0], "peak_flops_source": self.peak_flops[1],
-            "peak_memory_mb": round(peak_memory_bytes(self.device.name) / 2**20, 1),
-            "dtype": self.device.dtype, "compiled": self.compile,
-            "device": self.device.name,
-            "micro_batch_size": math.ceil(cfg.batch_size / self.micro_split),
-            "micro_steps_per_step": cfg.grad_accum * self.micro_split,
-            "oom_retries": list(self.oom_events), "resumed_at_steps": list(resumed_at),
-            "experiment_hash": definition_hash(definition), "definition": definition,
-            "curve": curve,
-        }
+    def record(self, runs: list[Experiment]) -> dict:
+        return {"shard": f"{self.shard[0]}/{self.shard[1]}" if self.shard else None, "only": self.only,
+                "run_ids": [e.run_id for e in runs],
+                "note": "part of a sweep: merge every part with --fit-only on this folder"}
 
 
-def run_with_oom_retries(trainer: Trainer, exp: Experiment) -> dict:
-    """Train `exp`; on a CUDA or MPS out-of-memory error retry it with half the micro-batch and twice
-    the micro-steps (the same sequences per optimizer step), from its latest checkpoint if it has one.
-    Gives up with status "out_of_memory" once a micro-batch would be less than one sequence."""
-    import gc
-    import torch
-    trainer.micro_split, trainer.oom_events = 1, []
-    while True:
-        try:
-            return trainer.run(exp)
-        except Exception as e:
-            if not is_out_of_memory(e):
-                raise
-            message = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            if trainer.dist.enabled:     # a retry on one rank only would desynchronise the others
-                cfg = trainer.cfg
-                raise UserError(f"{exp.run_id}: out of memory on rank {trainer.dist.rank} ({message}); under "
-                                f"torchrun there are no automatic retries: pass --batch-size "
-                                f"{max(1, cfg.batch_size // 2)} --grad-accum {cfg.grad_accum * 2} (the same "
-                                f"tokens per step) or start more processes") from None
-        # outside the except block, so the traceback's frames (and their tensors) can be freed
-        gc.collect()
-        if trainer.device.name == "cuda":
-            torch.cuda.empty_cache()
-        elif trainer.device.name == "mps":
-            torch.mps.empty_cache()
-        cfg = trainer.cfg
-        before = math.ceil(cfg.batch_size / trainer.micro_split)
-        if trainer.micro_split * 2 > cfg.batch_size:
-            log(f"[{exp.run_id}] out of memory even with micro-batches of {before} sequence(s): giving up on "
-                f"this run ({message}); the others continue")
-            trainer.oom_events.append({"micro_batch_size": before, "error": message, "gave_up": True})
-            record = trainer._record(exp, experiment_definition(exp, cfg, trainer.corpus.record),
-                                     exp.n_params_nonembedding, exp.n_params_total,
-                                     exp.tokens / len(trainer.corpus.train), None,
-                                     {"step": [], "tokens": [], "train_loss": [], "val_loss": [], "lr": [],
-                                      "eval_step": [], "eval_tokens": []}, "out_of_memory", 0.0, 0, [], None)
-            return record
-        trainer.micro_split *= 2
-        after = math.ceil(cfg.batch_size / trainer.micro_split)
-        trainer.oom_events.append({"micro_batch_size": before, "retry_micro_batch_size": after,
-                                   "micro_steps_per_step": cfg.grad_accum * trainer.micro_split,
-                                   "error": message})
-        log(f"[{exp.run_id}] out of memory with micro-batches of {before} sequences ({message}); retrying with "
-            f"{after} and {cfg.grad_accum * trainer.micro_split} micro-steps per step (same effective batch)")
+def parse_shard(text: str) -> tuple[int, int]:
+    """'1/4' -> (1, 4): this job trains runs 1, 5, 9, ... of the plan."""
+    i, slash, n = text.partition("/")
+    if not (slash and i.strip().isdigit() and n.strip().isdigit()) or not 0 <= int(i) < int(n):
+        raise UserError(f"--shard {text}: give I/N with 0 <= I < N, e.g. --shard 0/2 and --shard 1/2 for two jobs "
+                        f"(a SLURM array passes $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
+    return int(i), int(n)
 
 
-def estimate_wall_time(trainer: Trainer, plan: list[Experiment], budget_s: float = 30.0) -> dict[str, float]:
-    """Seconds per experiment, from a few timed steps of each distinct shape on this device.
+def scope_from_args(args, argv: list[str]) -> RunScope:
+    only = [t.strip() for t in args.only.split(",") if t.strip()] if args.only else None
+    if args.only is not None and not only:
+        raise UserError("--only needs experiment names or run ids, e.g. --only params-N25K,data-D16K")
+    if args.parallel_child:         # the parent chose this child's runs; its own --shard was applied there
+        return RunScope(only=only, child=args.parallel_child, argv=argv)
+    if args.parallel and args.benchmark:
+        raise UserError("--benchmark times one process at a time: drop --parallel")
+    if args.fresh and (args.shard or only):
+        raise UserError("--fresh with --shard/--only would move the other parts' runs aside too: move the "
+                        "output folder away yourself (or use --fresh once, without --shard/--only)")
+    return RunScope(shard=parse_shard(args.shard) if args.shard else None, only=only,
+                    parallel=args.parallel, argv=argv)
 
-    Shapes are timed from the smallest up; once a step would take long, the larger shapes are
-    estimated from the FLOP rate of the largest timed one (6 N per token, non-embedding plus output
-    layer), so the estimate itself stays within about `budget_s`.
-    """
-    import torch
-    cfg = trainer.cfg
-    rate = {}                         # (n_layer, d_model) -> seconds per step
-    flop_rate = None
-    spent = 0.0
-    shapes = sorted({(e.n_layer, e.d_model, e.n_head) for e in plan}, key=lambda s: s[0] * s[1] ** 2)
-    for n_layer, d_model, n_head in shapes:
-        flops_step = 6 * (n_params_nonembedding(n_layer, d_model) + trainer.corpus.vocab_size * d_model) \
-            * cfg.tokens_per_step
-        if flop_rate and spent + 3 * flops_step / flop_rate > budget_s:
-            rate[(n_layer, d_model)] = flops_step / flop_rate
+
+def select_runs(runs: list[Experiment], scope: RunScope) -> list[Experiment]:
+    """--only (by name, or by run_id for one seed), then --shard (every N-th run from I), in plan order."""
+    if scope.only:
+        known = {e.name for e in runs} | {e.run_id for e in runs}
+        unknown = [n for n in scope.only if n not in known]
+        if unknown:
+            raise UserError(f"--only {','.join(unknown)}: not in this plan; its experiments are "
+                            f"{', '.join(dict.fromkeys(e.name for e in runs))} (or a run id such as {runs[0].run_id})")
+        runs = [e for e in runs if e.name in scope.only or e.run_id in scope.only]
+    if scope.shard:
+        i, n = scope.shard
+        runs = runs[i::n]
+    return runs
+
+
+def expand_seeds(plan: list[Experiment], seeds: list[int]) -> list[Experiment]:
+    """Seed-major order: the whole ladder of the first seed comes first, so an early stop still leaves
+    complete sweeps to fit."""
+    return [dataclasses.replace(e, seed=s) for s in seeds for e in plan]
+
+
+def child_arguments(argv: list[str]) -> list[str]:
+    """This command's arguments for a child of --parallel: without --parallel, --shard, --only and
+    --fresh (the parent applied them; a child ignores them if an abbreviation slips through)."""
+    drop_with_value = ("--parallel", "--shard", "--only")
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
             continue
-        probe = Experiment("probe", "params", 0, n_layer, d_model, n_head, 10, 0, 1e-4, 0, 0)
-        model = trainer.new_model(probe, 0)
-        opt = configure_optimizer(model, 1e-4, 0.0, fused=trainer.device.name == "cuda")
-        trainer.train_step(model, opt, probe, 0, 0)         # warm-up step: allocation, kernels
-        _sync(trainer.device.name)
-        t0 = time.time()
-        n = 2
-        for s in range(n):
-            trainer.train_step(model, opt, probe, s + 1, 0)
-        _sync(trainer.device.name)
-        dt = (time.time() - t0) / n
-        spent += dt * (n + 1)
-        rate[(n_layer, d_model)] = dt
-        flop_rate = flops_step / dt
-        del model, opt
-    eval_fraction = cfg.eval_batches / (3 * cfg.eval_interval)   # an eval batch costs ~1/3 of a step
-    return {e.name: e.steps * rate[(e.n_layer, e.d_model)] * (1 + eval_fraction) for e in plan}
+        if a in drop_with_value:
+            skip = True
+            continue
+        if a == "--fresh" or any(a.startswith(o + "=") for o in drop_with_value):
+            continue
+        out.append(a)
+    return out
 
 
-def peak_memory_bytes(device: str) -> int:
-    """Peak memory of this process on the device: allocator peak on CUDA, driver allocation on MPS,
-    peak resident set size on a CPU (process-wide, so it only grows)."""
-    import torch
-    if device == "cuda":
-        return int(torch.cuda.max_memory_allocated())
-    if device == "mps":
-        return int(torch.mps.driver_allocated_memory())
-    import resource
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)     # bytes on macOS, KiB on Linux
+def refuse_other_results_files(out_dir: Path, cfg: RunConfig, store: RunStore, policy: CheckpointPolicy,
+                               corpus_record: dict | None) -> None:
+    """The parts of a sweep (--shard, --only) share a folder but train different runs, so their run records
+    cannot show a mismatch: compare this command's settings and corpus with every results.<part>.json."""
+    for path in sorted(out_dir.glob("results.*.json")):
+        other = read_results(out_dir, path.name)
+        refuse_changed_settings(other, cfg, [], store, policy, None)
+        theirs = ((other.get("environment") or {}).get("corpus") or {}).get("sha256")
+        ours = (corpus_record or {}).get("sha256")
+        if corpus_record is not None and theirs and ours and theirs != ours:
+            raise UserError(f"{path} was trained on another corpus (sha256 {theirs[:12]}, this --data "
+                            f"{ours[:12]}): give the same --data to every part of a sweep, or another --output-dir")
+
+# settings every run of one sweep shares; --fit-only refuses to merge runs that differ in any of them
+MERGE_KEYS = ("definition_version", "batch_size", "grad_accum", "context_length", "vocab_size", "warmup_frac",
+              "min_lr_frac", "weight_decay", "grad_clip", "eval_interval", "eval_batches", "corpus_sha256",
+              "tokenizer", "validation_split")
+MERGE_KEYS_PER_SWEEP = {"params": ("steps",), "data": ("n_layer", "d_model")}
+
+def check_mergeable(records: list[dict]) -> None:
+    """Runs trained with different settings (a shard started with another --batch-size, another corpus)
+    would make the fits meaningless: name the first difference and the runs on each side."""
+    defined = [r for r in records if isinstance(r.get("definition"), dict)]
+    for key in MERGE_KEYS + tuple(k for ks in MERGE_KEYS_PER_SWEEP.values() for k in ks):
+        groups: dict[str, list[str]] = {}
+        for r in defined:
+            if key in MERGE_KEYS or key in MERGE_KEYS_PER_SWEEP.get(r.get("sweep"), ()):
+                groups.setdefault(json.dumps(r["definition"].get(key)), []).append(r["run_id"])
+        if len(groups) > 1:
+            sides = "; ".join(f"{key} {v} in {', '.join(ids[:3])}" + (" ..." if len(ids) > 3 else "")
+                              for v, ids in groups.items())
+            raise UserError(f"--fit-only: the saved runs were trained with different settings ({sides}); "
+                            f"move the runs that do not belong out of runs/ and merge again")
 
 
-def reset_peak_memory(device: str) -> None:
-    import torch
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+def merge_saved_runs(folder: Path) -> dict:
+    """results.json for a folder that one run, several shards or --parallel wrote to: every record under
+    runs/ (one file per run, the source of truth), plus runs that only a results file mentions
+    (interrupted ones), in plan order; settings and environment from results.json or a part's file."""
+    files = [folder / "results.json"] if (folder / "results.json").is_file() else []
+    files += sorted(folder.glob("results.*.json"))
+    bases = []
+    for f in files:
+        obj = read_json_file(f, "move it away and merge again")
+        if isinstance(obj, dict) and isinstance(obj.get("experiments"), list):
+            bases.append((f, obj))
+    store = RunStore(folder)
+    records = {}
+    for path in sorted(store.folder.glob("*.json")):
+        rec = store.load(path.stem)
+        records[rec.get("run_id", path.stem)] = rec
+    for _, obj in bases:
+        for e in obj["experiments"]:
+            key = e.get("run_id", e.get("name"))
+            if key not in records:
+                records[key] = e
+    if not records:
+        raise UserError(f"--fit-only {folder}: no runs under runs/ and no results file; give the folder that "
+                        f"the training command (or its shards) wrote")
+    experiments = list(records.values())
+    check_mergeable(experiments)
+    results = dict(bases[0][1]) if bases else {"schema_version": SCHEMA_VERSION, "config": {}}
+    results.pop("scope", None)
+    seeds = (results.get("config") or {}).get("seeds") or []
+    sweep_rank = {"params": 0, "data": 1}
+
+    def plan_order(e):
+        seed = e.get("seed", 0)
+        return (seeds.index(seed) if seed in seeds else len(seeds) + (seed or 0),
+                sweep_rank.get(e.get("sweep"), 2), e.get("target") or 0, str(e.get("run_id", e.get("name"))))
+
+    results["experiments"] = sorted(experiments, key=plan_order)
+    results["merged_from"] = {"runs_folder": str(store.folder), "run_records": len(records),
+                              "results_files": [f.name for f, _ in bases],
+                              "processes": sorted({str((o.get("environment") or {}).get("device_name"))
+                                                   for _, o in bases})}
+    return results
+
+class ParallelFailure(Exception):
+    """A child of --parallel failed; main() prints this and exits with status 1."""
 
 
-def plain_eager_step(n_layer: int, d_model: int, n_head: int, vocab_size: int, context_length: int,
-                     batch_size: int, device: str):
-    """The reference: the same GPT in plain eager fp32 with a stock AdamW on one fixed random batch, no
-    data loading, clipping, schedule or logging. Returns a function doing one step; ours must keep up."""
-    import torch
-    torch.manual_seed(0)
-    model = build_model(n_layer, d_model, n_head, vocab_size, context_length).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randint(0, vocab_size, (batch_size, context_length), device=device)
-    y = torch.randint(0, vocab_size, (batch_size, context_length), device=device)
-
-    def step():
-        model(x, y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
-
-
-def median_step_times(step_fns: dict, steps: int, device: str, block: int = 5) -> dict[str, float]:
-    """Seconds per step of each function, timed in alternating blocks of `block` steps (so all of them
-    see the same background load) and summarised by the median block, which a busy machine's spikes
-    do not move."""
-    times: dict[str, list[float]] = {name: [] for name in step_fns}
-    for _ in range(max(1, steps // block)):
-        for name, fn in step_fns.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(block):
-                fn()
-            _sync(device)
-            times[name].append((time.perf_counter() - t0) / block)
-    return {name: float(np.median(v)) for name, v in times.items()}
-
-
-def benchmark(trainer: Trainer, plan: list[Experiment], steps: int = 30, warmup: int = 5,
-              reference: bool = True) -> dict:
-    """Time `steps` training steps (after `warmup`, which also absorbs compilation) of every distinct model
-    shape in the plan; report tokens/s, MFU, peak memory and the projected wall time of the whole plan.
-    With `reference`, a plain eager fp32 step of the same model is timed in alternating blocks."""
-    import itertools
-    import torch
-    cfg, dev = trainer.cfg, trainer.device
-    peak, peak_source = device_peak_flops(dev, cfg.peak_tflops)
-    tps = cfg.tokens_per_step
-    rows, rate = [], {}
-    shapes = sorted({(e.n_layer, e.d_model, e.n_head) for e in plan}, key=lambda t: t[0] * t[1] ** 2)
-    for n_layer, d_model, n_head in shapes:
-        probe = Experiment("benchmark", "params", 0, n_layer, d_model, n_head, 10**9, 0, 1e-4, 0, 0)
-        model = trainer.new_model(probe, 0)
-        opt = configure_optimizer(model, 1e-4, cfg.weight_decay, fused=dev.name == "cuda")
-        step_model = trainer.for_training(model)
-        counter = itertools.count()
-        fns = {"ours": lambda: trainer.train_step(step_model, opt, probe, next(counter), 0)}
-        reset_peak_memory(dev.name)
-        for _ in range(warmup):
-            fns["ours"]()
-        _sync(dev.name)
-        peak_mem = peak_memory_bytes(dev.name)     # ours alone: the reference's model is not counted
-        if reference:
-            fns["reference"] = plain_eager_step(n_layer, d_model, n_head, trainer.corpus.vocab_size,
-                                                cfg.context_length, cfg.batch_size * cfg.grad_accum, dev.name)
-            for _ in range(3):
-                fns["reference"]()
-        step_s = median_step_times(fns, steps, dev.name)
-        tok_s = tps / step_s["ours"]
-        fpt = flops_per_token(n_layer, d_model, trainer.corpus.vocab_size, cfg.context_length)
-        row = {"n_layer": n_layer, "d_model": d_model, "n_head": n_head,
-               "n_params_nonembedding": n_params_nonembedding(n_layer, d_model),
-               "tokens_per_s": round(tok_s, 1), "step_time_s": round(step_s["ours"], 5),
-               "flops_per_token": fpt, "mfu": tok_s * fpt / peak,
-               "peak_memory_mb": round(peak_mem / 2**20, 1)}
-        if reference:
-            ref = tps / step_s["reference"]
-            row["plain_eager_fp32_tokens_per_s"] = round(ref, 1)
-            row["speedup_vs_plain_eager"] = round(tok_s / ref, 3)
-        del model, opt, step_model, fns
-        rate[(n_layer, d_model)] = tok_s
-        rows.append(row)
-        ref_txt = (f" | plain eager fp32 {row['plain_eager_fp32_tokens_per_s'] / 1e3:.2f}k tok/s "
-                   f"(x{row['speedup_vs_plain_eager']:.2f})" if reference else "")
-        log(f"benchmark N={format_count(row['n_params_nonembedding']):>6} (n_layer {n_layer}, d_model "
-            f"{d_model}): {tok_s / 1e3:.2f}k tok/s | MFU {100 * row['mfu']:.1f}% | peak mem "
-            f"{row['peak_memory_mb']:.0f} MB{ref_txt}")
-    eval_fraction = cfg.eval_batches / (3 * cfg.eval_interval)
-    projected = sum(e.steps * tps / rate[(e.n_layer, e.d_model)] for e in plan) * (1 + eval_fraction)
-    log(f"benchmark: projected wall time of mode '{cfg.mode}' ({len(plan)} experiments): "
-        f"{format_duration(projected)} on {dev.name} ({dev.description}), dtype {dev.dtype}, "
-        f"compile {'on' if trainer.compile else 'off'}; MFU against {format_count(peak)}FLOP/s ({peak_source})")
-    return {"mode": cfg.mode, "device": dev.name, "device_name": dev.description, "dtype": dev.dtype,
-            "compile": trainer.compile, "torch_version": torch.__version__, "peak_flops": peak,
-            "peak_source": peak_source, "tokens_per_step": tps, "timed_steps": max(1, steps // 5) * 5,
-            "timing": "median of 5-step blocks, alternating with the reference", "warmup_steps": warmup,
-            "sizes": rows, "projected_wall_time_s": round(projected, 1)}
+def train_parallel(s: Session, k: int) -> dict:
+    """--parallel K: train the runs not finished yet in K child processes of this same command (each
+    given its runs with --only), forward SIGINT/SIGTERM to them, stop the others if one fails, then
+    assemble the records in plan order and fit them exactly as a sequential run would."""
+    t0 = time.time()
+    todo = s.todo
+    groups = balance_runs(todo, k)
+    announce_plan(s, None)
+    log(f"parallel: {len(todo)} runs in {len(groups)} processes at once, each with 1/{k} of the "
+        + ("GPU's memory" if s.device.name == "cuda" else "cores"))
+    children = []
+    for i, group in enumerate(groups):
+        ids = [e.run_id for e in group]
+        log(f"  process {i + 1}/{len(groups)}: {', '.join(ids)}")
+        argv = [sys.executable, str(Path(__file__).resolve()), *child_arguments(s.scope.argv), "--no-estimate",
+                "--only", ",".join(ids), "--parallel-child", str(k)]
+        # a session of its own: a Ctrl-C in the terminal reaches the parent alone, which forwards it once
+        children.append((ids, subprocess.Popen(argv, env=dict(os.environ, **{PARALLEL_ENV: str(k)}),
+                                               start_new_session=True)))
+    failed, received = wait_for_children(children)
+    unfinished = {}                              # a stopped child's interrupted run lives only in its file
+    for ids, _ in children:
+        part = s.out_dir / RunScope(only=ids).results_name()
+        if part.exists():
+            with contextlib.suppress(UserError, KeyError, TypeError):   # a half-written part: its
+                obj = read_json_file(part, "")                          # finished runs are under runs/
+                unfinished.update((e["run_id"], e) for e in obj["experiments"])
+            part.unlink()
+    for exp in s.runs:                           # plan order, as a sequential run writes them
+        rec = s.done.get(exp.run_id) or s.store.load(exp.run_id) or unfinished.get(exp.run_id)
+        if rec is not None:
+            s.results["experiments"].append(rec)
+    if received or failed:
+        save_partial_results(s)
+        n_final = sum(1 for r in s.results["experiments"] if r["status"] in FINAL_STATUSES)
+        if failed:
+            raise ParallelFailure(f"the process training {', '.join(failed[0])} failed with exit status "
+                                  f"{failed[1]} (its error is above); the others stopped with checkpoints "
+                                  f"saved; {s.results_file.name} holds {n_final} finished runs. Fix the cause "
+                                  f"and rerun the same command to resume: {s.command}")
+        raise RunInterrupted(received[0], f"interrupted by {signal.Signals(received[0]).name}; "
+                             f"{s.results_file.name} holds {n_final} finished runs. Resume with the same "
+                             f"command: {s.command}")
+    return finish(s, t0, f" with {len(groups)} processes at once")
 
 
-def _sync(device: str) -> None:
-    import torch
-    if device == "cuda":
-        torch.cuda.synchronize()
-    elif device == "mps":
-        torch.mps.synchronize()
+def wait_for_children(children: list) -> tuple[tuple | None, list[int]]:
+    """Wait for every child, forwarding SIGINT/SIGTERM to them; if one fails, stop the others (they save
+    checkpoints). Returns (the failed child's (run ids, exit status) or None, the signals received)."""
+    received = []
 
+    def forward(signum, frame):
+        received.append(signum)
+        log(f"received {signal.Signals(signum).name}: passing it on to the {len(children)} training processes "
+            f"(each saves a checkpoint at its next step and stops)")
+        for _, p in children:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    failed = None
+    try:
+        while any(p.poll() is None for _, p in children):
+            for ids, p in children:
+                if p.poll() not in (None, 0) and failed is None and not received:
+                    failed = (ids, p.returncode)
+                    log(f"parallel: the process training {', '.join(ids)} failed (exit status {p.returncode}); "
+                        f"stopping the others (they save checkpoints)")
+                    for _, q in children:
+                        if q.poll() is None:
+                            q.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+    if failed is None and not received:
+        failed = next(((ids, p.returncode) for ids, p in children if p.returncode != 0), None)
+    return failed, received
+
+
+def leave_process_group(status: int) -> int:
+    """Under torchrun: a failed rank leaves at once (os._exit) so torchrun sees the failure and stops the
+    other ranks, instead of hanging in the process group's teardown; a finished rank leaves cleanly."""
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
+        return status
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if status != 0:
+        os._exit(status)
+    dist.destroy_process_group()
+    return status
+
+def stdout_is_stderr() -> bool:
+    try:
+        a, b = os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 # ----------------------------------------------------------------------------------------------------
-# 6. fitting: power laws in N or D, the joint L(N, D), bootstrap intervals, hold-out checks,
+# 9. fitting: power laws in N or D, the joint L(N, D), bootstrap intervals, hold-out checks,
 #    compute-optimal allocation, predictions (pure functions, numpy and scipy only, no torch)
 # ----------------------------------------------------------------------------------------------------
 
@@ -2006,10 +2536,6 @@ JOINT_GRID = {"a": np.arange(0, 30, 5.0), "alpha": np.arange(0, 2.5, 0.5), "b": 
               "beta": np.arange(0, 2.5, 0.5), "e": np.arange(-1, 1.5, 0.5)}
 JOINT_REFINED = 8
 ONE_VAR_REFINED = 12
-# scipy's L-BFGS-B makes thousands of tiny BLAS calls; with OpenBLAS threads on a busy CPU each costs
-# milliseconds (the Chinchilla fit measured 15 s instead of 2 s). Set before scipy loads its OpenBLAS;
-# a value the user exported wins, and torch's own threads are not affected.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def power_law(x, a, b, c=0.0):
@@ -2068,7 +2594,6 @@ def _objective(theta, logx, logy, weights, with_e):
 
 
 def _minimise(theta0, logx, logy, weights, with_e):
-    from scipy.optimize import minimize
     res = minimize(_objective, np.asarray(theta0, dtype=float), args=(logx, logy, weights, with_e),
                    jac=True, method="L-BFGS-B")
     return res.x, float(res.fun)
@@ -2616,7 +3141,6 @@ def analyse_runs(experiments: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: 
 def read_runs_csv(path: Path) -> list[dict]:
     """Rows of a CSV with columns N, D, loss (optional name) as points. A malformed file raises
     UserError naming the line."""
-    import csv
     path = Path(path)
     try:
         text = path.read_text()
@@ -2668,14 +3192,12 @@ def analyse_table(points: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: int 
                           "compute_optimal": extra["compute_optimal"],
                           "rows_left_out": {"lines": dropped, "why": notes} if dropped else None})
 
-
 # ----------------------------------------------------------------------------------------------------
-# 7. figure: the 2x2 summary (loss vs N, loss vs D, and both sweeps' training curves)
+# 10. figure: the 2x2 summary (loss vs N, loss vs D, and both sweeps' training curves)
 # ----------------------------------------------------------------------------------------------------
 
 def save_figure_atomic(fig, path: Path) -> None:
     """Write a figure to a temporary file and rename it, so a reader never sees half a PNG."""
-    import matplotlib.pyplot as plt
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
@@ -2697,15 +3219,12 @@ def seed_groups(xs, ys) -> list[tuple[float, float, float, float, int]]:
 
 def build_scaling_figure(results: dict):
     """The 2x2 figure of a results dict: (1) loss vs N, (2) loss vs D, (3)-(4) the sweeps' curves."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     exps = results["experiments"]
     fits = results["fits"]
     fig, axes = plt.subplots(2, 2, figsize=(15, 11))
-    panels = (("params", "n_params_nonembedding", "o", 1.8e12, "non-embedding parameters N"),
-              ("data", "tokens", "s", 15e12, "training tokens D"))
+    panels = (("params", "n_params_nonembedding", "o", X_MAX["params"], "non-embedding parameters N"),
+              ("data", "tokens", "s", X_MAX["data"], "training tokens D"))
     for ax, (sweep, key, marker, x_max, xlabel) in zip(axes[0], panels):
         runs = [r for r in usable_runs(exps, sweep) if r.get(key) and r[key] > 0 and r["final_val_loss"] > 0]
         xs = np.array([r[key] for r in runs], dtype=float)
@@ -2777,7 +3296,7 @@ def build_scaling_figure(results: dict):
             bottom = min(bottom, power_law(x_max, fit["a"], fit["b"], fit["c"]) * 0.9)
             if fit.get("band95"):       # show the band's lower edge too, within reason
                 bottom = min(bottom, max(min(fit["band95"]["lo"]), bottom / 3))
-        ax.set_ylim(max(0, bottom), max(y_top + [float(ref[0]) * 0 + 0]) * 1.1)
+        ax.set_ylim(max(0, bottom), max(y_top + [0.0]) * 1.1)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss (nats/token)")
         ax.set_title(f"{'1' if sweep == 'params' else '2'}. loss vs {xlabel}", fontsize=12)
@@ -2823,7 +3342,6 @@ def build_scaling_figure(results: dict):
 
 
 def _wrap(text: str, width: int = 60) -> str:
-    import textwrap
     return "\n".join(textwrap.wrap(str(text), width))
 
 
@@ -2853,9 +3371,6 @@ def plot_compute_optimal_figure(results: dict, path: Path) -> None:
 def build_compute_optimal_figure(results: dict):
     """(1) loss vs compute C = 6ND: the runs and the joint law's compute-optimal frontier with its 95%
     band; (2) N_opt(C) and D_opt(C); (3) measured vs joint-law loss, hold-out predictions marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     pts = runs_as_points(results.get("experiments", []))
     joint = results.get("fits", {}).get("joint", {})
     co = results.get("compute_optimal", {})
@@ -2931,9 +3446,8 @@ def build_compute_optimal_figure(results: dict):
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     return fig
 
-
 # ----------------------------------------------------------------------------------------------------
-# 8. CLI: arguments, validation, the run, the summary
+# 11. CLI: arguments, the run's configuration, prepare -> train -> finish, the summary, main()
 # ----------------------------------------------------------------------------------------------------
 
 def positive_int(text: str) -> int:
@@ -2971,7 +3485,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every option, in named groups (so --help reads by purpose)."""
     p = _Parser(description="Train a ladder of GPT models, fit scaling laws, extrapolate, plot.")
+    for add_options in (add_plan_options, add_device_options, add_long_run_options):
+        add_options(p)
+    return p
+
+
+def add_plan_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to run")
     g.add_argument("--mode", default="quick",
                    help=f"preset: {', '.join(PRESETS)} (tiny is sized for a CPU; default quick)")
@@ -2995,6 +3516,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=positive_float,
                    help="one peak learning rate for every size (default: min(1e-2, 0.4/d_model))")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
+
+
+def add_device_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=positive_int, help="steps between validation evaluations")
     g.add_argument("--eval-batches", type=positive_int, help="validation batches per evaluation")
@@ -3016,6 +3540,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time every model size of the mode, print tokens/s, MFU, memory and the projected "
                         "wall time, write benchmark.json; trains nothing else")
     g.add_argument("--benchmark-steps", type=positive_int, default=30, help="timed steps per size")
+
+
+def add_long_run_options(p: argparse.ArgumentParser) -> None:
     # fitting without training (no torch needed): saved runs or any table of runs
     fit = p.add_argument_group("fitting")
     fit.add_argument("--fit-only", metavar="PATH",
@@ -3062,7 +3589,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "the GPU's memory (or of the cores); default on CUDA: several when every model is "
                         "under 100M parameters (see README), else 1")
     g.add_argument("--parallel-child", type=positive_int, help=argparse.SUPPRESS)   # set by --parallel
-    return p
 
 
 def parse_seeds(text: str | None, base_seed: int) -> list[int]:
@@ -3085,7 +3611,6 @@ def parse_seeds(text: str | None, base_seed: int) -> list[int]:
 
 def parse_checkpoint_every(text: str) -> tuple[float | None, int | None]:
     """'90s' / '5m' / '1h' / '300' -> (seconds, None); '200steps' -> (None, 200)."""
-    import re
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|steps?)?\s*", text.lower())
     value = float(m.group(1)) if m else 0.0
     if not m or value <= 0:
@@ -3100,10 +3625,13 @@ def parse_checkpoint_every(text: str) -> tuple[float | None, int | None]:
 
 
 def config_from_args(args) -> tuple[RunConfig, Preset]:
+    """The run's settings: the mode's preset, overridden by every option given."""
     if args.mode not in PRESETS:
         raise UserError(f"unknown mode '{args.mode}': choose one of {', '.join(PRESETS)}")
     preset = PRESETS[args.mode]
-    cfg = RunConfig(
+    parse_checkpoint_every(args.checkpoint_every)         # a bad value is reported before any work
+    check_data_source(args.data)
+    return RunConfig(
         mode=preset.name,
         param_sizes=parse_count_list(args.param_sizes) if args.param_sizes else list(preset.param_sizes),
         data_sizes=parse_count_list(args.data_sizes) if args.data_sizes else list(preset.data_sizes),
@@ -3123,26 +3651,9 @@ def config_from_args(args) -> tuple[RunConfig, Preset]:
         cache_dir=args.cache_dir or str(default_cache_dir()),
         text_column=args.text_column, split=args.split, num_proc=args.num_proc,
         bpe_sample_chars=args.bpe_sample_chars, no_repeat=args.no_repeat,
-    )
-    cfg.seeds = parse_seeds(args.seeds, args.seed)
-    cfg.checkpoint_every = args.checkpoint_every
-    parse_checkpoint_every(cfg.checkpoint_every)         # a bad value is reported before any work
-    cfg.keep_checkpoints = args.keep_checkpoints
-    if cfg.data != "builtin" and not cfg.data.startswith("hf:") and not Path(cfg.data).expanduser().exists():
-        raise UserError(f"--data {cfg.data}: no such file or folder; give a text file, a folder of text "
-                        f"files, a .bin token file, or 'builtin'")
-    return cfg, preset
-
-
-def prepare_output_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to output folder {path} ({e.strerror}); choose another with "
-                        f"--output-dir") from None
+        seeds=parse_seeds(args.seeds, args.seed), checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
+    ), preset
 
 
 def print_plan(plan: list[Experiment], cfg: RunConfig, estimates: dict[str, float] | None) -> None:
@@ -3159,226 +3670,9 @@ def print_plan(plan: list[Experiment], cfg: RunConfig, estimates: dict[str, floa
 
 
 def environment_record(device: DeviceInfo, corpus: Corpus) -> dict:
-    import torch
     return {"device": device.name, "device_name": device.description, "dtype": device.dtype,
             "torch_version": torch.__version__, "python_version": platform.python_version(),
             "platform": platform.platform(), "corpus": corpus.record}
-
-
-# --- the output folder across runs: validated results.json, one record per run, settings checks ---
-
-# statuses that end a run for good; "out_of_memory" and "interrupted" are tried again on the next run
-FINAL_STATUSES = ("completed", "diverged")
-# run-level settings whose change makes earlier results incomparable (sizes and seeds may be extended)
-DEFINING_CONFIG_KEYS = ("mode", "steps", "batch_size", "grad_accum", "context_length", "vocab_size", "lr",
-                        "warmup_frac", "min_lr_frac", "weight_decay", "grad_clip", "eval_interval",
-                        "eval_batches", "log_interval", "seed")
-OPTION_OF = {"mode": "--mode", "steps": "--max-steps", "batch_size": "--batch-size",
-             "grad_accum": "--grad-accum", "context_length": "--context-length", "vocab_size": "--vocab-size",
-             "lr": "--lr", "peak_lr": "--lr", "seed": "--seed/--seeds", "eval_interval": "--eval-interval",
-             "eval_batches": "--eval-batches", "log_interval": "--log-interval", "corpus_sha256": "--data",
-             "tokenizer": "--data", "validation_split": "--data", "tokens": "--data-sizes/--max-steps",
-             "n_layer": "--data-model-size", "d_model": "--data-model-size"}
-
-
-class RunInterrupted(Exception):
-    """SIGINT/SIGTERM during training: everything is saved; main() prints how to resume."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum = signum
-
-
-def read_results(out_dir: Path, name: str = "results.json") -> dict | None:
-    """The output folder's results.json (or a part's results.<part>.json) if it is ours and resumable;
-    None if there is none. Anything else is a UserError: a file this script cannot vouch for is never
-    overwritten."""
-    path = out_dir / name
-    if not path.exists():
-        return None
-    advice = "it is left untouched: move it away, choose another --output-dir, or pass --fresh to move it aside"
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not a readable results file ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0]}); {advice}") from None
-    if not (isinstance(obj, dict) and "schema_version" in obj and isinstance(obj.get("experiments"), list)
-            and isinstance(obj.get("config"), dict)):
-        raise UserError(f"{path} was not written by this script (no schema_version, config and experiments); "
-                        f"{advice}")
-    if obj["schema_version"] != SCHEMA_VERSION:
-        raise UserError(f"{path} has schema version {obj['schema_version']}, this script writes "
-                        f"{SCHEMA_VERSION}; {advice}")
-    if not all(isinstance(e, dict) and "run_id" in e and "experiment_hash" in e for e in obj["experiments"]):
-        raise UserError(f"{path} holds experiments without resume records (written before resume support); "
-                        f"{advice}")
-    return obj
-
-
-class RunStore:
-    """One JSON record per finished run under runs/: each written on its own (atomically), so runs can
-    be trained and recorded independently; results.json is assembled from them."""
-
-    def __init__(self, out_dir: Path):
-        self.folder = Path(out_dir) / "runs"
-
-    def path(self, run_id: str) -> Path:
-        return self.folder / f"{run_id}.json"
-
-    def load(self, run_id: str) -> dict | None:
-        path = self.path(run_id)
-        if not path.exists():
-            return None
-        try:
-            rec = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{path} is not a readable run record ({type(e).__name__}); move it away to train "
-                            f"that run again, or pass --fresh") from None
-        if not (isinstance(rec, dict) and "experiment_hash" in rec and "definition" in rec):
-            raise UserError(f"{path} is not a run record of this script; move it away or pass --fresh")
-        return rec
-
-    def save(self, record: dict) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.path(record["run_id"]), record)
-
-    def recover(self, experiments: list[dict]) -> None:
-        """Records that results.json holds but runs/ lost (deleted by hand) are written back."""
-        for e in experiments:
-            if e.get("status") in FINAL_STATUSES and "definition" in e and not self.path(e["run_id"]).exists():
-                self.save(e)
-
-
-def archive_previous(out_dir: Path) -> Path | None:
-    """--fresh: move this script's earlier outputs into previous-<date>-<time>/ (never delete them)."""
-    names = ["results.json", "scaling_laws_complete.png", "runs", "checkpoints",
-             *sorted(p.name for p in out_dir.glob("results.*.json"))]
-    present = [n for n in names if (out_dir / n).exists()]
-    if not present:
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    archive = out_dir / f"previous-{stamp}"
-    k = 1
-    while archive.exists():
-        k += 1
-        archive = out_dir / f"previous-{stamp}-{k}"
-    archive.mkdir()
-    for n in present:
-        os.replace(out_dir / n, archive / n)
-    log(f"--fresh: moved the earlier {', '.join(present)} to {archive}")
-    return archive
-
-
-def check_data_readable(data: str) -> None:
-    if data == "builtin" or data.startswith("hf:"):
-        return
-    path = Path(data).expanduser()
-    try:
-        if path.is_dir():
-            os.listdir(path)
-        else:
-            with open(path, "rb") as f:
-                f.read(1)
-    except OSError as e:
-        raise UserError(f"--data {data}: cannot be read ({e.strerror or e}); check its permissions or give "
-                        f"another path") from None
-
-
-def checkpoint_bytes(n_params_total: int) -> int:
-    """fp32 weights and AdamW's two moments, plus a margin for the curve and RNG states."""
-    return 12 * n_params_total + 2**20
-
-
-def required_free_bytes(runs: list[Experiment], keep_checkpoints: bool) -> int:
-    """Two copies of the largest checkpoint exist for a moment during its atomic replacement; with
-    --keep-checkpoints every run's final checkpoint stays. Plus room for records and the figure."""
-    sizes = [checkpoint_bytes(e.n_params_total) for e in runs]
-    return (sum(sizes) + max(sizes) if keep_checkpoints else 2 * max(sizes)) + 50 * 2**20
-
-
-def check_free_space(out_dir: Path, runs: list[Experiment], keep_checkpoints: bool) -> None:
-    import shutil
-    need = required_free_bytes(runs, keep_checkpoints)
-    free = shutil.disk_usage(out_dir).free
-    if free < need:
-        raise UserError(f"only {free / 2**20:.0f} MiB free where {out_dir} lives; checkpoints and results need "
-                        f"about {need / 2**20:.0f} MiB: free some space or choose another --output-dir")
-
-
-def refuse_changed_settings(existing: dict | None, cfg: RunConfig, runs: list[Experiment], store: RunStore,
-                            checkpoints: CheckpointPolicy, corpus_record: dict | None) -> None:
-    """Compare this command with the earlier work in the output folder: results.json's settings and
-    the definition of every run that has a record or a checkpoint. Any difference is a UserError that
-    names the settings; without a corpus record the corpus keys wait for a second call."""
-    diffs: dict[str, list] = {}          # key -> [old, new, number of runs]
-    if existing is not None:
-        old_cfg = existing["config"]
-        for key in DEFINING_CONFIG_KEYS:
-            if key in old_cfg and old_cfg[key] != getattr(cfg, key):
-                diffs[key] = [old_cfg[key], getattr(cfg, key), 0]
-    for exp in runs:
-        new = experiment_definition(exp, cfg, corpus_record)
-        earlier = []
-        rec = store.load(exp.run_id)
-        if rec is not None:
-            earlier.append(rec["definition"])
-        if checkpoints.folder is not None and checkpoints.path(exp.run_id).exists():
-            earlier.append(read_checkpoint_header(checkpoints.path(exp.run_id))["definition"] or {})
-        for old in earlier:
-            for key, o, n in definition_differences(old, new, list(new)):
-                entry = diffs.setdefault(key, [o, n, 0])
-                entry[2] += 1
-    if diffs:
-        parts = []
-        for key, (o, n, count) in diffs.items():
-            opt = OPTION_OF.get(key)
-            where = ", ".join(x for x in (opt, f"{count} runs" if count else None) if x)
-            parts.append(f"{key} {o} -> {n}" + (f" ({where})" if where else ""))
-        raise UserError(f"{cfg.output_dir} holds results made with other settings: {'; '.join(parts)}. "
-                        f"Rerun the earlier command to resume it, pass --fresh to move the earlier results "
-                        f"aside, or choose another --output-dir")
-
-
-def remove_stale_temporaries(folder: Path, min_age_s: float = 600.0) -> None:
-    """Temporary files of processes that died mid-write (their renamed targets are intact). In a folder
-    that shards on other machines share, a process id says nothing, so only files untouched for
-    `min_age_s` go (a write in progress keeps its file's modification time fresh)."""
-    if not folder.is_dir():
-        return
-    for tmp in folder.glob(".*.tmp*"):
-        pid = tmp.name.rpartition(".tmp")[2]
-        try:
-            if time.time() - tmp.stat().st_mtime < min_age_s:
-                continue
-            os.kill(int(pid), 0)               # still alive: another process of ours is writing it
-        except (ValueError, ProcessLookupError):
-            tmp.unlink(missing_ok=True)
-        except (PermissionError, FileNotFoundError):
-            pass
-
-
-def stop_on_signals(stop: StopRequest):
-    """While training, SIGINT and SIGTERM ask the step loop to checkpoint and stop; a second signal
-    stops at once (KeyboardInterrupt)."""
-    import contextlib
-    import signal
-
-    def handler(signum, frame):
-        if stop.signum is not None:
-            raise KeyboardInterrupt
-        stop.signum = signum
-        log(f"received {signal.Signals(signum).name}: saving a checkpoint at the next step, then stopping "
-            f"(send it again to stop at once)")
-
-    @contextlib.contextmanager
-    def installed():
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-    return installed()
 
 
 def finish_results(results: dict, out_dir: Path, n_bootstrap: int = N_BOOTSTRAP, figure: bool = True) -> None:
@@ -3499,12 +3793,7 @@ def refit_saved_runs(path: str, output_dir: str | None, n_bootstrap: int) -> dic
     file = src / "results.json" if src.is_dir() else src
     if not file.is_file():
         raise UserError(f"--fit-only {path}: no results.json there; give a results folder or its results.json")
-    try:
-        results = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"--fit-only {file} line {e.lineno}: not valid JSON ({e.msg})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--fit-only {file}: cannot read it ({e})") from None
+    results = read_json_file(file, "--fit-only needs a results.json of this script")
     if not isinstance(results, dict) or not isinstance(results.get("experiments"), list):
         raise UserError(f"--fit-only {file}: no 'experiments' list; is it a results.json of this script?")
     out_dir = Path(output_dir) if output_dir else file.parent
@@ -3541,265 +3830,116 @@ def fit_table(path: str, output_dir: str | None, n_bootstrap: int) -> dict:
     log(f"  figure:  {out_dir / 'compute_optimal.png'}")
     return results
 
-
-# --- a sweep split across processes and jobs: --shard, --only, --parallel, and merging their runs ---
+# --- one command's run: prepare -> train the runs (sequential, parallel or distributed) -> finish ---
 
 @dataclass
-class RunScope:
-    """Which runs of the plan this process trains, and which results file it writes. A process that
-    trains part of the plan (--shard, --only) writes results.<part>.json, never results.json, so any
-    number of them can share a folder; --fit-only on the folder merges them."""
-    shard: tuple[int, int] | None = None
-    only: list[str] | None = None
-    parallel: int | None = None     # --parallel K; None: default_parallel
-    child: int | None = None        # in a child of --parallel K: K
-    argv: list[str] = field(default_factory=list)
+class Session:
+    """What prepare() settles before any training, shared by every way of training the runs."""
+    cfg: RunConfig
+    scope: RunScope
+    dist: Distributed
+    device: DeviceInfo
+    corpus: Corpus
+    plan: list[Experiment]           # one seed's experiments
+    all_runs: list[Experiment]       # every (experiment, seed)
+    runs: list[Experiment]           # the runs this process is responsible for (--shard, --only)
+    store: RunStore
+    policy: CheckpointPolicy
+    existing: dict | None            # the output folder's earlier results.json
+    done: dict                       # run_id -> record of the runs finished earlier
+    results: dict                    # what results.json (or this part's file) will hold
+    command: str                     # the command that resumes this one
+    n_bootstrap: int = N_BOOTSTRAP
 
     @property
-    def partial(self) -> bool:
-        return self.shard is not None or self.only is not None
+    def out_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
 
-    def describe(self) -> str:
-        return f"--shard {self.shard[0]}/{self.shard[1]}" if self.shard else f"--only {','.join(self.only or [])}"
+    @property
+    def results_file(self) -> Path:
+        return self.out_dir / self.scope.results_name()
 
-    def results_name(self) -> str:
-        if self.shard:
-            return f"results.shard-{self.shard[0]}-of-{self.shard[1]}.json"
-        if self.only:
-            key = hashlib.sha256(",".join(sorted(self.only)).encode()).hexdigest()[:10]
-            return f"results.only-{key}.json"
-        return "results.json"
-
-    def record(self, runs: list[Experiment]) -> dict:
-        return {"shard": f"{self.shard[0]}/{self.shard[1]}" if self.shard else None, "only": self.only,
-                "run_ids": [e.run_id for e in runs],
-                "note": "part of a sweep: merge every part with --fit-only on this folder"}
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """'1/4' -> (1, 4): this job trains runs 1, 5, 9, ... of the plan."""
-    i, slash, n = text.partition("/")
-    if not (slash and i.strip().isdigit() and n.strip().isdigit()) or not 0 <= int(i) < int(n):
-        raise UserError(f"--shard {text}: give I/N with 0 <= I < N, e.g. --shard 0/2 and --shard 1/2 for two jobs "
-                        f"(a SLURM array passes $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
-    return int(i), int(n)
-
-
-def scope_from_args(args, argv: list[str]) -> RunScope:
-    only = [t.strip() for t in args.only.split(",") if t.strip()] if args.only else None
-    if args.only is not None and not only:
-        raise UserError("--only needs experiment names or run ids, e.g. --only params-N25K,data-D16K")
-    if args.parallel_child:         # the parent chose this child's runs; its own --shard was applied there
-        return RunScope(only=only, child=args.parallel_child, argv=argv)
-    if args.parallel and args.benchmark:
-        raise UserError("--benchmark times one process at a time: drop --parallel")
-    if args.fresh and (args.shard or only):
-        raise UserError("--fresh with --shard/--only would move the other parts' runs aside too: move the "
-                        "output folder away yourself (or use --fresh once, without --shard/--only)")
-    return RunScope(shard=parse_shard(args.shard) if args.shard else None, only=only,
-                    parallel=args.parallel, argv=argv)
-
-
-def select_runs(runs: list[Experiment], scope: RunScope) -> list[Experiment]:
-    """--only (by name, or by run_id for one seed), then --shard (every N-th run from I), in plan order."""
-    if scope.only:
-        known = {e.name for e in runs} | {e.run_id for e in runs}
-        unknown = [n for n in scope.only if n not in known]
-        if unknown:
-            raise UserError(f"--only {','.join(unknown)}: not in this plan; its experiments are "
-                            f"{', '.join(dict.fromkeys(e.name for e in runs))} (or a run id such as {runs[0].run_id})")
-        runs = [e for e in runs if e.name in scope.only or e.run_id in scope.only]
-    if scope.shard:
-        i, n = scope.shard
-        runs = runs[i::n]
-    return runs
-
-
-def child_arguments(argv: list[str]) -> list[str]:
-    """This command's arguments for a child of --parallel: without --parallel, --shard, --only and
-    --fresh (the parent applied them; a child ignores them if an abbreviation slips through)."""
-    drop_with_value = ("--parallel", "--shard", "--only")
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in drop_with_value:
-            skip = True
-            continue
-        if a == "--fresh" or any(a.startswith(o + "=") for o in drop_with_value):
-            continue
-        out.append(a)
-    return out
-
-
-def refuse_other_results_files(out_dir: Path, cfg: RunConfig, store: RunStore, policy: CheckpointPolicy,
-                               corpus_record: dict | None) -> None:
-    """The parts of a sweep (--shard, --only) share a folder but train different runs, so their run records
-    cannot show a mismatch: compare this command's settings and corpus with every results.<part>.json."""
-    for path in sorted(out_dir.glob("results.*.json")):
-        other = read_results(out_dir, path.name)
-        refuse_changed_settings(other, cfg, [], store, policy, None)
-        theirs = ((other.get("environment") or {}).get("corpus") or {}).get("sha256")
-        ours = (corpus_record or {}).get("sha256")
-        if corpus_record is not None and theirs and ours and theirs != ours:
-            raise UserError(f"{path} was trained on another corpus (sha256 {theirs[:12]}, this --data "
-                            f"{ours[:12]}): give the same --data to every part of a sweep, or another --output-dir")
-
-
-# settings every run of one sweep shares; --fit-only refuses to merge runs that differ in any of them
-MERGE_KEYS = ("definition_version", "batch_size", "grad_accum", "context_length", "vocab_size", "warmup_frac",
-              "min_lr_frac", "weight_decay", "grad_clip", "eval_interval", "eval_batches", "corpus_sha256",
-              "tokenizer", "validation_split")
-MERGE_KEYS_PER_SWEEP = {"params": ("steps",), "data": ("n_layer", "d_model")}
-
-
-def check_mergeable(records: list[dict]) -> None:
-    """Runs trained with different settings (a shard started with another --batch-size, another corpus)
-    would make the fits meaningless: name the first difference and the runs on each side."""
-    defined = [r for r in records if isinstance(r.get("definition"), dict)]
-    for key in MERGE_KEYS + tuple(k for ks in MERGE_KEYS_PER_SWEEP.values() for k in ks):
-        groups: dict[str, list[str]] = {}
-        for r in defined:
-            if key in MERGE_KEYS or key in MERGE_KEYS_PER_SWEEP.get(r.get("sweep"), ()):
-                groups.setdefault(json.dumps(r["definition"].get(key)), []).append(r["run_id"])
-        if len(groups) > 1:
-            sides = "; ".join(f"{key} {v} in {', '.join(ids[:3])}" + (" ..." if len(ids) > 3 else "")
-                              for v, ids in groups.items())
-            raise UserError(f"--fit-only: the saved runs were trained with different settings ({sides}); "
-                            f"move the runs that do not belong out of runs/ and merge again")
-
-
-def merge_saved_runs(folder: Path) -> dict:
-    """results.json for a folder that one run, several shards or --parallel wrote to: every record under
-    runs/ (one file per run, the source of truth), plus runs that only a results file mentions
-    (interrupted ones), in plan order; settings and environment from results.json or a part's file."""
-    files = [folder / "results.json"] if (folder / "results.json").is_file() else []
-    files += sorted(folder.glob("results.*.json"))
-    bases = []
-    for f in files:
-        try:
-            obj = json.loads(f.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"--fit-only {f}: cannot read it ({type(e).__name__}); move it away and merge "
-                            f"again") from None
-        if isinstance(obj, dict) and isinstance(obj.get("experiments"), list):
-            bases.append((f, obj))
-    store = RunStore(folder)
-    records = {}
-    for path in sorted(store.folder.glob("*.json")):
-        rec = store.load(path.stem)
-        records[rec.get("run_id", path.stem)] = rec
-    for _, obj in bases:
-        for e in obj["experiments"]:
-            key = e.get("run_id", e.get("name"))
-            if key not in records:
-                records[key] = e
-    if not records:
-        raise UserError(f"--fit-only {folder}: no runs under runs/ and no results file; give the folder that "
-                        f"the training command (or its shards) wrote")
-    experiments = list(records.values())
-    check_mergeable(experiments)
-    results = dict(bases[0][1]) if bases else {"schema_version": SCHEMA_VERSION, "config": {}}
-    results.pop("scope", None)
-    seeds = (results.get("config") or {}).get("seeds") or []
-    sweep_rank = {"params": 0, "data": 1}
-
-    def plan_order(e):
-        seed = e.get("seed", 0)
-        return (seeds.index(seed) if seed in seeds else len(seeds) + (seed or 0),
-                sweep_rank.get(e.get("sweep"), 2), e.get("target") or 0, str(e.get("run_id", e.get("name"))))
-
-    results["experiments"] = sorted(experiments, key=plan_order)
-    results["merged_from"] = {"runs_folder": str(store.folder), "run_records": len(records),
-                              "results_files": [f.name for f, _ in bases],
-                              "processes": sorted({str((o.get("environment") or {}).get("device_name"))
-                                                   for _, o in bases})}
-    return results
-
-
-def expand_seeds(plan: list[Experiment], seeds: list[int]) -> list[Experiment]:
-    """Seed-major order: the whole ladder of the first seed comes first, so an early stop still leaves
-    complete sweeps to fit."""
-    return [dataclasses.replace(e, seed=s) for s in seeds for e in plan]
+    @property
+    def todo(self) -> list[Experiment]:
+        return [e for e in self.runs if e.run_id not in self.done]
 
 
 def run(cfg: RunConfig, preset: Preset, estimate: bool = True, n_bootstrap: int = N_BOOTSTRAP,
         benchmark_steps: int = 0, fresh: bool = False, command: str | None = None,
         scope: RunScope | None = None) -> dict:
+    """The training command: prepare, then train the runs one after another (under torchrun, every rank
+    together), in --parallel child processes, or time them (--benchmark); then fit and draw."""
     scope = scope or RunScope()
-    out_dir = Path(cfg.output_dir)
-    # under torchrun: join the group first, so that rank 0 alone touches the folder and the others wait
     dist_info = distributed_from_env()
+    # every rank but rank 0 trains in silence, so each log line appears once
+    with silenced(not dist_info.is_main):
+        s = prepare(cfg, preset, scope, dist_info, fresh=fresh, n_bootstrap=n_bootstrap,
+                    command=command or "the same command", benchmark=bool(benchmark_steps))
+        if benchmark_steps:
+            report = benchmark(Trainer(cfg, s.corpus, s.device), s.plan, steps=benchmark_steps)
+            write_json_atomic(s.out_dir / "benchmark.json", report)
+            log(f"benchmark: written to {s.out_dir / 'benchmark.json'}")
+            return report
+        k = scope.parallel or (1 if scope.child else default_parallel(s.todo, cfg, s.device.name,
+                                                                      gpu_memory_bytes(s.device.name)))
+        if k > 1 and not scope.child and len(s.todo) > 1:
+            return train_parallel(s, min(k, len(s.todo)))
+        return train_sequential(s, estimate)
+
+
+def start_device(cfg: RunConfig, scope: RunScope, dist_info: Distributed,
+                 benchmark: bool) -> tuple[Distributed, DeviceInfo]:
+    """Under torchrun: bind this rank's GPU and join the process group first, so that rank 0 alone
+    touches the folder and the others wait. Then the device and dtype."""
     if dist_info.enabled and (scope.parallel or 0) > 1:
         raise UserError("--parallel runs several single-process runs at once; under torchrun every run "
                         "already uses all the processes: drop --parallel")
-    if dist_info.enabled and benchmark_steps:
+    if dist_info.enabled and benchmark:
         raise UserError("--benchmark times one process: run it without torchrun")
     claim_local_gpu(dist_info, cfg.device)
     device = setup_device(cfg.device, cfg.dtype)
     dist_info = init_distributed(dist_info, device.name)
-    _LOGGING["on"] = dist_info.is_main
-    main_rank = dist_info.is_main
     if dist_info.enabled:
         check_batch_split(cfg.batch_size, dist_info.world_size)
     if scope.child and device.name == "cuda":
-        import torch
         torch.cuda.set_per_process_memory_fraction(1.0 / scope.child)
-    # early checks, before any corpus work or training: each is a UserError (one line, exit 2)
-    prepare_output_dir(out_dir)
-    if fresh and main_rank and not scope.child:
-        archive_previous(out_dir)
-    dist_info.barrier()
-    existing = read_results(out_dir)
-    check_data_readable(cfg.data)
-    import torch
     log(f"device: {device.name} ({device.description}), dtype {device.dtype}, torch {torch.__version__}, "
         f"python {platform.python_version()}"
         + (f"; {dist_info.world_size} processes (torchrun), {cfg.batch_size // dist_info.world_size} of every "
            f"{cfg.batch_size} sequences per process" if dist_info.enabled else ""))
-    all_runs = expand_seeds(build_plan(cfg, preset), cfg.seeds)
+    return dist_info, device
+
+
+def prepare(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info: Distributed, *, fresh: bool,
+            n_bootstrap: int, command: str, benchmark: bool = False) -> Session:
+    """Every check that can fail before training (each a one-line UserError), the corpus (tokenized by
+    rank 0 while the others wait), and the runs that finished earlier."""
+    dist_info, device = start_device(cfg, scope, dist_info, benchmark)
+    out_dir = Path(cfg.output_dir)
+    prepare_output_dir(out_dir)
+    if fresh and dist_info.is_main and not scope.child:
+        archive_previous(out_dir)
+    dist_info.barrier()
+    existing = read_results(out_dir)
+    plan = build_plan(cfg, preset)
+    all_runs = expand_seeds(plan, cfg.seeds)
     runs = select_runs(all_runs, scope)
     check_free_space(out_dir, all_runs, cfg.keep_checkpoints)
     every_s, every_steps = parse_checkpoint_every(cfg.checkpoint_every)
     policy = CheckpointPolicy(out_dir / "checkpoints", every_s, every_steps, cfg.keep_checkpoints)
     store = RunStore(out_dir)
-    if existing is not None and main_rank:
+    if existing is not None and dist_info.is_main:
         store.recover(existing["experiments"])
     dist_info.barrier()
     refuse_changed_settings(existing, cfg, runs, store, policy, None)
     refuse_other_results_files(out_dir, cfg, store, policy, None)
-
-    # rank 0 prepares (tokenizes) the corpus while the others wait; then they read its cache
-    corpus = None
-    if main_rank:
-        corpus = load_corpus(cfg.data, cfg.vocab_size, Path(cfg.cache_dir), text_column=cfg.text_column,
-                             split=cfg.split, num_proc=cfg.num_proc,
-                             bpe_sample_chars=cfg.bpe_sample_chars or BPE_SAMPLE_CHARS)
-    dist_info.barrier()
-    if corpus is None:
-        corpus = load_corpus(cfg.data, cfg.vocab_size, Path(cfg.cache_dir), text_column=cfg.text_column,
-                             split=cfg.split, num_proc=cfg.num_proc,
-                             bpe_sample_chars=cfg.bpe_sample_chars or BPE_SAMPLE_CHARS)
-    dist_info.agree(corpus.record.get("fingerprint") or corpus.record.get("sha256"), "the corpus's tokens")
-    cfg.vocab_size = corpus.vocab_size
-    plan = build_plan(cfg, preset)
+    corpus = load_corpus_on_rank0_first(cfg, dist_info)
     data_budget = check_data_budget(plan, len(corpus.train), cfg.no_repeat)    # refuses under --no-repeat
-    all_runs = expand_seeds(plan, cfg.seeds)
-    runs = select_runs(all_runs, scope)
     refuse_changed_settings(existing, cfg, runs, store, policy, corpus.record)
     refuse_other_results_files(out_dir, cfg, store, policy, corpus.record)
-    if main_rank:
+    if dist_info.is_main:
         remove_stale_temporaries(policy.folder)
         remove_stale_temporaries(store.folder)
-    stop = StopRequest()
-    trainer = Trainer(cfg, corpus, device, progress_bar=sys.stderr.isatty() and main_rank and not scope.child,
-                      checkpoints=policy, stop=stop, dist=dist_info)
-    if benchmark_steps:
-        report = benchmark(trainer, plan, steps=benchmark_steps)
-        write_json_atomic(out_dir / "benchmark.json", report)
-        log(f"benchmark: written to {out_dir / 'benchmark.json'}")
-        return report
     done = {}
     for exp in runs:
         rec = store.load(exp.run_id)
@@ -3807,238 +3947,148 @@ def run(cfg: RunConfig, preset: Preset, estimate: bool = True, n_bootstrap: int 
                 rec["experiment_hash"] == definition_hash(experiment_definition(exp, cfg, corpus.record)):
             done[exp.run_id] = rec
     dist_info.agree(sorted(done), "which runs finished earlier")
-    results_file = out_dir / scope.results_name()
     results = {"schema_version": SCHEMA_VERSION, "mode": cfg.mode, "config": dataclasses.asdict(cfg),
                "environment": {**environment_record(device, corpus), "processes": dist_info.world_size},
                "data_budget": data_budget, "experiments": [], "fits": {}, "predictions": []}
+    s = Session(cfg, scope, dist_info, device, corpus, plan, all_runs, runs, store, policy, existing, done,
+                results, command, n_bootstrap)
     if scope.partial:
         results["scope"] = scope.record(runs)
-        if main_rank:       # written before training, so shards started at the same moment see each other
-            write_json_atomic(results_file, results)
+        if dist_info.is_main:   # written before training, so parts started at the same moment see each other
+            write_json_atomic(s.results_file, results)
             refuse_other_results_files(out_dir, cfg, store, policy, corpus.record)
+    return s
 
-    k = scope.parallel or (1 if scope.child else default_parallel(
-        [e for e in runs if e.run_id not in done], cfg, device.name, gpu_memory_bytes(device.name)))
-    todo = [e for e in runs if e.run_id not in done]
-    if k > 1 and not scope.child and len(todo) > 1:
-        print_plan(plan, cfg, None)
-        for line in data_budget_lines(data_budget):
-            log(line)
-        return run_parallel(min(k, len(todo)), runs, todo, done, results, results_file, scope, cfg, corpus,
-                            store, n_bootstrap, command)
 
+def load_corpus_on_rank0_first(cfg: RunConfig, dist_info: Distributed) -> Corpus:
+    """Rank 0 prepares (tokenizes) the corpus while the other ranks wait; then they read its cache."""
+    def load():
+        return load_corpus(cfg.data, cfg.vocab_size, Path(cfg.cache_dir), text_column=cfg.text_column,
+                           split=cfg.split, num_proc=cfg.num_proc,
+                           bpe_sample_chars=cfg.bpe_sample_chars or BPE_SAMPLE_CHARS)
+    corpus = load() if dist_info.is_main else None
+    dist_info.barrier()
+    corpus = corpus or load()
+    dist_info.agree(corpus.record.get("fingerprint") or corpus.record.get("sha256"), "the corpus's tokens")
+    return corpus
+
+
+def announce_plan(s: Session, estimates: dict[str, float] | None) -> None:
+    """The plan table, which runs this process trains, repeated data, and what is resumed."""
+    if s.scope.child:
+        log(f"parallel {s.scope.child}: this process trains {', '.join(e.run_id for e in s.runs)}")
+    else:
+        print_plan(s.plan, s.cfg, estimates)
+    if s.scope.partial and not s.scope.child:
+        log(f"this process trains {len(s.runs)} of the plan's {len(s.all_runs)} runs ({s.scope.describe()}): "
+            f"{', '.join(e.run_id for e in s.runs) or 'none'}")
+    if len(s.cfg.seeds) > 1:
+        log(f"  every experiment runs once per seed: seeds {', '.join(map(str, s.cfg.seeds))} "
+            f"({len(s.all_runs)} runs)")
+    for line in data_budget_lines(s.results["data_budget"]):
+        log(line)
+    if s.device.name == "cpu" and s.cfg.mode != "tiny" and estimates:
+        log(f"note: mode '{s.cfg.mode}' would take about {sum(estimates.values()) / 3600:.1f} hours on this CPU; "
+            f"--mode tiny is sized for a CPU. Continuing as asked.")
+    resumable = [e.run_id for e in s.todo if s.policy.path(e.run_id).exists()]
+    if s.done or resumable:
+        log(f"resume: {len(s.done)} of {len(s.runs)} runs finished earlier (kept, not retrained)"
+            + (f"; continuing {', '.join(resumable)} from checkpoints" if resumable else ""))
+    if s.existing is not None:
+        others = {e["run_id"] for e in s.existing["experiments"]} - {e.run_id for e in s.all_runs}
+        if others:
+            log(f"note: {len(others)} earlier runs are not in this plan; their records stay in {s.store.folder} "
+                f"and are left out of results.json")
+
+
+def train_sequential(s: Session, estimate: bool) -> dict:
+    """Train this process's runs one after another (under torchrun, all ranks each run together),
+    saving each run's record as it finishes; a signal checkpoints the current run and stops."""
+    stop = StopRequest()
+    trainer = Trainer(s.cfg, s.corpus, s.device, checkpoints=s.policy, stop=stop, dist=s.dist,
+                      progress_bar=sys.stderr.isatty() and s.dist.is_main and not s.scope.child)
     estimates = None
-    if estimate and len(done) < len(runs) and main_rank:
+    if estimate and s.todo and s.dist.is_main:
         try:
-            estimates = estimate_wall_time(trainer, plan)
+            estimates = estimate_wall_time(trainer, s.plan)
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
             log("plan: the time estimate ran out of device memory; skipping it (training retries with "
                 "smaller micro-batches)")
-    if scope.child:
-        log(f"parallel {scope.child}: this process trains {', '.join(e.run_id for e in runs)}")
-    else:
-        print_plan(plan, cfg, estimates)
-    if scope.partial and not scope.child:
-        log(f"this process trains {len(runs)} of the plan's {len(all_runs)} runs ({scope.describe()}): "
-            f"{', '.join(e.run_id for e in runs) or 'none'}")
-    if len(cfg.seeds) > 1:
-        log(f"  every experiment runs once per seed: seeds {', '.join(map(str, cfg.seeds))} "
-            f"({len(all_runs)} runs)")
-    for line in data_budget_lines(data_budget):
-        log(line)
-    if device.name == "cpu" and cfg.mode != "tiny" and estimates:
-        log(f"note: mode '{cfg.mode}' would take about {sum(estimates.values()) / 3600:.1f} hours on this CPU; "
-            f"--mode tiny is sized for a CPU. Continuing as asked.")
-    resumable = [e.run_id for e in runs if e.run_id not in done and policy.path(e.run_id).exists()]
-    if done or resumable:
-        log(f"resume: {len(done)} of {len(runs)} runs finished earlier (kept, not retrained)"
-            + (f"; continuing {', '.join(resumable)} from checkpoints" if resumable else ""))
-    if existing is not None:
-        others = {e["run_id"] for e in existing["experiments"]} - {e.run_id for e in all_runs}
-        if others:
-            log(f"note: {len(others)} earlier runs are not in this plan; their records stay in {store.folder} "
-                f"and are left out of results.json")
-
+    announce_plan(s, estimates)
     t0 = time.time()
-    import contextlib
-    # under torchrun a signal ends every rank at once (see README); one process checkpoints and stops
-    with stop_on_signals(stop) if not dist_info.enabled else contextlib.nullcontext():
-        for i, exp in enumerate(runs):
-            if exp.run_id in done:
-                results["experiments"].append(done[exp.run_id])
+    # under torchrun a signal ends every rank at once (see docs/distributed.md); one process checkpoints
+    with stop_on_signals(stop) if not s.dist.enabled else contextlib.nullcontext():
+        for i, exp in enumerate(s.runs):
+            if exp.run_id in s.done:
+                s.results["experiments"].append(s.done[exp.run_id])
                 continue
-            log(f"experiment {i + 1}/{len(runs)}: {exp.run_id}")
+            log(f"experiment {i + 1}/{len(s.runs)}: {exp.run_id}")
             try:
                 if stop.signum is not None:      # a signal between two runs: nothing of this one to save
                     raise TrainingInterrupted(stop.signum, None)
-                record = run_with_oom_retries(trainer, exp)
+                record = trainer.train(exp)
             except TrainingInterrupted as e:
-                if e.record is not None:
-                    results["experiments"].append(e.record)
-                results["wall_time_s"] = round(time.time() - t0, 2)
-                if scope.partial:
-                    write_json_atomic(results_file, results)
-                else:
-                    finish_results(results, out_dir, n_bootstrap, figure=False)
-                import signal
-                n_final = sum(1 for r in results["experiments"] if r["status"] in FINAL_STATUSES)
-                runs_text = f"{n_final} finished run" + ("" if n_final == 1 else "s")
-                where = (f" in {exp.run_id} at step {e.record['steps_done']}/{exp.steps} (checkpoint saved)"
-                         if e.record is not None else "")
-                raise RunInterrupted(e.signum, f"interrupted by {signal.Signals(e.signum).name}{where}; "
-                                     f"{results_file.name} holds {runs_text}. Resume with the same "
-                                     f"command: {command or 'the same command'}") from None
-            if main_rank:
-                store.save(record)               # the record first, then the checkpoint may go
+                raise interrupted(s, e, exp, t0) from None
+            if s.dist.is_main:
+                s.store.save(record)             # the record first, then the checkpoint may go
             trainer.remove_checkpoint(exp)
-            results["experiments"].append(record)
-            results["wall_time_s"] = round(time.time() - t0, 2)
-            if main_rank:
-                write_json_atomic(results_file, results)
-    if not main_rank:                            # rank 0 fits and writes; the others are done
-        return results
-    if scope.partial:
-        n = len(results["experiments"])
+            s.results["experiments"].append(record)
+            s.results["wall_time_s"] = round(time.time() - t0, 2)
+            if s.dist.is_main:
+                write_json_atomic(s.results_file, s.results)
+    return finish(s, t0)
+
+
+def save_partial_results(s: Session) -> None:
+    """After a stop: a part writes its own file; a whole plan writes results.json with fits, no figure."""
+    if s.scope.partial:
+        write_json_atomic(s.results_file, s.results)
+    else:
+        finish_results(s.results, s.out_dir, s.n_bootstrap, figure=False)
+
+
+def interrupted(s: Session, e: TrainingInterrupted, exp: Experiment, t0: float) -> RunInterrupted:
+    """Save what a stop leaves (the current run's curve so far, every finished run) and say how to resume."""
+    if e.record is not None:
+        s.results["experiments"].append(e.record)
+    s.results["wall_time_s"] = round(time.time() - t0, 2)
+    save_partial_results(s)
+    n_final = sum(1 for r in s.results["experiments"] if r["status"] in FINAL_STATUSES)
+    where = (f" in {exp.run_id} at step {e.record['steps_done']}/{exp.steps} (checkpoint saved)"
+             if e.record is not None else "")
+    return RunInterrupted(e.signum, f"interrupted by {signal.Signals(e.signum).name}{where}; "
+                          f"{s.results_file.name} holds {n_final} finished run{'' if n_final == 1 else 's'}. "
+                          f"Resume with the same command: {s.command}")
+
+
+def finish(s: Session, t0: float, how: str = "") -> dict:
+    """Rank 0 fits and writes everything; a part of a sweep only says how to merge it."""
+    if not s.dist.is_main:
+        return s.results
+    if s.scope.partial:
+        write_json_atomic(s.results_file, s.results)
+        n = len(s.results["experiments"])
         log(f"done in {format_duration(time.time() - t0)}: {n} run{'' if n == 1 else 's'} recorded in "
-            f"{store.folder} and {results_file}" + ("" if scope.child else
+            f"{s.store.folder} and {s.results_file}" + ("" if s.scope.child else
             f"; when every part has finished, merge and fit them with: python {Path(__file__).name} "
-            f"--fit-only {out_dir}"))
-        return results
-    finish_results(results, out_dir, n_bootstrap)
-    print_summary(results, out_dir)
-    log(f"done in {format_duration(time.time() - t0)}")
-    return results
-
-
-def run_parallel(k: int, runs: list[Experiment], todo: list[Experiment], done: dict, results: dict,
-                 results_file: Path, scope: RunScope, cfg: RunConfig, corpus: Corpus, store: RunStore,
-                 n_bootstrap: int, command: str | None) -> dict:
-    """--parallel K: train `todo` in K child processes of this same command (each given its runs with
-    --only), forward SIGINT/SIGTERM to them, stop the others if one fails, then assemble the records
-    of `runs` in plan order and fit them exactly as a sequential run would."""
-    import signal
-    import subprocess
-    out_dir = Path(cfg.output_dir)
-    t0 = time.time()
-    groups = balance_runs(todo, k)
-    base = child_arguments(scope.argv)
-    log(f"parallel: {len(todo)} runs in {len(groups)} processes at once, each with 1/{k} of the "
-        + ("GPU's memory" if results["environment"]["device"] == "cuda" else "cores"))
-    children = []
-    for i, group in enumerate(groups):
-        ids = [e.run_id for e in group]
-        log(f"  process {i + 1}/{len(groups)}: {', '.join(ids)}")
-        env = dict(os.environ, **{PARALLEL_ENV: str(k)})
-        argv = [sys.executable, str(Path(__file__).resolve()), *base, "--no-estimate",
-                "--only", ",".join(ids), "--parallel-child", str(k)]
-        # a session of its own: a Ctrl-C in the terminal reaches the parent alone, which forwards it once
-        children.append((ids, subprocess.Popen(argv, env=env, start_new_session=True)))
-    received = []
-
-    def forward(signum, frame):
-        received.append(signum)
-        log(f"received {signal.Signals(signum).name}: passing it on to the {len(children)} training processes "
-            f"(each saves a checkpoint at its next step and stops)")
-        for _, p in children:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    failed = None
-    try:
-        while any(p.poll() is None for _, p in children):
-            for ids, p in children:
-                if p.poll() not in (None, 0) and failed is None and not received:
-                    failed = (ids, p.returncode)
-                    log(f"parallel: the process training {', '.join(ids)} failed (exit status {p.returncode}); "
-                        f"stopping the others (they save checkpoints)")
-                    for _, q in children:
-                        if q.poll() is None:
-                            q.send_signal(signal.SIGTERM)
-            time.sleep(0.2)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-    if failed is None:
-        bad = [(ids, p.returncode) for ids, p in children if p.returncode != 0]
-        failed = bad[0] if bad and not received else None
-    unfinished = {}                              # a stopped child's interrupted run lives only in its file
-    for ids, _ in children:
-        part = out_dir / RunScope(only=ids).results_name()
-        if part.exists():
-            try:
-                unfinished.update((e["run_id"], e) for e in json.loads(part.read_text())["experiments"])
-            except (OSError, ValueError, KeyError, TypeError):
-                pass                             # a half-written part: its finished runs are under runs/
-            part.unlink()
-    for exp in runs:                             # plan order, as a sequential run writes them
-        rec = done.get(exp.run_id) or store.load(exp.run_id) or unfinished.get(exp.run_id)
-        if rec is not None:
-            results["experiments"].append(rec)
-    if received or failed:
-        if scope.partial:
-            write_json_atomic(results_file, results)
-        else:
-            finish_results(results, out_dir, n_bootstrap, figure=False)
-        n_final = sum(1 for r in results["experiments"] if r["status"] in FINAL_STATUSES)
-        if failed:
-            raise ParallelFailure(f"the process training {', '.join(failed[0])} failed with exit status "
-                                  f"{failed[1]} (its error is above); the others stopped with checkpoints "
-                                  f"saved; {results_file.name} holds {n_final} finished runs. Fix the cause and "
-                                  f"rerun the same command to resume: {command or ''}".rstrip())
-        raise RunInterrupted(received[0], f"interrupted by {signal.Signals(received[0]).name}; "
-                             f"{results_file.name} holds {n_final} finished runs. Resume with the same "
-                             f"command: {command or 'the same command'}")
-    if scope.partial:
-        write_json_atomic(results_file, results)
-        log(f"parallel: {len(results['experiments'])} runs recorded in {results_file}; merge the shards with "
-            f"--fit-only {out_dir}")
-        return results
-    finish_results(results, out_dir, n_bootstrap)
-    print_summary(results, out_dir)
-    log(f"done in {format_duration(time.time() - t0)} with {len(groups)} processes at once")
-    return results
-
-
-class ParallelFailure(Exception):
-    """A child of --parallel failed; main() prints this and exits with status 1."""
-
-
-def _leave_process_group(status: int) -> int:
-    """Under torchrun: a failed rank leaves at once (os._exit) so torchrun sees the failure and stops the
-    other ranks, instead of hanging in the process group's teardown; a finished rank leaves cleanly."""
-    if "torch" not in sys.modules:            # --fit-only and --fit-csv never import torch
-        return status
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
-        return status
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if status != 0:
-        os._exit(status)
-    dist.destroy_process_group()
-    return status
-
-
-def _stdout_is_stderr() -> bool:
-    try:
-        a, b = os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())
-    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
-        return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+            f"--fit-only {s.out_dir}"))
+        return s.results
+    finish_results(s.results, s.out_dir, s.n_bootstrap)
+    print_summary(s.results, s.out_dir)
+    log(f"done in {format_duration(time.time() - t0)}{how}")
+    return s.results
 
 
 def main(argv: list[str] | None = None) -> int:
-    import shlex
     args = build_parser().parse_args(argv)
     given = sys.argv[1:] if argv is None else list(argv)
     # the command that resumes this run: the same one, without --fresh (which would start over)
     command = "python " + shlex.join([sys.argv[0] if argv is None else Path(__file__).name,
                                       *(str(a) for a in given if a != "--fresh")])
-    rank = distributed_from_env().rank
-    who = f" (rank {rank})" if distributed_from_env().enabled else ""
+    dist_env = distributed_from_env()
+    who = f" (rank {dist_env.rank})" if dist_env.enabled else ""
     try:
         if args.fit_only and args.fit_csv:
             raise UserError("give --fit-only or --fit-csv, not both")
@@ -4048,6 +4098,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.fit_csv:
             fit_table(args.fit_csv, args.output_dir, args.bootstrap)
             return 0
+        if torch is None:
+            raise UserError("training needs PyTorch: pip install -r requirements.txt (--fit-only and --fit-csv "
+                            "work without it)")
         cfg, preset = config_from_args(args)
         scope = scope_from_args(args, [str(a) for a in given])
         run(cfg, preset, estimate=not args.no_estimate, n_bootstrap=args.bootstrap,
@@ -4055,33 +4108,30 @@ def main(argv: list[str] | None = None) -> int:
             fresh=args.fresh and not scope.child, command=command, scope=scope)
     except UserError as e:
         print(f"error{who}: {e}", file=sys.stderr, flush=True)
-        return _leave_process_group(2)
+        return leave_process_group(2)
     except ParallelFailure as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     except RunInterrupted as e:
-        if not _stdout_is_stderr():      # under `> log 2>&1` or in a terminal, say it once
+        if not stdout_is_stderr():      # under `> log 2>&1` or in a terminal, say it once
             log(str(e))
         print(str(e), file=sys.stderr, flush=True)
-        return _leave_process_group(128 + e.signum)
+        return leave_process_group(128 + e.signum)
     except KeyboardInterrupt:
         print("interrupted; results.json holds every finished experiment; rerun the same command to resume "
               "from the latest checkpoint", file=sys.stderr, flush=True)
-        return _leave_process_group(130)
+        return leave_process_group(130)
     except Exception as e:
         if not who:
             raise
         # one rank failed: say why, leave torchrun's error file for its summary, and exit non-zero at once
-        import traceback
         traceback.print_exc()
         print(f"error{who}: {type(e).__name__}: {e}; torchrun stops the other ranks", file=sys.stderr, flush=True)
-        try:
-            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+        with contextlib.suppress(Exception):
+            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler  # only a failing rank
             ErrorHandler().record_exception(e)
-        except Exception:
-            pass
-        return _leave_process_group(1)
-    return _leave_process_group(0)
+        return leave_process_group(1)
+    return leave_process_group(0)
 
 
 if __name__ == "__main__":

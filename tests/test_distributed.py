@@ -18,6 +18,8 @@ import pytest
 import run_scaling_experiments_enhanced as rse
 from conftest import SCRIPT
 
+INJECT = Path(__file__).resolve().parent / "inject.py"
+
 pytestmark = pytest.mark.filterwarnings("ignore::scipy.optimize.OptimizeWarning")
 
 
@@ -36,7 +38,7 @@ def pinned(n_cores):
     return lambda: os.sched_setaffinity(0, cores)
 
 
-def cli(args, cwd, n_cores=1, env_extra=None, timeout=120, torchrun=0):
+def cli(args, cwd, n_cores=1, env_extra=None, timeout=120, torchrun=0, script=SCRIPT):
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     launcher = [sys.executable]
     if torchrun:
@@ -44,7 +46,7 @@ def cli(args, cwd, n_cores=1, env_extra=None, timeout=120, torchrun=0):
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port", str(port)]
-    return subprocess.run([*launcher, str(SCRIPT), *map(str, args)], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([*launcher, str(script), *map(str, args)], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout, preexec_fn=pinned(n_cores))
 
 
@@ -113,13 +115,12 @@ def test_ranks_take_their_own_slice_of_every_batch(byte_tokens, monkeypatch):
     monkeypatch.setattr(rse, "get_batch", lambda tokens, offs, t: (seen.append(offs.tolist()),
                                                                    real_get_batch(tokens, offs, t))[1])
     exp = rse.Experiment("probe", "params", 0, 2, 32, 1, 2, 0, 1e-3, 0, 0)
-    model = trainer.new_model(exp, 0)
-    opt = rse.configure_optimizer(model, 1e-3, 0.0, fused=False)
-    trainer.train_step(model, opt, exp, step=5, stream=7)
-    n = len(corpus.train)
-    assert seen == [rse.batch_offsets(n, 32, 4, 0, 7, 5, micro)[2:].tolist() for micro in range(2)]
+    rm = rse.Trainer(cfg, corpus, device).new_model(exp, 0)      # the model itself, not wrapped in DDP
+    trainer.train_step(rm, exp, step=5)
+    n, stream = len(corpus.train), rse.data_stream_seed(exp)
+    assert seen == [rse.batch_offsets(n, 32, 4, 0, stream, 5, micro)[2:].tolist() for micro in range(2)]
     seen.clear()
-    trainer.evaluate(model)
+    trainer.evaluate(rm.model)
     assert seen == [trainer.val_offsets[4 * i:4 * i + 4][2:].tolist() for i in range(2)]
 
 
@@ -135,7 +136,7 @@ def test_a_crashing_rank_stops_every_rank_and_the_rerun_resumes(tmp_path, byte_t
     out = tmp_path / "crash"
     args = small_args(byte_tokens, out, "--checkpoint-every", "3steps")
     t0 = time.time()
-    r = cli(args, tmp_path, n_cores=2, torchrun=2, timeout=120, env_extra={"SCALING_LAB_TEST_CRASH": "1:10"})
+    r = cli(["--crash", "1:10", *args], tmp_path, n_cores=2, torchrun=2, timeout=120, script=INJECT)
     wall = time.time() - t0
     log = r.stdout + r.stderr
     assert r.returncode != 0

@@ -16,6 +16,7 @@ import pytest
 
 import run_scaling_experiments_enhanced as rse
 from conftest import SCRIPT
+from inject import patch_failures
 
 pytestmark = pytest.mark.filterwarnings("ignore::scipy.optimize.OptimizeWarning")
 
@@ -169,8 +170,9 @@ def test_sigterm_checkpoints_writes_results_and_says_how_to_resume(tmp_path, byt
 @pytest.fixture(scope="module")
 def two_seeds_with_nan(tmp_path_factory, byte_tokens):
     out = tmp_path_factory.mktemp("seeds") / "out"
-    rc, stdout, err = main_in_process(small_args(byte_tokens, out, "--seeds", "2"),
-                                      env_extra={"SCALING_LAB_TEST_NAN_AT": "params-N100K-seed1:5"})
+    with pytest.MonkeyPatch.context() as mp:
+        patch_failures(mp.setattr, nan="params-N100K-seed1:5")
+        rc, stdout, err = main_in_process(small_args(byte_tokens, out, "--seeds", "2"))
     assert rc == 0, err[-2000:]
     return stdout, load(out)
 
@@ -260,19 +262,13 @@ def test_out_of_memory_retries_with_half_the_micro_batch(tmp_path, byte_tokens, 
     """A CUDA out-of-memory error (simulated: the model raises torch.OutOfMemoryError for micro-batches
     over 2 sequences) is retried with micro-batches of 2 and twice the micro-steps: same results."""
     import torch
-    real_build = rse.build_model
+    real_forward = rse.GPT.forward
 
-    def build_small_memory(*a, **k):
-        model = real_build(*a, **k)
-        forward = model.forward
-
-        def limited(idx, targets=None):
-            if idx.shape[0] > 2:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-            return forward(idx, targets)
-        model.forward = limited
-        return model
-    monkeypatch.setattr(rse, "build_model", build_small_memory)
+    def limited(self, idx, targets=None):
+        if idx.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real_forward(self, idx, targets)
+    monkeypatch.setattr(rse.GPT, "forward", limited)
     out = tmp_path / "out"
     assert rse.main(small_args(byte_tokens, out, "--param-sizes", "25K", "--data-sizes", "1K")) == 0
     log = capsys.readouterr().out

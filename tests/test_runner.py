@@ -11,7 +11,7 @@ from conftest import SECONDS_SIZED, run_cli
 
 @pytest.mark.parametrize("n_layer,d_model,vocab,ctx", [(2, 32, 512, 64), (4, 320, 1000, 128), (3, 96, 257, 16)])
 def test_parameter_counts_match_the_model(n_layer, d_model, vocab, ctx):
-    model = rse.build_model(n_layer, d_model, d_model // 32, vocab, ctx)
+    model = rse.GPT(rse.GPTConfig(vocab, ctx, n_layer, d_model, d_model // 32))
     nonemb, total = model.count_params()
     assert nonemb == rse.n_params_nonembedding(n_layer, d_model) == n_layer * (12 * d_model**2 + 13 * d_model) + 2 * d_model
     assert total == rse.n_params_total(n_layer, d_model, vocab, ctx) == nonemb + (vocab + ctx) * d_model
