@@ -2535,6 +2535,15 @@ BOOTSTRAP_SEED = 0
 JOINT_GRID = {"a": np.arange(0, 30, 5.0), "alpha": np.arange(0, 2.5, 0.5), "b": np.arange(0, 30, 5.0),
               "beta": np.arange(0, 2.5, 0.5), "e": np.arange(-1, 1.5, 0.5)}
 JOINT_REFINED = 8
+# Rollout checks refit the laws once per cutoff: fewer resamples each, and at most this many cutoffs
+# (evenly spaced, the largest always kept), so --fit-csv on Chinchilla's 240 runs stays fast.
+ROLLOUT_BOOTSTRAP = 200
+ROLLOUT_MAX_CUTOFFS = 6
+# IsoFLOP profiles (Approach 2): a budget needs this many distinct sizes, the fit this many budgets.
+ISOFLOP_MIN_SIZES = 3
+ISOFLOP_MIN_BUDGETS = 3
+ISOFLOP_SPAN = 1.1                 # a binned budget's runs lie within this factor of its cheapest run's C
+ISOFLOP_INTERPOLATED_BUDGETS = 5   # budgets placed when the runs' compute does not bin
 ONE_VAR_REFINED = 12
 
 
@@ -2679,6 +2688,8 @@ def _bootstrap(theta_hat, logx, logy, with_e, n_boot, seed, min_distinct):
     A resample whose points take fewer than `min_distinct` distinct values along some axis cannot
     identify the law; such resamples are drawn again. Returns the parameter rows (S, p), or None with
     a reason when too few resamples can identify the law."""
+    if n_boot < 1:
+        return None, "no bootstrap resamples asked for"
     rng = np.random.default_rng(seed)
     n = len(logy)
     kept, tries = [], 0
@@ -2731,6 +2742,24 @@ def clean_points(columns: dict, loss) -> tuple[dict, np.ndarray, np.ndarray, lis
     return kept, loss[ok], ok, notes
 
 
+def residual_std_log(log_pred, log_loss, n_params: int) -> float | None:
+    """The observation noise of a fit: the standard deviation of its log-loss residuals with the
+    degrees-of-freedom correction sqrt(sum r^2 / (n - p)); None without a degree of freedom."""
+    r = np.asarray(log_loss, dtype=float) - np.asarray(log_pred, dtype=float)
+    dof = len(r) - n_params
+    return float(np.sqrt(np.sum(r * r) / dof)) if dof > 0 else None
+
+
+def with_noise(draws, sigma_log: float | None, seed: int = BOOTSTRAP_SEED):
+    """Bootstrap draws of the law's L (S, n) times exp(sigma z), z standard normal: draws of a new
+    observation, whose percentiles are the prediction interval (fit uncertainty plus the scatter of
+    one run). None without draws or without a noise estimate."""
+    if draws is None or sigma_log is None:
+        return None
+    z = np.random.default_rng(seed).standard_normal(np.shape(draws))
+    return np.asarray(draws) * np.exp(sigma_log * z)
+
+
 def _unavailable(reason: str, n_points: int, **extra) -> dict:
     return {"available": False, "reason": reason, "n_points": int(n_points), **extra}
 
@@ -2781,6 +2810,7 @@ def fit_power_law(x, y, n_bootstrap: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SE
            "form": "three_parameter" if three else "two_parameter",
            "a": float(a[0]), "b": float(b[0]), "c": float(c[0]), "r2": 1 - sse / sst,
            "n_points": n, "dof": n - n_par, "n_bootstrap": 0,
+           "residual_std_log": residual_std_log(np.log(pred), logy, n_par),
            "method": f"Huber (delta {HUBER_DELTA:g}, summed) on log-loss residuals, L-BFGS-B from the "
                      f"best {min(ONE_VAR_REFINED, len(starts))} of {len(starts)} starts; 95% CI: percentile bootstrap over runs, seed {seed}, "
                      f"refits warm-started from the full-data optimum",
@@ -2860,7 +2890,9 @@ def fit_joint_law(n_params, tokens, loss, n_bootstrap: int = N_BOOTSTRAP, seed: 
     sse, sst = float(np.sum((pred - ys) ** 2)), float(np.sum((ys - ys.mean()) ** 2))
     fit = {"available": True, "law": "L = E + A / N^alpha + B / D^beta",
            "E": float(E[0]), "A": float(A[0]), "B": float(B[0]), "alpha": float(alpha[0]),
-           "beta": float(beta[0]), "r2": 1 - sse / sst, "n_points": n, "dof": n - 5,
+           "beta": float(beta[0]), "N_opt_exponent": float(beta[0] / (alpha[0] + beta[0])),
+           "r2": 1 - sse / sst, "n_points": n, "dof": n - 5,
+           "residual_std_log": residual_std_log(np.log(pred), logy, 5),
            "n_distinct_N": n_distinct[0], "n_distinct_D": n_distinct[1],
            "huber_objective": best[1], "n_bootstrap": 0,
            "method": f"log-sum-exp form, Huber (delta {HUBER_DELTA:g}, summed) on log-loss residuals, "
@@ -2878,10 +2910,31 @@ def fit_joint_law(n_params, tokens, loss, n_bootstrap: int = N_BOOTSTRAP, seed: 
     else:
         cols = dict(zip(("E", "A", "B", "alpha", "beta"), _joint_params(samples)))
         fit["ci95"] = {k: _percentiles(v) for k, v in cols.items()}
+        fit["N_opt_exponent_ci95"] = _percentiles(cols["beta"] / (cols["alpha"] + cols["beta"]))
         fit["n_bootstrap"] = int(len(samples))
         fit["_samples"] = samples
     fit["note"] = "; ".join(notes) or None
     return fit
+
+
+def interval_coverage(truth: dict, n_params, tokens, noise_sd: float, n_sets: int,
+                      n_bootstrap: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> dict:
+    """How often the joint fit's nominal 95% intervals of alpha, beta and a = beta/(alpha+beta) hold
+    the truth, over n_sets synthetic data sets loss = L(N, D) * exp(noise_sd * z) at the points
+    (n_params, tokens); set i draws its noise and its bootstrap from seed + i."""
+    n_params, tokens = np.asarray(n_params, dtype=float), np.asarray(tokens, dtype=float)
+    clean = joint_law(n_params, tokens, **truth)
+    true = {"alpha": truth["alpha"], "beta": truth["beta"],
+            "N_opt_exponent": truth["beta"] / (truth["alpha"] + truth["beta"])}
+    covered = dict.fromkeys(true, 0)
+    for i in range(n_sets):
+        loss = clean * np.exp(np.random.default_rng(seed + i).normal(0, noise_sd, len(clean)))
+        fit = fit_joint_law(n_params, tokens, loss, n_bootstrap, seed + i)
+        intervals = {**fit["ci95"], "N_opt_exponent": fit.get("N_opt_exponent_ci95")}
+        for k, v in true.items():
+            covered[k] += bool(intervals[k] and intervals[k][0] <= v <= intervals[k][1])
+    return {"n_sets": n_sets, "noise_sd": noise_sd, "n_points": len(clean), "covered": covered,
+            "coverage": {k: c / n_sets for k, c in covered.items()}}
 
 
 def _joint_params(theta):
@@ -2937,6 +2990,8 @@ def compute_optimal(joint: dict, run_flops) -> dict:
     if joint.get("_samples") is not None:
         E, A, B, al, be = _joint_params(joint["_samples"])
         draws = compute_optimal_allocation(E, A, B, al, be, flops)           # each (S, n_budgets)
+    # one new run trained at the optimum: the loss draws with the joint fit's residual scatter
+    noisy_loss = with_noise(draws[2], joint.get("residual_std_log")) if draws is not None else None
     rows = []
     for i, (label, c) in enumerate(budgets):
         row = {"label": label, "flops": c, "N_opt": float(n_opt[i]), "D_opt": float(d_opt[i]),
@@ -2945,6 +3000,7 @@ def compute_optimal(joint: dict, run_flops) -> dict:
             row[f"{key}_ci95"] = _percentiles(draws[k][:, i]) if draws is not None else None
         row["tokens_per_parameter_ci95"] = (_percentiles(draws[1][:, i] / draws[0][:, i])
                                             if draws is not None else None)
+        row["loss_pi95"] = _percentiles(noisy_loss[:, i]) if noisy_loss is not None else None
         if draws is not None:        # draws without an interior optimum are left out of the intervals
             row["draws_without_optimum"] = int(np.sum(~np.isfinite(draws[0][:, i])))
         rows.append(row)
@@ -2972,6 +3028,154 @@ def compute_optimal(joint: dict, run_flops) -> dict:
         out["N_opt_exponent_ci95"] = _percentiles(be / (al + be))
         out["D_opt_exponent_ci95"] = _percentiles(al / (al + be))
     return out
+
+
+# --- IsoFLOP profiles (Chinchilla Approach 2) ------------------------------------------------------
+
+def isoflop_slices(points: list[dict], span: float = ISOFLOP_SPAN) -> tuple[list[dict], str]:
+    """Group points {'N', 'D', 'loss'} into compute budgets.
+
+    Binned: sorted by C = 6 N D, a budget opens at the cheapest point not yet grouped and takes every
+    point whose C is within a factor `span` of it; its C is the geometric mean of its points'.
+    Interpolated (when binning gives fewer than 3 budgets of 3 sizes, as on a grid of sizes x token
+    horizons whose products do not line up): budgets evenly spaced in log C over the range that 3 or
+    more sizes reach, and at each size the loss interpolated linearly in log D between its measured
+    horizons, never extrapolated. Returns the budgets [{'flops', 'N' (n,), 'loss' (n,)}] and the rule."""
+    pts = sorted(points, key=lambda p: p["N"] * p["D"])
+    bins, i = [], 0
+    while i < len(pts):
+        c0 = 6 * pts[i]["N"] * pts[i]["D"]
+        group = [p for p in pts[i:] if 6 * p["N"] * p["D"] <= span * c0]
+        i += len(group)
+        C = np.exp(np.mean([np.log(6 * p["N"] * p["D"]) for p in group]))
+        bins.append({"flops": float(C), "N": np.array([p["N"] for p in group]),
+                     "loss": np.array([p["loss"] for p in group])})
+    rule = f"binned by compute: each budget's runs within a factor {span:g} of its cheapest run"
+    if sum(len(np.unique(b["N"])) >= ISOFLOP_MIN_SIZES for b in bins) >= ISOFLOP_MIN_BUDGETS:
+        return bins, rule
+    curves = {}
+    for p in points:
+        curves.setdefault(p["N"], []).append((np.log(p["D"]), p["loss"]))
+    curves = {n: np.array(sorted(c)) for n, c in curves.items() if len({d for d, _ in c}) >= 2}
+    reach = np.array([[np.log(6 * n) + c[0, 0], np.log(6 * n) + c[-1, 0]] for n, c in curves.items()])
+    if len(reach) < ISOFLOP_MIN_SIZES:
+        return bins, rule
+    lo, hi = np.sort(reach[:, 0])[ISOFLOP_MIN_SIZES - 1], np.sort(reach[:, 1])[-ISOFLOP_MIN_SIZES]
+    if hi <= lo:
+        return bins, rule
+    slices = []
+    for logc in np.linspace(lo, hi, ISOFLOP_INTERPOLATED_BUDGETS):
+        inside = [(n, np.interp(logc - np.log(6 * n), c[:, 0], c[:, 1]))
+                  for n, c in curves.items() if c[0, 0] <= logc - np.log(6 * n) <= c[-1, 0]]
+        slices.append({"flops": float(np.exp(logc)), "N": np.array([n for n, _ in inside]),
+                       "loss": np.array([v for _, v in inside])})
+    return slices, ("interpolated: budgets evenly spaced in log C where 3 or more sizes reach; each "
+                    "size's loss interpolated linearly in log D between its measured token horizons")
+
+
+def _parabola_vertices(log_n, loss, weights) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least-squares parabolas loss = q u^2 + r u + s in u = log N - mean, one per weight
+    row (S, n): the vertex log N (S,) and the loss there (S,), NaN where the parabola opens downward
+    or the row weights fewer than 3 distinct sizes."""
+    centre = log_n.mean()
+    u = log_n - centre
+    X = np.stack([u * u, u, np.ones_like(u)], axis=1)                       # (n, 3)
+    distinct = (weights[:, None, :] * (log_n[None, None, :] == np.unique(log_n)[None, :, None]) > 0)
+    ok = distinct.any(axis=2).sum(axis=1) >= 3
+    coef = np.full((len(weights), 3), np.nan)
+    if ok.any():
+        XtWX = np.einsum("sn,ni,nj->sij", weights[ok], X, X)
+        coef[ok] = np.linalg.solve(XtWX, np.einsum("sn,ni,n->si", weights[ok], X, loss)[:, :, None])[:, :, 0]
+    q, r, s = coef.T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        u_min = np.where(q > 0, -r / (2 * q), np.nan)
+    return u_min + centre, s + u_min * (r + q * u_min)
+
+
+def _isoflop_budget(s: dict, n_bootstrap: int, rng) -> tuple[dict, np.ndarray | None]:
+    """One budget's parabola: its row for results.json and the bootstrap draws of log N_opt (over
+    the budget's points), or None where the budget is refused (minimum at the edge of its sizes)."""
+    log_n, loss, C = np.log(s["N"]), np.asarray(s["loss"], dtype=float), s["flops"]
+    v, l_opt = (float(t[0]) for t in _parabola_vertices(log_n, loss, np.ones((1, len(loss)))))
+    row = {"label": f"{C:.3g} FLOPs", "flops": C, "n_runs": int(len(loss)), "n_sizes": int(len(np.unique(log_n))),
+           "N_range": [float(s["N"].min()), float(s["N"].max())], "N_opt": float(np.exp(v)),
+           "D_opt": float(C / (6 * np.exp(v))), "loss_at_opt": l_opt, "used": False}
+    lowest = log_n[np.argmin(loss)]
+    if not np.isfinite(v):
+        row["refused"] = "the parabola opens downward: no minimum"
+    elif lowest in (log_n.min(), log_n.max()) or not log_n.min() < v < log_n.max():
+        end = "smallest" if v <= np.median(log_n) else "largest"
+        row["refused"] = f"minimum at the edge of its sizes (the {end}, {format_count(np.exp(log_n.min() if end == 'smallest' else log_n.max()))})"
+    if "refused" in row:
+        return row, None
+    counts = rng.multinomial(len(loss), np.full(len(loss), 1 / len(loss)), size=n_bootstrap).astype(float)
+    draws, _ = _parabola_vertices(log_n, loss, counts)
+    row.update(used=True, N_opt_ci95=_percentiles(np.exp(draws)))
+    return row, draws
+
+
+def _slope_draws(x, Y) -> np.ndarray:
+    """Least-squares slopes of the columns of Y (n, S) against x (n,) over each column's finite
+    entries (a resampled budget without a minimum drops out of that draw); NaN with fewer than
+    ISOFLOP_MIN_BUDGETS of them."""
+    m = np.isfinite(Y)
+    k = m.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        xc = np.where(m, x[:, None] - (m * x[:, None]).sum(axis=0) / k, 0.0)
+        yc = np.where(m, Y - np.where(m, Y, 0.0).sum(axis=0) / k, 0.0)
+        slope = (xc * yc).sum(axis=0) / (xc * xc).sum(axis=0)
+    return np.where(k >= ISOFLOP_MIN_BUDGETS, slope, np.nan)
+
+
+def fit_isoflop(points: list[dict], joint: dict | None = None, n_bootstrap: int = N_BOOTSTRAP,
+                seed: int = BOOTSTRAP_SEED) -> dict:
+    """Chinchilla Approach 2: per compute budget (isoflop_slices) a parabola of loss in log N, its
+    vertex N_opt (refused at the edge of the budget's sizes), then N_opt ~ C^a and D_opt ~ C^b by
+    least squares in log-log. Intervals: percentile bootstrap over each budget's points, the line
+    refitted per draw. With the joint law, `a` is set beside its beta/(alpha+beta) and a warning is
+    given when the two 95% intervals do not overlap."""
+    slices, rule = isoflop_slices(points)
+    usable = [s for s in slices if len(np.unique(s["N"])) >= ISOFLOP_MIN_SIZES]
+    if len(usable) < ISOFLOP_MIN_BUDGETS:
+        return {"available": False, "grouping": rule,
+                "reason": f"needs at least {ISOFLOP_MIN_BUDGETS} compute budgets with {ISOFLOP_MIN_SIZES} or more "
+                          f"sizes each; found {len(usable)} ({len(slices)} budgets in all)"}
+    rng = np.random.default_rng(seed)
+    rows, draws = zip(*(_isoflop_budget(s, n_bootstrap, rng) for s in usable))
+    used = [(r, d) for r, d in zip(rows, draws) if d is not None]
+    out = {"available": False, "method": "Chinchilla Approach 2: a parabola of loss in log N per compute budget; "
+                                         "N_opt ~ C^a, D_opt ~ C^b by least squares in log-log; 95% CI: "
+                                         f"percentile bootstrap over each budget's runs, seed {seed}",
+           "grouping": rule, "budgets": list(rows),
+           "refused_budgets": [f"{r['label']}: {r['refused']}" for r in rows if not r["used"]]}
+    if len(used) < ISOFLOP_MIN_BUDGETS:
+        return {**out, "reason": f"only {len(used)} of {len(rows)} budgets have an interior minimum; "
+                                 f"needs {ISOFLOP_MIN_BUDGETS}"}
+    log_c = np.log([r["flops"] for r, _ in used])
+    log_n = np.log([r["N_opt"] for r, _ in used])
+    a_draws = _slope_draws(log_c, np.array([d for _, d in used]))
+    b_draws = _slope_draws(log_c, log_c[:, None] - np.log(6) - np.array([d for _, d in used]))
+    out.update(available=True, n_budgets_used=len(used), n_bootstrap=int(np.isfinite(a_draws).sum()),
+               N_opt_exponent=float(np.polyfit(log_c, log_n, 1)[0]), N_opt_exponent_ci95=_percentiles(a_draws),
+               D_opt_exponent=float(np.polyfit(log_c, log_c - np.log(6) - log_n, 1)[0]),
+               D_opt_exponent_ci95=_percentiles(b_draws))
+    return {**out, **isoflop_agreement(out, joint or {})}
+
+
+def isoflop_agreement(iso: dict, joint: dict) -> dict:
+    """Approach 2's a beside the joint law's beta/(alpha+beta), and a warning when their 95% intervals
+    do not overlap."""
+    if not joint.get("available"):
+        return {"joint_N_opt_exponent": None, "intervals_overlap": None, "warning": None}
+    mine, theirs = iso.get("N_opt_exponent_ci95"), joint.get("N_opt_exponent_ci95")
+    overlap = bool(mine[0] <= theirs[1] and theirs[0] <= mine[1]) if mine and theirs else None
+    warning = None
+    if overlap is False:
+        warning = (f"IsoFLOP a = {iso['N_opt_exponent']:.3f} {_fmt_ci(mine)} and the joint law's "
+                   f"beta/(alpha+beta) = {joint['N_opt_exponent']:.3f} {_fmt_ci(theirs)} disagree: their "
+                   f"95% intervals do not overlap")
+    return {"joint_N_opt_exponent": joint.get("N_opt_exponent"), "joint_N_opt_exponent_ci95": theirs,
+            "intervals_overlap": overlap, "warning": warning}
 
 
 # --- runs -> points ---------------------------------------------------------------------------------
@@ -3012,27 +3216,35 @@ def fit_sweeps(experiments: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: in
 
 
 def predictions_from_fits(fits: dict) -> list[dict]:
-    """Predicted loss, with its 95% interval where the fit has one, at every reference model."""
+    """Predicted loss at every reference model, with the 95% confidence interval of the law
+    (`predicted_loss_ci95`) and the wider 95% prediction interval of one new run there, which adds the
+    fit's residual scatter (`predicted_loss_pi95`), where the fit has bootstrap draws."""
     out = []
     for sweep, models in REFERENCE_MODELS.items():
         fit = fits.get(sweep, {})
         draws = law_samples(fit, [x for _, x in models])
+        noisy = with_noise(draws, fit.get("residual_std_log"))
         for i, (name, x) in enumerate(models):
             pred = float(power_law(x, fit["a"], fit["b"], fit["c"])) if fit.get("available") else None
             out.append({"name": name, "sweep": sweep, "N" if sweep == "params" else "D": x,
                         "predicted_loss": pred,
                         "predicted_loss_ci95": _percentiles(draws[:, i]) if draws is not None else None,
+                        "predicted_loss_pi95": _percentiles(noisy[:, i]) if noisy is not None else None,
                         "kaplan_loss": float(kaplan_law(x, sweep))})
     return out
 
 
-def _relative_error(pred, measured, draws):
-    """Signed relative error of a prediction, with the interval of the bootstrap predictions."""
+def _relative_error(pred, measured, draws, noisy=None):
+    """Signed relative error of a prediction, with the intervals of the bootstrap predictions: `_ci95`
+    for the law (confidence), `_pi95` for a new run (prediction: the law's draws with residual noise)."""
     err = {"predicted_loss": float(pred), "measured_loss": float(measured),
            "relative_error": float(pred / measured - 1)}
-    err["predicted_loss_ci95"] = _percentiles(draws) if draws is not None else None
-    err["relative_error_ci95"] = ([v / measured - 1 for v in err["predicted_loss_ci95"]]
-                                  if draws is not None else None)
+    for tag, d in (("ci95", draws), ("pi95", noisy)):
+        err[f"predicted_loss_{tag}"] = _percentiles(d) if d is not None else None
+        err[f"relative_error_{tag}"] = ([v / measured - 1 for v in err[f"predicted_loss_{tag}"]]
+                                        if d is not None else None)
+    pi = err["predicted_loss_pi95"]
+    err["within_pi95"] = bool(pi[0] <= measured <= pi[1]) if pi else None
     return err
 
 
@@ -3049,11 +3261,13 @@ def holdout_one_variable(runs: list[dict], key: str, n_bootstrap: int, seed: int
         return {"available": False, "reason": f"refit without the largest {key}: {fit['reason']}"}
     x_out, measured = float(xs.max()), float(ys[top].mean())
     draws = law_samples(fit, [x_out])
+    noisy = with_noise(draws, fit["residual_std_log"], seed)
     out = {"available": True, "held_out": f"largest {key}", key: x_out, "x": x_out,
            "runs": [r["name"] for r, t in zip(runs, top) if t], "n_fit_points": int((~top).sum()),
-           "fit_law": fit["law"], "fit_b": fit["b"],
+           "fit_law": fit["law"], "fit_b": fit["b"], "residual_std_log": fit["residual_std_log"],
            **_relative_error(power_law(x_out, fit["a"], fit["b"], fit["c"]), measured,
-                             draws[:, 0] if draws is not None else None)}
+                             draws[:, 0] if draws is not None else None,
+                             noisy[:, 0] if noisy is not None else None)}
     out["note"] = fit.get("note")
     return out
 
@@ -3069,21 +3283,95 @@ def holdout_joint(points: list[dict], axis: str, n_bootstrap: int, seed: int) ->
                         n_bootstrap, seed)
     if not fit.get("available"):
         return {"available": False, "reason": f"refit without the largest {axis}: {fit['reason']}"}
-    N = np.array([p["N"] for p in held], dtype=float)
-    D = np.array([p["D"] for p in held], dtype=float)
-    measured = np.array([p["loss"] for p in held], dtype=float)
-    pred = joint_law(N, D, fit["E"], fit["A"], fit["B"], fit["alpha"], fit["beta"])
-    draws = joint_samples(fit, N, D)
-    rel_draws = (draws / measured - 1).mean(axis=1) if draws is not None else None
-    per_run = [{"name": p.get("name"), "N": p["N"], "D": p["D"],
-                **_relative_error(pr, m, draws[:, i] if draws is not None else None)}
-               for i, (p, pr, m) in enumerate(zip(held, pred, measured))]
+    summary = _predict_held_out(fit, held, seed)
     return {"available": True, "held_out": f"largest {axis}", axis: float(vals.max()), "x": float(vals.max()),
             "n_fit_points": len(rest), "fit_law": fit["law"],
-            "fit": {k: fit[k] for k in ("E", "A", "B", "alpha", "beta")},
-            "relative_error": float(np.mean(pred / measured - 1)),
-            "relative_error_ci95": _percentiles(rel_draws) if rel_draws is not None else None,
-            "runs": per_run, "note": fit.get("note")}
+            "fit": {k: fit[k] for k in ("E", "A", "B", "alpha", "beta", "residual_std_log")},
+            "relative_error": summary["mean_bias"], "relative_error_ci95": summary["mean_bias_ci95"],
+            "relative_error_pi95": summary["mean_bias_pi95"], "runs": summary["runs"], "note": fit.get("note")}
+
+
+def _predict_held_out(fit: dict, held: list[dict], seed: int) -> dict:
+    """A fit's predictions of held-out points {'name', 'N', 'D', 'loss'} (a one-variable fit reads
+    its x from 'x'): each run's relative error with its ci95 and pi95, and over the runs the mean
+    absolute error and the mean signed error (bias), each with the bootstrap's 95% interval."""
+    measured = np.array([p["loss"] for p in held], dtype=float)
+    if "E" in fit:
+        N, D = (np.array([p[k] for p in held], dtype=float) for k in ("N", "D"))
+        pred = joint_law(N, D, fit["E"], fit["A"], fit["B"], fit["alpha"], fit["beta"])
+        draws = joint_samples(fit, N, D)
+    else:
+        x = np.array([p["x"] for p in held], dtype=float)
+        pred, draws = power_law(x, fit["a"], fit["b"], fit["c"]), law_samples(fit, x)
+    noisy = with_noise(draws, fit.get("residual_std_log"), seed)
+    runs = [{k: v for k, v in p.items() if k != "loss"}
+            | _relative_error(pr, m, *(d[:, i] if d is not None else None for d in (draws, noisy)))
+            for i, (p, pr, m) in enumerate(zip(held, pred, measured))]
+    out = {"n_predicted": len(held), "runs": runs,
+           "mean_abs_error": float(np.mean(np.abs(pred / measured - 1))),
+           "mean_bias": float(np.mean(pred / measured - 1))}
+    rel = draws / measured - 1 if draws is not None else None
+    out["mean_abs_error_ci95"] = _percentiles(np.abs(rel).mean(axis=1)) if rel is not None else None
+    out["mean_bias_ci95"] = _percentiles(rel.mean(axis=1)) if rel is not None else None
+    out["mean_bias_pi95"] = _percentiles((noisy / measured - 1).mean(axis=1)) if noisy is not None else None
+    inside = [r["within_pi95"] for r in runs if r["within_pi95"] is not None]
+    out["share_within_pi95"] = float(np.mean(inside)) if inside else None
+    return out
+
+
+def _cutoff_indices(n_candidates: int, max_cutoffs: int) -> list[int]:
+    """At most max_cutoffs of n_candidates cutoffs, evenly spaced, always keeping the last (largest)."""
+    if n_candidates <= max_cutoffs:
+        return list(range(n_candidates))
+    return sorted({int(round(v)) for v in np.linspace(0, n_candidates - 1, max_cutoffs)})
+
+
+def rollout(points: list[dict], order_key: str, min_fit: int, fit_fn, n_bootstrap: int = ROLLOUT_BOOTSTRAP,
+            seed: int = BOOTSTRAP_SEED, max_cutoffs: int = ROLLOUT_MAX_CUTOFFS) -> dict:
+    """Refit on every expanding prefix of the points ordered by `order_key` (points with equal values
+    enter together) from `min_fit` distinct values on, and predict every larger point. fit_fn(prefix,
+    n_bootstrap, seed) returns a fit. With more candidate cutoffs than max_cutoffs, an evenly spaced
+    subset is refitted, the largest always among them. `headline` is the largest cutoff."""
+    vals = np.array([p[order_key] for p in points], dtype=float)
+    levels = np.unique(vals)
+    candidates = levels[min_fit - 1:-1]                    # the last value fitted at each cutoff
+    if not len(candidates):
+        return {"available": False, "reason": f"needs at least {min_fit + 1} distinct {order_key} ({min_fit} to "
+                                              f"fit, one larger to predict), got {len(levels)}"}
+    cutoffs = []
+    for i in _cutoff_indices(len(candidates), max_cutoffs):
+        fit_mask = vals <= candidates[i]
+        fit = fit_fn([p for p, m in zip(points, fit_mask) if m], n_bootstrap, seed)
+        row = {"fit_up_to": float(candidates[i]), "n_fit_points": int(fit_mask.sum())}
+        if not fit.get("available"):
+            cutoffs.append({**row, "available": False, "reason": fit["reason"]})
+            continue
+        held = [p for p, m in zip(points, fit_mask) if not m]
+        cutoffs.append({**row, "available": True, "n_bootstrap": fit["n_bootstrap"],
+                        **_predict_held_out(fit, held, seed)})
+    usable = [c for c in cutoffs if c["available"]]
+    return {"available": bool(usable), "order": order_key, "n_candidate_cutoffs": int(len(candidates)),
+            "cutoffs": cutoffs, "headline": usable[-1] if usable else None,
+            **({} if usable else {"reason": f"no cutoff could be fitted: {cutoffs[-1]['reason']}"})}
+
+
+def rollout_one_variable(runs: list[dict], key: str, n_bootstrap: int = ROLLOUT_BOOTSTRAP,
+                         seed: int = BOOTSTRAP_SEED) -> dict:
+    """Rollout of one sweep's L = c + a x^-b: fit the runs at the 3 smallest x, then 4, ..., and
+    predict every run at a larger x."""
+    points = [{"name": r.get("name"), "x": float(r[key]), "loss": float(r["final_val_loss"])} for r in runs]
+    out = rollout(points, "x", 3, lambda pts, nb, s: fit_power_law([p["x"] for p in pts], [p["loss"] for p in pts],
+                                                                   nb, s), n_bootstrap, seed)
+    return {**out, "order": f"{key}, ascending (runs at equal {key} enter together)"}
+
+
+def rollout_joint(points: list[dict], n_bootstrap: int = ROLLOUT_BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> dict:
+    """Rollout of the joint law, points ordered by compute C = 6 N D: fit the 6 cheapest runs or
+    more, predict every costlier one."""
+    pts = [{**p, "C": 6 * p["N"] * p["D"]} for p in points]
+    out = rollout(pts, "C", 6, lambda ps, nb, s: fit_joint_law([p["N"] for p in ps], [p["D"] for p in ps],
+                                                               [p["loss"] for p in ps], nb, s), n_bootstrap, seed)
+    return {**out, "order": "compute C = 6 N D, ascending (runs at equal C enter together)"}
 
 
 def runs_as_points(experiments: list[dict]) -> list[dict]:
@@ -3104,12 +3392,13 @@ def analyse_points(points: list[dict], fits: dict, n_bootstrap: int, seed: int) 
     if fits["joint"].get("available"):
         for axis in ("N", "D"):
             holdout[f"joint_largest_{axis}"] = holdout_joint(points, axis, n_bootstrap, seed)
+        holdout["rollout_joint"] = rollout_joint(points, min(n_bootstrap, ROLLOUT_BOOTSTRAP), seed)
     else:
-        for axis in ("N", "D"):
-            holdout[f"joint_largest_{axis}"] = {"available": False, "reason": f"the joint law is unavailable: "
-                                                                              f"{fits['joint']['reason']}"}
+        for key in ("joint_largest_N", "joint_largest_D", "rollout_joint"):
+            holdout[key] = {"available": False, "reason": f"the joint law is unavailable: {fits['joint']['reason']}"}
     co = compute_optimal(fits["joint"], [6 * p["N"] * p["D"] for p in points])
-    return {"holdout": holdout, "compute_optimal": co}
+    return {"holdout": holdout, "compute_optimal": co,
+            "isoflop": fit_isoflop(points, fits["joint"], n_bootstrap, seed)}
 
 
 def strip_private(obj):
@@ -3129,10 +3418,11 @@ def analyse_runs(experiments: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: 
     for sweep, key in SWEEP_X.items():
         runs = usable_runs(experiments, sweep)
         holdout[sweep] = holdout_one_variable(runs, key, n_bootstrap, seed)
+        holdout[f"rollout_{sweep}"] = rollout_one_variable(runs, key, min(n_bootstrap, ROLLOUT_BOOTSTRAP), seed)
     extra = analyse_points(runs_as_points(experiments), fits, n_bootstrap, seed)
     holdout.update(extra["holdout"])
     out = {"fits": fits, "predictions": predictions_from_fits(fits), "holdout": holdout,
-           "compute_optimal": extra["compute_optimal"]}
+           "compute_optimal": extra["compute_optimal"], "isoflop": extra["isoflop"]}
     return strip_private(out)
 
 
@@ -3189,7 +3479,7 @@ def analyse_table(points: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: int 
                        "n_points": 0, "x": SWEEP_X[sweep]}
     dropped = [p["line"] for p, k in zip(points, ok) if not k]
     return strip_private({"fits": fits, "predictions": [], "holdout": extra["holdout"],
-                          "compute_optimal": extra["compute_optimal"],
+                          "compute_optimal": extra["compute_optimal"], "isoflop": extra["isoflop"],
                           "rows_left_out": {"lines": dropped, "why": notes} if dropped else None})
 
 # ----------------------------------------------------------------------------------------------------
@@ -3284,8 +3574,8 @@ def build_scaling_figure(results: dict):
                 x_out = ho[key]
                 ax.scatter([x_out], [ho["measured_loss"]], s=220, facecolors="none", edgecolors="black",
                            zorder=7, label="held out for the check below")
-            ax.text(0.02, 0.03, "\n".join(_wrap(line, 80) for line in holdout_text(ho, "N" if sweep == "params"
-                                                                             else "D").split("\n")),
+            text = holdout_text(ho, "N" if sweep == "params" else "D", results["holdout"].get(f"rollout_{sweep}"))
+            ax.text(0.02, 0.03, "\n".join(_wrap(line, 80) for line in text.split("\n")),
                     transform=ax.transAxes,
                     fontsize=8.5, va="bottom", ha="left",
                     bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85, "edgecolor": "0.6"})
@@ -3349,19 +3639,36 @@ def _fmt_ci(ci, fmt="{:.3f}") -> str:
     return f"[{fmt.format(ci[0])}, {fmt.format(ci[1])}]" if ci else "(no interval)"
 
 
-def holdout_text(ho: dict, var: str) -> str:
-    """One or two lines on a hold-out check, for the log and the figure."""
+def _fmt_pct(ci) -> str:
+    return _fmt_ci(ci and [100 * v for v in ci], "{:+.1f}%")
+
+
+def holdout_text(ho: dict, var: str, rollout: dict | None = None) -> str:
+    """Two or three lines on a hold-out check (and its rollout, if given), for the log and the figure.
+    Intervals: 95% confidence of the law, then ('new run') the 95% prediction interval."""
     if not ho.get("available"):
-        return f"hold-out check unavailable: {ho.get('reason')}"
-    x = ho["x"]
-    if "predicted_loss" in ho:
-        what = (f"predicts {ho['predicted_loss']:.3f} {_fmt_ci(ho.get('predicted_loss_ci95'))} vs measured "
-                f"{ho['measured_loss']:.3f}: error")
+        text = f"hold-out check unavailable: {ho.get('reason')}"
     else:
-        what = f"predicts the {len(ho['runs'])} held-out run(s) with mean error"
-    return (f"hold-out: refit on {ho['n_fit_points']} runs without the largest {var} ({format_count(x)})\n"
-            f"{what} {100 * ho['relative_error']:+.1f}% "
-            + _fmt_ci(ho.get("relative_error_ci95") and [100 * v for v in ho["relative_error_ci95"]], "{:+.1f}%"))
+        if "predicted_loss" in ho:
+            what = (f"predicts {ho['predicted_loss']:.3f} {_fmt_ci(ho.get('predicted_loss_ci95'))} (new run "
+                    f"{_fmt_ci(ho.get('predicted_loss_pi95'))}) vs measured {ho['measured_loss']:.3f}: error")
+        else:
+            what = f"predicts the {len(ho['runs'])} held-out run(s) with mean error"
+        text = (f"hold-out: refit on {ho['n_fit_points']} runs without the largest {var} ({format_count(ho['x'])})\n"
+                f"{what} {100 * ho['relative_error']:+.1f}% {_fmt_pct(ho.get('relative_error_ci95'))} "
+                f"(new run {_fmt_pct(ho.get('relative_error_pi95'))})")
+    return text + ("\n" + rollout_text(rollout) if rollout else "")
+
+
+def rollout_text(ro: dict) -> str:
+    """One line on a rollout check: its largest cutoff's mean absolute error and bias."""
+    if not ro.get("available"):
+        return f"rollout unavailable: {ro.get('reason')}"
+    h = ro["headline"]
+    return (f"rollout over {len(ro['cutoffs'])} cutoffs by {ro['order'].split(',')[0]}; at the largest, "
+            f"{h['n_fit_points']} runs predict {h['n_predicted']} with mean |error| "
+            f"{100 * h['mean_abs_error']:.1f}% {_fmt_ci(h['mean_abs_error_ci95'] and [100 * v for v in h['mean_abs_error_ci95']], '{:.1f}%')}, "
+            f"bias {100 * h['mean_bias']:+.1f}% {_fmt_pct(h['mean_bias_ci95'])}")
 
 
 def plot_compute_optimal_figure(results: dict, path: Path) -> None:
@@ -3728,6 +4035,10 @@ def log_fit_summary(results: dict) -> None:
     else:
         log(f"  joint fit: unavailable ({joint.get('reason')})")
     for name, ho in results.get("holdout", {}).items():
+        if name.startswith("rollout_"):
+            law = "joint law" if name == "rollout_joint" else f"{name[len('rollout_'):]} sweep"
+            log(f"  {law} " + rollout_text(ho))
+            continue
         var = "N" if name in ("params", "joint_largest_N") else "D"
         law = "joint law" if name.startswith("joint") else f"{name} sweep"
         log(f"  {law} " + holdout_text(ho, var).replace("\n", ", "))
@@ -3740,15 +4051,35 @@ def log_fit_summary(results: dict) -> None:
                 f"{_fmt_ci(b['tokens_per_parameter_ci95'], '{:.3g}')}, loss {b['loss']:.3f}")
     else:
         log(f"  compute-optimal allocation: unavailable ({co.get('reason')})")
+    log_isoflop(results.get("isoflop"))
     for p in results.get("predictions", []):
         if p["predicted_loss"] is not None:
             x = p.get("N", p.get("D"))
             log(f"  predicted loss at {p['name']} ({format_count(x)}): {p['predicted_loss']:.4g} "
-                f"{_fmt_ci(p.get('predicted_loss_ci95'), '{:.4g}')} (this corpus and tokenizer; an extrapolation, "
+                f"{_fmt_ci(p.get('predicted_loss_ci95'), '{:.4g}')}, one new run "
+                f"{_fmt_ci(p.get('predicted_loss_pi95'), '{:.4g}')} (this corpus and tokenizer; an extrapolation, "
                 f"not that model's loss)")
     if "fit_wall_time_s" in results:
         log(f"  fits took {format_duration(results['fit_wall_time_s'])} "
             f"({results.get('n_bootstrap', N_BOOTSTRAP)} bootstrap resamples each)")
+
+
+def log_isoflop(iso: dict | None) -> None:
+    """The IsoFLOP exponent (Approach 2) beside the joint law's, the refused budgets, any warning."""
+    if not iso:
+        return
+    if not iso.get("available"):
+        log(f"  IsoFLOP (Approach 2): unavailable ({iso.get('reason')})")
+    else:
+        joint = (f", joint law beta/(alpha+beta) {iso['joint_N_opt_exponent']:.3f} "
+                 f"{_fmt_ci(iso.get('joint_N_opt_exponent_ci95'))}" if iso.get("joint_N_opt_exponent") else "")
+        log(f"  IsoFLOP (Approach 2, {iso['n_budgets_used']} budgets): N_opt ~ C^{iso['N_opt_exponent']:.3f} "
+            f"{_fmt_ci(iso['N_opt_exponent_ci95'])}, D_opt ~ C^{iso['D_opt_exponent']:.3f} "
+            f"{_fmt_ci(iso['D_opt_exponent_ci95'])}{joint}")
+    for refused in iso.get("refused_budgets", []):
+        log(f"  IsoFLOP budget refused: {refused}")
+    if iso.get("warning"):
+        log(f"  WARNING: {iso['warning']}")
 
 
 def print_summary(results: dict, out_dir: Path) -> None:

