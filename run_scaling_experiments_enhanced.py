@@ -2984,6 +2984,9 @@ def build_scaling_figure(results: dict):
         else:
             ax.text(0.5, 0.5, f"fit unavailable:\n{_wrap(fit.get('reason', 'no runs'))}",
                     transform=ax.transAxes, ha="center", va="center", color="darkred", fontsize=11)
+        if sweep == "data" and (note := repetition_note(results.get("data_budget") or {})):   # past 4 epochs
+            ax.text(0.02, 0.15, _wrap(note, 75), transform=ax.transAxes, fontsize=8, color="darkred",
+                    bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"})
         ho = results.get("holdout", {}).get(sweep)
         if ho:
             if ho.get("available"):
