@@ -4,10 +4,12 @@
     python quick_scaling_demo.py                               # -> scaling_results_demo/
     python run_scaling_experiments_enhanced.py --mode quick    # -> scaling_results_quick_v2/
     python compare_quick_vs_real.py                            # -> comparison_results/
+    python compare_quick_vs_real.py --real scaling_results_standard_v2   # simulates standard if no demo
     python compare_quick_vs_real.py --sim scaling_results_demo --real scaling_results_tiny_v2
 
 Either input may be a results folder or its results.json, simulated or real; results of different modes
-or corpora can be compared, and the report says when they differ. Writes
+or corpora can be compared, and the report says when they differ. With no simulated results at --sim, the
+simulation of the real run's mode is made there first (seconds, no torch: quick_scaling_demo's code). Writes
 `comparison_results/comparison_report.json` first, then `comparison_results/quick_vs_real_comparison.png`,
 and prints a short verdict table. Differences are real minus sim. Intervals are the 95% intervals the
 fitting code records (`ci95`); where a file has none, the report says "n/a" and whether the intervals
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+import quick_scaling_demo as demo
 import run_scaling_experiments_enhanced as rse
 
 SWEEPS = {"params": ("n_params_nonembedding", "N"), "data": ("tokens", "D")}
@@ -69,6 +72,25 @@ def load_results(text: str, role: str) -> tuple[dict, Path]:
         raise rse.UserError(f"{flag}: {path} is not a results.json of the runner or the demo (no "
                             f"'experiments' list)")
     return results, path
+
+
+def simulate_for(real: dict, sim_file: Path) -> tuple[dict, Path]:
+    """The demo's study of the real run's mode, written where --sim points: Chinchilla's law, or
+    Kaplan's where the mode's runs lie too far outside Chinchilla's (tiny)."""
+    mode = real.get("mode") if real.get("mode") in rse.PRESETS else "quick"
+    folder = sim_file.parent
+    for law in demo.LAWS:
+        try:
+            results = demo.simulated_study(["--mode", mode], law, demo.DEFAULT_NOISE, 0, folder)
+            break
+        except rse.UserError:
+            if law == demo.LAWS[-1]:
+                raise
+    rse.prepare_output_dir(folder)
+    rse.finish_results(results, folder)
+    rse.log(f"sim: no results at {sim_file}; simulated mode '{mode}' under the {law} law there (as `python "
+            f"quick_scaling_demo.py --mode {mode} --law {law} --output-dir {folder}` would)")
+    return results, folder / "results.json"
 
 
 def fits_of(results: dict) -> tuple[dict, list, str]:
@@ -341,8 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        sim, sim_path = load_results(args.sim, "sim")
         real, real_path = load_results(args.real, "real")
+        if results_path(args.sim).exists():
+            sim, sim_path = load_results(args.sim, "sim")
+        else:
+            sim, sim_path = simulate_for(real, results_path(args.sim))
         out_dir = Path(args.output_dir)
         rse.prepare_output_dir(out_dir)
     except rse.UserError as e:

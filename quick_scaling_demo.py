@@ -211,6 +211,18 @@ def simulate(cfg: rse.RunConfig, preset: rse.Preset, law: str, noise: float, see
             "fits": {}, "predictions": [], "wall_time_s": 0.0}
 
 
+def simulated_study(runner_argv: list[str], law: str, noise: float, seed: int, out_dir: Path) -> dict:
+    """The runner's plan for these runner arguments (e.g. ['--mode', 'quick']) simulated under `law`:
+    a results dict whose fits are still to be made (rse.finish_results), the range note in true_law."""
+    cfg, preset = rse.config_from_args(rse.build_parser().parse_args(runner_argv))
+    cfg = dataclasses.replace(cfg, data="simulated", device="none", cache_dir="", seed=seed, output_dir=str(out_dir))
+    results = simulate(cfg, preset, law, noise, seed)
+    note = out_of_range_note(results)
+    if note:
+        results["true_law"]["note"] = note
+    return results
+
+
 def out_of_range_note(results: dict) -> str | None:
     """Which of the runs lie outside the span the Chinchilla law was fitted on, if any."""
     if results["true_law"]["name"] != "chinchilla":
@@ -315,23 +327,18 @@ def main(argv: list[str] | None = None) -> int:
         for opt in ("param_sizes", "data_sizes", "data_model_size", "max_steps", "vocab_size"):
             if getattr(args, opt) is not None:
                 runner_argv += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
-        cfg, preset = rse.config_from_args(rse.build_parser().parse_args(runner_argv))
-        cfg = dataclasses.replace(cfg, data="simulated", device="none", cache_dir="", seed=args.seed,
-                                  output_dir=args.output_dir)
         out_dir = Path(args.output_dir)
-        results = simulate(cfg, preset, args.law, args.noise, args.seed)
+        results = simulated_study(runner_argv, args.law, args.noise, args.seed, out_dir)
         rse.prepare_output_dir(out_dir)
     except rse.UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    rse.log(f"simulating mode '{cfg.mode}' ({len(results['experiments'])} runs of the runner's plan) under the "
-            f"{args.law} law, noise {args.noise:g}, seed {args.seed}: no training")
+    rse.log(f"simulating mode '{results['mode']}' ({len(results['experiments'])} runs of the runner's plan) "
+            f"under the {args.law} law, noise {args.noise:g}, seed {args.seed}: no training")
     for sweep, truth in results["true_law"]["sweeps"].items():
         rse.log(f"  {sweep} sweep: {truth['how']}")
-    note = out_of_range_note(results)
-    if note:
-        rse.log(f"  note: {note}")
-        results["true_law"]["note"] = note
+    if results["true_law"].get("note"):
+        rse.log(f"  note: {results['true_law']['note']}")
     rse.finish_results(results, out_dir)
     rse.print_summary(results, out_dir)
     print_comparison(results)

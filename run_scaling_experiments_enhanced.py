@@ -51,10 +51,12 @@ import resource
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
 import textwrap
+import threading
 import time
 import traceback
 import warnings
@@ -119,11 +121,13 @@ def parse_count_list(text: str) -> list[int]:
 
 
 def format_count(n: float) -> str:
-    """25000 -> '25K', 1580032 -> '1.58M', 1.75e11 -> '175B'."""
+    """25000 -> '25K', 1580032 -> '1.58M', 1.75e11 -> '175B', 999_997_440 -> '1B'."""
+    rounded = float(f"{n:.3g}")        # round first, so 999,997,440 takes the suffix of 1B, not '1e+03M'
     for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{suffix}"
-    return f"{n:.3g}"
+        if abs(rounded) >= scale:
+            value = rounded / scale
+            return f"{value:.3g}{suffix}" if abs(value) < 1000 else f"{value:,.0f}{suffix}"
+    return f"{rounded:g}"
 
 
 def format_duration(seconds: float) -> str:
@@ -334,6 +338,7 @@ class RunConfig:
     num_proc: int | None = None
     bpe_sample_chars: int | None = None       # None: BPE_SAMPLE_CHARS
     no_repeat: bool = False
+    max_tokens: int | None = None             # --max-tokens: prepare at most this many training tokens
     # long runs (issue 5): repeated seeds and checkpoints
     seeds: list[int] = field(default_factory=lambda: [0])   # every experiment runs once per seed
     checkpoint_every: str = "5m"   # a duration (90s, 5m, 1h) or a step count (500steps)
@@ -375,6 +380,25 @@ ENCODE_CHARS_PER_THREAD = 1 << 17
 # before 200M characters, and the trainer's word counts grow with the text it sees, so a huge corpus
 # gets an evenly strided sample (recorded in results.json) instead of all of it.
 BPE_SAMPLE_CHARS = 200_000_000
+# Natural text by default: quick, standard and full stream FineWeb-Edu's 10B-token sample from the Hub;
+# tiny keeps the built-in corpus, which needs no network.
+NATURAL_TEXT = "hf:HuggingFaceFW/fineweb-edu:sample-10BT"
+DEFAULT_DATA = {"tiny": "builtin"}          # every other mode: NATURAL_TEXT
+# A Hub stream is prepared only as far as the plan needs: the largest run's tokens times this margin.
+CAP_MARGIN = 1.05
+# A capped preparation's validation set: every 20th piece until it holds this many characters (~2M
+# tokens), then none. Every cap past ~40M training tokens thus has the very same validation text.
+CAPPED_VAL_CHARS = 8_000_000
+# Before a capped preparation the tokenizer does not exist yet, so its BPE sample is bounded in
+# characters: the cap times this (English runs ~4 characters per token at these vocabularies).
+CAPPED_BPE_CHARS_PER_TOKEN = 4
+# The built-in corpus (Python source) at the tiny preset's 2,048-token BPE: 31.5M characters, 10.5M
+# tokens. Used only to say how many epochs a plan would read of it.
+BUILTIN_CHARS_PER_TOKEN = 3.0
+HUB_HOST = "huggingface.co"
+HUB_TIMEOUT_S = 3.0
+# Muennighoff et al. 2023: up to ~4 epochs repeated tokens are worth almost as much as fresh ones.
+REPEAT_HARMLESS_EPOCHS = 4
 
 
 def builtin_corpus_files() -> tuple[str, list[Path]]:
@@ -443,12 +467,14 @@ def piece_size(n_chars: int) -> int:
     return int(min(PIECE_CHARS, max(1000, n_chars // 400)))
 
 
-def iter_pieces(documents: Iterable[Iterable[str]], size: int) -> Iterator[tuple[str, bool]]:
+def iter_pieces(documents: Iterable[Iterable[str]], size: int,
+                val_max_chars: int | None = None) -> Iterator[tuple[str, bool]]:
     """(piece, is_validation) for every piece, streaming: each document (an iterable of text blocks) is
     cut into pieces of at most `size` characters, at the last line end inside the limit when there is
-    one, and every VAL_EVERY-th piece counting across documents goes to validation. Holds one document's
-    current block and one piece, never a whole document."""
-    i = n_train = 0
+    one, and every VAL_EVERY-th piece counting across documents goes to validation (until validation
+    holds `val_max_chars`, when given). Holds one document's current block and one piece, never a whole
+    document."""
+    i = n_train = val_chars = 0
     any_val = False
     held = None               # the latest training piece, held back: a corpus too small for a
     for doc in documents:     # validation piece gives its last training piece to validation instead
@@ -469,8 +495,9 @@ def iter_pieces(documents: Iterable[Iterable[str]], size: int) -> Iterator[tuple
                 nl = buf.rfind("\n", pos, end)
                 end = nl + 1 if nl > pos else end
             piece, pos = buf[pos:end], end
-            if i % VAL_EVERY == VAL_EVERY // 2:
+            if i % VAL_EVERY == VAL_EVERY // 2 and (val_max_chars is None or val_chars < val_max_chars):
                 any_val = True
+                val_chars += len(piece)
                 yield piece, True
             else:
                 if held is not None:
@@ -550,13 +577,17 @@ def text_file_source(data: str) -> CorpusSource:
 
 def load_corpus(data: str, vocab_size: int, cache_dir: Path, *, text_column: str = "text",
                 split: str = "train", num_proc: int | None = None,
-                bpe_sample_chars: int = BPE_SAMPLE_CHARS) -> Corpus:
+                bpe_sample_chars: int = BPE_SAMPLE_CHARS, max_train_tokens: int | None = None) -> Corpus:
     """Text corpora are tokenized once with a byte-level BPE and cached under a key made from the
     corpus's identity (content sha256, or Hub name + config + revision), the vocabulary and the split
     rule; a second run only memory-maps the cache. `data` is 'builtin', a text file or folder, a .bin
-    token file, 'hf:NAME[:CONFIG][@REVISION]', or a local dataset folder (save_to_disk, parquet, jsonl)."""
+    token file, 'hf:NAME[:CONFIG][@REVISION]', or a local dataset folder (save_to_disk, parquet, jsonl).
+
+    With `max_train_tokens` the stream stops once the training split holds that many tokens (see
+    cache_covers for when such a cache serves a later plan)."""
     if data.endswith(".bin") and Path(data).expanduser().is_file():
         return load_token_file(Path(data).expanduser(), vocab_size)
+    check_vocab_size(vocab_size, data)
     t0 = time.time()
     check_data_source(data)
     local = Path(data).expanduser()
@@ -564,40 +595,85 @@ def load_corpus(data: str, vocab_size: int, cache_dir: Path, *, text_column: str
         source = dataset_source(data, text_column, split)
     else:
         source = text_file_source(data)
-    split_rule = f"every{VAL_EVERY}-of-{source.piece_chars}chars"
-    key_text = f"{source.identity}|bpe-bytelevel-v1|{vocab_size}|{split_rule}"
-    if source.n_chars is None or source.n_chars > bpe_sample_chars:
-        key_text += f"|bpe-sample-{bpe_sample_chars}"       # only corpora the sample cap can touch
-    entry = Path(cache_dir) / hashlib.sha256(key_text.encode()).hexdigest()[:16]
-    if not (entry / "meta.json").exists():
+    entry = cache_entry(source, vocab_size, Path(cache_dir), bpe_sample_chars, max_train_tokens is not None)
+    meta = read_cache_meta(entry)
+    if meta is None or not cache_covers(meta, max_train_tokens):
         size = f", {source.n_chars / 1e6:.1f}M characters" if source.n_chars is not None else ""
-        log(f"data: tokenizing {source.name} ({source.record.get('n_files', 'streamed')} files{size}) "
+        upto = f" up to {format_count(max_train_tokens)} training tokens" if max_train_tokens else ""
+        log(f"data: tokenizing {source.name} ({source.record.get('n_files', 'streamed')} files{size}){upto} "
             f"with a {vocab_size}-token BPE; cached for later runs in {entry}")
-        build_token_cache(source, vocab_size, entry, bpe_sample_chars=bpe_sample_chars, num_proc=num_proc)
+        if meta is not None:
+            log(f"data: the cache there holds {format_count(meta['n_train_tokens'])} training tokens, fewer "
+                f"than the {format_count(max_train_tokens)} this plan needs: preparing it again, longer")
+        build_token_cache(source, vocab_size, entry, bpe_sample_chars=bpe_sample_chars, num_proc=num_proc,
+                          max_train_tokens=max_train_tokens)
+        meta = read_cache_meta(entry)
     else:
         log(f"data: using cached tokens for {source.name} from {entry}")
-    meta = json.loads((entry / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"])
     train = np.memmap(entry / "train.bin", dtype=dtype, mode="r")
     val = np.memmap(entry / "val.bin", dtype=dtype, mode="r")
+    record = {**source.record,
+              **{k: meta[k] for k in ("sha256", "n_documents", "n_characters") if k in meta},
+              "tokenizer": f"byte-level BPE (Hugging Face tokenizers), vocabulary {vocab_size}",
+              "tokenizer_path": str(entry / "tokenizer.json"), "vocab_size": vocab_size,
+              "token_dtype": dtype.name, "n_train_tokens": int(len(train)), "n_val_tokens": int(len(val)),
+              "validation_split": validation_rule(source.piece_chars, max_train_tokens is not None),
+              "bpe_training_text": meta.get("bpe_training_text", "all training text"),
+              "fingerprint": meta["tokens_sha256"], "cache_key": entry.name,
+              "prepare_time_s": round(time.time() - t0, 2)}
+    if max_train_tokens is not None:
+        record.update(max_train_tokens=max_train_tokens, cache_max_train_tokens=meta.get("max_train_tokens"),
+                      stream_exhausted=meta.get("exhausted", True))
+    log(f"data: {format_count(len(train))} training and {format_count(len(val))} validation tokens "
+        f"({time.time() - t0:.1f}s)")
+    return Corpus(train, val, vocab_size, record)
+
+
+def validation_rule(piece_chars: int, capped: bool) -> str:
+    rule = f"every {VAL_EVERY}th piece of <= {piece_chars} characters"
+    return rule + (f" until validation holds {CAPPED_VAL_CHARS:,} characters (a capped stream)" if capped else "")
+
+
+def cache_entry(source: CorpusSource, vocab_size: int, cache_dir: Path, bpe_sample_chars: int,
+                capped: bool) -> Path:
+    """The cache folder of this corpus, vocabulary and split rule. The cap itself is not in the key:
+    every capped preparation of a source shares one folder, whose meta.json says how far it went."""
+    split_rule = f"every{VAL_EVERY}-of-{source.piece_chars}chars"
+    if capped:                  # a bounded validation set, so a capped cache is not a full one
+        split_rule += f"-val-max-{CAPPED_VAL_CHARS}chars"
+    key_text = f"{source.identity}|bpe-bytelevel-v1|{vocab_size}|{split_rule}"
+    if capped or source.n_chars is None or source.n_chars > bpe_sample_chars:
+        key_text += f"|bpe-sample-{bpe_sample_chars}"       # only corpora the sample cap can touch
+    return cache_dir / hashlib.sha256(key_text.encode()).hexdigest()[:16]
+
+
+def read_cache_meta(entry: Path) -> dict | None:
+    """meta.json of a finished cache folder (its token fingerprint added once if an old one lacks it)."""
+    if not (entry / "meta.json").exists():
+        return None
+    meta = json.loads((entry / "meta.json").read_text())
     if "tokens_sha256" not in meta:   # a cache written before fingerprints were recorded: add it once
         sha = hashlib.sha256()
         for split_name in ("train", "val"):
             sha.update(_file_sha256(entry / f"{split_name}.bin").encode())
         meta["tokens_sha256"] = sha.hexdigest()
         write_json_atomic(entry / "meta.json", meta)
-    record = {**source.record,
-              **{k: meta[k] for k in ("sha256", "n_documents", "n_characters") if k in meta},
-              "tokenizer": f"byte-level BPE (Hugging Face tokenizers), vocabulary {vocab_size}",
-              "tokenizer_path": str(entry / "tokenizer.json"), "vocab_size": vocab_size,
-              "token_dtype": dtype.name, "n_train_tokens": int(len(train)), "n_val_tokens": int(len(val)),
-              "validation_split": f"every {VAL_EVERY}th piece of <= {source.piece_chars} characters",
-              "bpe_training_text": meta.get("bpe_training_text", "all training text"),
-              "fingerprint": meta["tokens_sha256"], "cache_key": entry.name,
-              "prepare_time_s": round(time.time() - t0, 2)}
-    log(f"data: {format_count(len(train))} training and {format_count(len(val))} validation tokens "
-        f"({time.time() - t0:.1f}s)")
-    return Corpus(train, val, vocab_size, record)
+    return meta
+
+
+def cache_covers(meta: dict, max_train_tokens: int | None) -> bool:
+    """Whether a cache serves a plan that needs `max_train_tokens` training tokens (None: all).
+
+    A cache whose stream was read to the end serves any plan. A capped one serves a plan that needs no
+    more training tokens than it holds: a smaller plan then samples from the longer prefix, with the
+    same validation text once both caps are past CAPPED_VAL_CHARS (~40M tokens) and the same BPE once
+    both are past the BPE sample (bpe_sample_chars / CAPPED_BPE_CHARS_PER_TOKEN, 50M tokens by
+    default). A shorter one is never reused: it is rebuilt, tokenizer included, because its BPE was
+    trained on the shorter text and extending it would mix two tokenizers' ideas of the corpus."""
+    if meta.get("exhausted", True):             # caches from before caps read everything
+        return True
+    return max_train_tokens is not None and meta["n_train_tokens"] >= max_train_tokens
 
 
 def _file_sha256(path: Path) -> str:
@@ -799,43 +875,38 @@ class _TokenWriter:
 
 
 def build_token_cache(source: CorpusSource, vocab_size: int, entry: Path, *,
-                      bpe_sample_chars: int = BPE_SAMPLE_CHARS, num_proc: int | None = None) -> dict:
+                      bpe_sample_chars: int = BPE_SAMPLE_CHARS, num_proc: int | None = None,
+                      max_train_tokens: int | None = None) -> dict:
     """Train the tokenizer on (a bounded sample of) the training pieces, encode both splits in bounded
     batches straight to disk (an end-of-text token after every piece), then move the folder into place
-    in one rename. Nothing here holds more than a batch of text or tokens."""
-    if vocab_size < 257:
-        raise UserError(f"--vocab-size {vocab_size} is too small for a byte-level BPE: use at least 257")
+    in one rename. Nothing here holds more than a batch of text or tokens.
+
+    With `max_train_tokens` the stream is read only that far: the BPE trains on the first
+    min(bpe_sample_chars, cap x CAPPED_BPE_CHARS_PER_TOKEN) training characters, the encoding stops
+    within one batch of the cap, and validation is bounded (CAPPED_VAL_CHARS)."""
     set_tokenizer_threads(num_proc)
     t0 = time.time()
-    stride = 1 if source.n_chars is None else max(1, math.ceil(source.n_chars / bpe_sample_chars))
+    capped = max_train_tokens is not None
+    val_max = CAPPED_VAL_CHARS if capped else None
+    stride = 1 if source.n_chars is None or capped else max(1, math.ceil(source.n_chars / bpe_sample_chars))
+    if capped:
+        bpe_sample_chars = min(bpe_sample_chars, max_train_tokens * CAPPED_BPE_CHARS_PER_TOKEN)
     taken = {"chars": 0, "capped": False}
-    tok = train_bpe(bpe_sample(iter_pieces(source.documents(), source.piece_chars), bpe_sample_chars,
+    tok = train_bpe(bpe_sample(iter_pieces(source.documents(), source.piece_chars, val_max), bpe_sample_chars,
                                stride, taken), vocab_size)
     bpe_s = time.time() - t0
     dtype = token_dtype(tok.get_vocab_size())
     tmp = entry.with_name(entry.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    sha, counts = hashlib.sha256(), {"docs": 0, "chars": 0}
-
-    def documents_once():
-        # iter_pieces wants an iterable of documents, each an iterable of blocks: regroup the flat stream
-        for doc in source.documents():
-            counts["docs"] += 1
-
-            def blocks(doc=doc):
-                for block in doc:
-                    sha.update(block.encode("utf-8"))
-                    counts["chars"] += len(block)
-                    yield block
-                sha.update(b"\x00")
-            yield blocks()
-
     batch_chars = ENCODE_CHARS_PER_THREAD * (num_proc or os.cpu_count() or 1)
+    if capped:                 # small batches under a small cap, so the stream stops close to it
+        batch_chars = min(batch_chars, max(4096, max_train_tokens * CAPPED_BPE_CHARS_PER_TOKEN // 16))
     try:
         writers = {False: _TokenWriter(tmp / "train.bin", tok, dtype, batch_chars),
                    True: _TokenWriter(tmp / "val.bin", tok, dtype, batch_chars)}
-        for piece, is_val in iter_pieces(documents_once(), source.piece_chars):
-            writers[is_val].add(piece)
+        read = _CountingReader(source)
+        exhausted = encode_pieces(iter_pieces(read.documents(), source.piece_chars, val_max), writers,
+                                  max_train_tokens)
         for w in writers.values():
             w.close()
     except BaseException:             # a bad row or an interrupt: leave no half-written folder behind
@@ -845,22 +916,66 @@ def build_token_cache(source: CorpusSource, vocab_size: int, entry: Path, *,
     sample = ("all training text" if not taken["capped"] and stride == 1 else
               f"{taken['chars']:,} characters: " + (f"1 in {stride} training pieces" if stride > 1
                                                      else "the first training pieces"))
-    meta = {"dtype": np.dtype(dtype).name, "vocab_size": vocab_size, "sha256": sha.hexdigest(),
-            "n_documents": counts["docs"], "n_characters": counts["chars"],
+    meta = {"dtype": np.dtype(dtype).name, "vocab_size": vocab_size, "sha256": read.sha.hexdigest(),
+            "n_documents": read.n_documents, "n_characters": read.n_chars,
             "n_train_tokens": writers[False].n_tokens, "n_val_tokens": writers[True].n_tokens,
             "tokens_sha256": tokens_sha.hexdigest(), "bpe_training_text": sample,
             "bpe_training_chars": taken["chars"], "bpe_time_s": round(bpe_s, 2),
-            "encode_time_s": round(time.time() - t0 - bpe_s, 2)}
+            "encode_time_s": round(time.time() - t0 - bpe_s, 2),
+            "max_train_tokens": max_train_tokens, "exhausted": exhausted}
     tok.save(str(tmp / "tokenizer.json"))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    if entry.exists():                # another process finished first; keep theirs
+    install_cache_entry(tmp, entry, max_train_tokens)
+    rate = read.n_chars / max(meta["encode_time_s"], 0.01)
+    log(f"data: BPE trained on {sample} in {bpe_s:.1f}s; {format_count(read.n_chars)} characters "
+        f"encoded in {meta['encode_time_s']:.1f}s ({format_count(rate)} characters/s)"
+        + ("" if exhausted else f"; stopped at {format_count(writers[False].n_tokens)} training tokens"))
+    return meta
+
+
+class _CountingReader:
+    """The source's documents, counted and hashed as they are read (so a capped read says how far)."""
+
+    def __init__(self, source: CorpusSource):
+        self.source, self.sha, self.n_documents, self.n_chars = source, hashlib.sha256(), 0, 0
+
+    def documents(self) -> Iterator[Iterator[str]]:
+        for doc in self.source.documents():
+            self.n_documents += 1
+            yield self._blocks(doc)
+
+    def _blocks(self, doc: Iterable[str]) -> Iterator[str]:
+        for block in doc:
+            self.sha.update(block.encode("utf-8"))
+            self.n_chars += len(block)
+            yield block
+        self.sha.update(b"\x00")
+
+
+def encode_pieces(pieces: Iterable[tuple[str, bool]], writers: dict, max_train_tokens: int | None) -> bool:
+    """Write every piece to its split's writer; stop once the training writer holds `max_train_tokens`
+    (counted at each flush). True when the pieces ran out, False when the cap stopped the stream."""
+    for piece, is_val in pieces:
+        writers[is_val].add(piece)
+        if max_train_tokens is not None and writers[False].n_tokens >= max_train_tokens:
+            return False
+    return True
+
+
+def install_cache_entry(tmp: Path, entry: Path, max_train_tokens: int | None) -> None:
+    """Move a finished cache folder into place. An entry another process finished meanwhile is kept if
+    it serves this cap; a shorter capped one is replaced (moved aside first, then removed)."""
+    old = read_cache_meta(entry)
+    if old is not None and cache_covers(old, max_train_tokens):
         shutil.rmtree(tmp, ignore_errors=True)
+        return
+    if entry.exists():
+        aside = entry.with_name(entry.name + f".old{os.getpid()}")
+        os.replace(entry, aside)
+        os.replace(tmp, entry)
+        shutil.rmtree(aside, ignore_errors=True)
     else:
         os.replace(tmp, entry)
-    rate = counts["chars"] / max(meta["encode_time_s"], 0.01)
-    log(f"data: BPE trained on {sample} in {bpe_s:.1f}s; {format_count(counts['chars'])} characters "
-        f"encoded in {meta['encode_time_s']:.1f}s ({format_count(rate)} characters/s)")
-    return meta
 
 
 def token_file_dtype(path: Path):
@@ -892,6 +1007,95 @@ def load_token_file(path: Path, vocab_size: int) -> Corpus:
     return Corpus(tokens[:cut], tokens[cut:], vocab_size, record)
 
 
+# --- what a plan needs of its data: the default corpus, the preparation cap, the Hub's reachability ---
+
+def default_data(mode: str) -> str:
+    """--data when none is given: natural text (NATURAL_TEXT) except for tiny, which stays offline."""
+    return DEFAULT_DATA.get(mode, NATURAL_TEXT)
+
+
+def is_hub_stream(data: str) -> bool:
+    """'hf:NAME...' naming a Hub dataset, not a local folder or file."""
+    return data.startswith("hf:") and not Path(parse_hf_spec(data)[0]).expanduser().exists()
+
+
+def check_vocab_size(vocab_size: int, data: str) -> None:
+    """A byte-level BPE needs its 256 bytes plus the end-of-text token; refused before any text is read."""
+    if vocab_size < 257 and not data.endswith(".bin"):
+        raise UserError(f"--vocab-size {vocab_size} is too small for a byte-level BPE: use at least 257")
+
+
+def preparation_cap(cfg: RunConfig, preset: Preset) -> int | None:
+    """Training tokens to prepare: --max-tokens, else for a Hub stream the largest run's tokens x
+    CAP_MARGIN (the whole plan, whatever --shard/--only select, so every part shares one cache),
+    else None (a local corpus is prepared whole)."""
+    if cfg.max_tokens is not None:
+        return cfg.max_tokens
+    if not is_hub_stream(cfg.data):
+        return None
+    return round(max(e.tokens for e in build_plan(cfg, preset)) * CAP_MARGIN)
+
+
+def prepare_corpus(cfg: RunConfig, preset: Preset) -> Corpus:
+    """load_corpus with the run's settings, prepared as far as preparation_cap says."""
+    cap = preparation_cap(cfg, preset)
+    if cap is not None and cfg.max_tokens is None:
+        log(f"data: {cfg.data} is streamed only as far as this plan needs: {format_count(cap)} training "
+            f"tokens (the largest run's x {CAP_MARGIN}; --max-tokens sets another cap)")
+    return load_corpus(cfg.data, cfg.vocab_size, Path(cfg.cache_dir), text_column=cfg.text_column,
+                       split=cfg.split, num_proc=cfg.num_proc,
+                       bpe_sample_chars=cfg.bpe_sample_chars or BPE_SAMPLE_CHARS, max_train_tokens=cap)
+
+
+def hub_unreachable_reason(host: str = HUB_HOST, timeout_s: float = HUB_TIMEOUT_S) -> str | None:
+    """Why the Hub cannot be reached (offline variables set, no name resolution, no connection), or
+    None. Bounded by `timeout_s` even when name resolution hangs (it runs in a daemon thread)."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return f"{var} is set"
+    outcome = {}
+
+    def connect():
+        try:
+            socket.create_connection((host, 443), timeout=timeout_s).close()
+            outcome["ok"] = True
+        except OSError as e:
+            outcome["error"] = f"{type(e).__name__}: {e}"
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout_s + 0.5)
+    if outcome.get("ok"):
+        return None
+    return f"no connection to {host} ({outcome.get('error', f'no answer in {timeout_s:.0f}s')})"
+
+
+def builtin_epochs(plan_tokens: int) -> float:
+    """Epochs of the built-in corpus's training split that `plan_tokens` would read, estimated from its
+    size in characters (BUILTIN_CHARS_PER_TOKEN; 95% of it is training text)."""
+    n_chars = sum(p.stat().st_size for p in builtin_corpus_files()[1])
+    return plan_tokens / (n_chars * (1 - 1 / VAL_EVERY) / BUILTIN_CHARS_PER_TOKEN)
+
+
+def check_hub_reachable(cfg: RunConfig, preset: Preset) -> None:
+    """Refuse a Hub stream the Hub cannot serve, in one line naming the two ways on (before any work)."""
+    if not is_hub_stream(cfg.data):
+        return
+    _import_datasets()                             # without the library the Hub does not matter
+    reason = hub_unreachable_reason()
+    if reason is None:
+        return
+    largest = max(e.tokens for e in build_plan(cfg, preset))
+    epochs = builtin_epochs(largest)
+    epochs_text = f"{epochs:.0f}" if epochs >= 10 else f"{epochs:.1f}"
+    default = f" (the default of --mode {cfg.mode})" if cfg.data == default_data(cfg.mode) else ""
+    raise UserError(f"--data {cfg.data}{default} streams from the Hugging Face Hub, which cannot be reached: "
+                    f"{reason}. Offline, use --data builtin (the Python standard library: this plan's "
+                    f"largest run, {format_count(largest)} tokens, would read about {epochs_text} "
+                    f"epochs of it) or a local corpus (--data path/to/text, or a "
+                    f"local dataset folder)")
+
+
 def check_data_budget(plan: list, n_train_tokens: int, no_repeat: bool = False) -> dict:
     """How many epochs of the training split each run of the plan reads (tokens trained / training
     tokens). With `no_repeat`, a plan in which any run needs more tokens than the split holds is refused
@@ -907,8 +1111,23 @@ def check_data_budget(plan: list, n_train_tokens: int, no_repeat: bool = False) 
                         f"has {n_train_tokens:,} training tokens, {worst['tokens_missing']:,} missing "
                         f"({len(short)} of {len(runs)} runs would repeat data); use a larger corpus or "
                         f"smaller --data-sizes/--max-steps")
-    return {"n_train_tokens": int(n_train_tokens), "no_repeat": no_repeat, "repeats": bool(short),
-            "max_epochs": max((r["epochs"] for r in runs), default=0.0), "runs": runs}
+    budget = {"n_train_tokens": int(n_train_tokens), "no_repeat": no_repeat, "repeats": bool(short),
+              "max_epochs": max((r["epochs"] for r in runs), default=0.0), "runs": runs,
+              "epochs_over_4": [r["name"] for r in runs if r["epochs"] > REPEAT_HARMLESS_EPOCHS]}
+    budget["repetition_warning"] = repetition_note(budget)
+    return budget
+
+
+def repetition_note(budget: dict) -> str | None:
+    """What a data law means past REPEAT_HARMLESS_EPOCHS epochs, for the log, results.json and the
+    figure's data panel; None when no run reads that much."""
+    over = budget.get("epochs_over_4") or []
+    if not over:
+        return None
+    return (f"{', '.join(over)} read{'s' if len(over) == 1 else ''} more than {REPEAT_HARMLESS_EPOCHS} epochs "
+            f"of the training text: beyond that point the data law is a repetition curve, not the law of "
+            f"fresh data (repeating is nearly harmless only up to ~{REPEAT_HARMLESS_EPOCHS} epochs, "
+            f"Muennighoff et al. 2023)")
 
 
 def data_budget_lines(budget: dict) -> list[str]:
@@ -919,14 +1138,21 @@ def data_budget_lines(budget: dict) -> list[str]:
         r = repeating[0]
         return [f"warning: {r['name']} trains on {format_count(r['tokens'])} tokens, {r['epochs']:.2f} epochs of "
                 f"this corpus's {format_count(n)} training tokens: data repeats "
-                f"({format_count(r['tokens_missing'])} more tokens would avoid it; --no-repeat refuses such a plan)"]
+                f"({format_count(r['tokens_missing'])} more tokens would avoid it; --no-repeat refuses such a plan)"
+                ] + repetition_lines(budget)
     if repeating:
         most = max(r["tokens_missing"] for r in repeating)
         return [f"warning: {len(repeating)} runs repeat this corpus's {format_count(n)} training tokens ("
                 + ", ".join(f"{r['name']} {r['epochs']:.2f} epochs" for r in repeating)
-                + f"); {format_count(most)} more tokens would avoid it; --no-repeat refuses such a plan"]
+                + f"); {format_count(most)} more tokens would avoid it; --no-repeat refuses such a plan"
+                ] + repetition_lines(budget)
     return [f"data: the largest run reads {budget['max_epochs']:.2f} epochs of the "
             f"{format_count(n)} training tokens; no run repeats data"]
+
+
+def repetition_lines(budget: dict) -> list[str]:
+    note = budget.get("repetition_warning")
+    return [f"warning: {note}"] if note else []
 
 
 def batch_offsets(n_tokens: int, context_length: int, batch_size: int, *key: int) -> np.ndarray:
@@ -3568,6 +3794,9 @@ def build_scaling_figure(results: dict):
         else:
             ax.text(0.5, 0.5, f"fit unavailable:\n{_wrap(fit.get('reason', 'no runs'))}",
                     transform=ax.transAxes, ha="center", va="center", color="darkred", fontsize=11)
+        if sweep == "data" and (note := repetition_note(results.get("data_budget") or {})):   # past 4 epochs
+            ax.text(0.02, 0.15, _wrap(note, 75), transform=ax.transAxes, fontsize=8, color="darkred",
+                    bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"})
         ho = results.get("holdout", {}).get(sweep)
         if ho:
             if ho.get("available"):
@@ -3807,11 +4036,13 @@ def add_plan_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-sizes", help="replace the data sweep's D targets, e.g. 5M,20M")
     g.add_argument("--data-model-size", help="N target of the data sweep's model (default: the preset's)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="builtin",
+    g.add_argument("--data",
                    help="'builtin' (the Python standard library), a text file, a folder of text files, "
                         "a uint16 .bin (uint32 .u32.bin) token file, hf:NAME[:CONFIG][@REVISION] (a "
                         "Hugging Face Hub dataset, streamed), or a local dataset folder (save_to_disk "
-                        "output, or .parquet or .jsonl files)")
+                        f"output, or .parquet or .jsonl files); default builtin for tiny, else {NATURAL_TEXT}")
+    g.add_argument("--max-tokens", type=count_arg, help="prepare at most this many training tokens, e.g. 50M "
+                   "(default: all of a local corpus; a Hub stream: the largest run's x 1.05)")
     g.add_argument("--vocab-size", type=positive_int, help="BPE vocabulary (default: the preset's)")
     g.add_argument("--cache-dir", help="tokenizer and token cache (default ~/.cache/scaling-lab, or "
                                        "$SCALING_LAB_CACHE)")
@@ -3937,7 +4168,9 @@ def config_from_args(args) -> tuple[RunConfig, Preset]:
         raise UserError(f"unknown mode '{args.mode}': choose one of {', '.join(PRESETS)}")
     preset = PRESETS[args.mode]
     parse_checkpoint_every(args.checkpoint_every)         # a bad value is reported before any work
-    check_data_source(args.data)
+    data = args.data or default_data(preset.name)
+    check_data_source(data)
+    check_vocab_size(args.vocab_size or preset.vocab_size, data)          # before any text is read
     return RunConfig(
         mode=preset.name,
         param_sizes=parse_count_list(args.param_sizes) if args.param_sizes else list(preset.param_sizes),
@@ -3952,12 +4185,12 @@ def config_from_args(args) -> tuple[RunConfig, Preset]:
         eval_interval=args.eval_interval or preset.eval_interval,
         eval_batches=args.eval_batches or preset.eval_batches,
         log_interval=args.log_interval or preset.log_interval,
-        data=args.data, device=args.device, dtype=args.dtype, compile=args.compile,
+        data=data, device=args.device, dtype=args.dtype, compile=args.compile,
         peak_tflops=args.peak_tflops,
         output_dir=args.output_dir or f"scaling_results_{preset.name}_v2",
         cache_dir=args.cache_dir or str(default_cache_dir()),
         text_column=args.text_column, split=args.split, num_proc=args.num_proc,
-        bpe_sample_chars=args.bpe_sample_chars, no_repeat=args.no_repeat,
+        bpe_sample_chars=args.bpe_sample_chars, no_repeat=args.no_repeat, max_tokens=args.max_tokens,
         seeds=parse_seeds(args.seeds, args.seed), checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints,
     ), preset
@@ -4201,6 +4434,7 @@ def run(cfg: RunConfig, preset: Preset, estimate: bool = True, n_bootstrap: int 
     """The training command: prepare, then train the runs one after another (under torchrun, every rank
     together), in --parallel child processes, or time them (--benchmark); then fit and draw."""
     scope = scope or RunScope()
+    check_hub_reachable(cfg, preset)               # offline: one line, before any other work
     dist_info = distributed_from_env()
     # every rank but rank 0 trains in silence, so each log line appears once
     with silenced(not dist_info.is_main):
@@ -4264,7 +4498,7 @@ def prepare(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info: Distribu
     dist_info.barrier()
     refuse_changed_settings(existing, cfg, runs, store, policy, None)
     refuse_other_results_files(out_dir, cfg, store, policy, None)
-    corpus = load_corpus_on_rank0_first(cfg, dist_info)
+    corpus = load_corpus_on_rank0_first(cfg, preset, dist_info)
     data_budget = check_data_budget(plan, len(corpus.train), cfg.no_repeat)    # refuses under --no-repeat
     refuse_changed_settings(existing, cfg, runs, store, policy, corpus.record)
     refuse_other_results_files(out_dir, cfg, store, policy, corpus.record)
@@ -4291,15 +4525,11 @@ def prepare(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info: Distribu
     return s
 
 
-def load_corpus_on_rank0_first(cfg: RunConfig, dist_info: Distributed) -> Corpus:
+def load_corpus_on_rank0_first(cfg: RunConfig, preset: Preset, dist_info: Distributed) -> Corpus:
     """Rank 0 prepares (tokenizes) the corpus while the other ranks wait; then they read its cache."""
-    def load():
-        return load_corpus(cfg.data, cfg.vocab_size, Path(cfg.cache_dir), text_column=cfg.text_column,
-                           split=cfg.split, num_proc=cfg.num_proc,
-                           bpe_sample_chars=cfg.bpe_sample_chars or BPE_SAMPLE_CHARS)
-    corpus = load() if dist_info.is_main else None
+    corpus = prepare_corpus(cfg, preset) if dist_info.is_main else None
     dist_info.barrier()
-    corpus = corpus or load()
+    corpus = corpus or prepare_corpus(cfg, preset)
     dist_info.agree(corpus.record.get("fingerprint") or corpus.record.get("sha256"), "the corpus's tokens")
     return corpus
 

@@ -208,9 +208,10 @@ def test_data_budget_counts_epochs_and_refuses_under_no_repeat():
     with pytest.raises(rse.UserError, match="100,000 tokens .* 40,000 training tokens, 60,000 missing"):
         rse.check_data_budget(plan, 40_000, no_repeat=True)
     assert not rse.check_data_budget(plan, 100_000, no_repeat=True)["repeats"]     # exactly one pass: allowed
-    (line,) = rse.data_budget_lines(rse.check_data_budget(plan, 5_000))             # several runs: one line
-    assert line.startswith("warning: 2 runs repeat") and "data-D10K 2.00 epochs" in line
+    line, past_4 = rse.data_budget_lines(rse.check_data_budget(plan, 5_000))     # several runs: one line,
+    assert line.startswith("warning: 2 runs repeat") and "data-D10K 2.00 epochs" in line  # and one for 20 epochs
     assert "data-D100K 20.00 epochs" in line and "95K more tokens" in line
+    assert past_4.startswith("warning: data-D100K reads more than 4 epochs") and "repetition curve" in past_4
 
 
 def test_repetition_warning_and_no_repeat_refusal_through_the_cli(tmp_path, cache_dir):

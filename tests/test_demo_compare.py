@@ -253,6 +253,32 @@ def test_comparing_a_demo_with_a_real_run_writes_every_field(quick_demo, real_ru
     assert (out / "quick_vs_real_comparison.png").stat().st_size > 20_000
 
 
+def test_without_a_demo_the_comparison_simulates_the_real_runs_mode(real_run, tmp_path):
+    r = run_cli(["--real", real_run, "--output-dir", tmp_path / "cmp"], tmp_path,
+                script=ROOT / "compare_quick_vs_real.py")
+    assert r.returncode == 0, r.stderr[-2000:]
+    said = [line for line in r.stdout.splitlines() if line.startswith("sim: no results")]
+    assert said == ["sim: no results at scaling_results_demo/results.json; simulated mode 'tiny' under the "
+                    "kaplan law there (as `python quick_scaling_demo.py --mode tiny --law kaplan --output-dir "
+                    "scaling_results_demo` would)"]
+    sim = json.loads((tmp_path / "scaling_results_demo" / "results.json").read_text())
+    # tiny's own plan (4 + 4 runs), not the real run's reduced one, under Kaplan's law (Chinchilla's gives
+    # tiny's 25K-parameter model a loss above ln 2048), fitted by the runner's code
+    assert sim["simulated"] is True and sim["mode"] == "tiny" and sim["true_law"]["name"] == "kaplan"
+    assert [e["n_params_nonembedding"] for e in sim["experiments"] if e["sweep"] == "params"] == [
+        rse.n_params_nonembedding(2, d) for d in (32, 64, 128, 256)]
+    assert sim["fits"]["params"]["available"] is True
+    assert (tmp_path / "scaling_results_demo" / "scaling_laws_complete.png").exists()
+    report = json.loads((tmp_path / "cmp" / "comparison_report.json").read_text())
+    assert report["same_mode"] is True and report["sim"]["simulated"] is True
+    assert report["sim"]["path"] == "scaling_results_demo/results.json"
+    assert report["sweeps"]["params"]["exponent"]["sim"] == sim["fits"]["params"]["b"]
+    # a second comparison reads the simulation it left instead of making another
+    r = run_cli(["--real", real_run, "--output-dir", tmp_path / "cmp2"], tmp_path,
+                script=ROOT / "compare_quick_vs_real.py")
+    assert r.returncode == 0 and "sim: no results" not in r.stdout
+
+
 def test_comparison_uses_intervals_when_present(quick_demo):
     _, sim = quick_demo
     real = copy.deepcopy(sim)
@@ -277,7 +303,9 @@ def test_comparison_uses_intervals_when_present(quick_demo):
 
 
 @pytest.mark.parametrize("args,needle", [
-    ([], "create them with `python quick_scaling_demo.py`"),
+    ([], "--real: no results at scaling_results_quick_v2/results.json; create them with "
+         "`python run_scaling_experiments_enhanced.py --mode quick`"),
+    (["--sim", "missing-sim"], "create them with `python run_scaling_experiments_enhanced.py --mode quick`"),
     (["--sim", "SIM"], "create them with `python run_scaling_experiments_enhanced.py --mode quick`"),
     (["--sim", "SIM", "--real", "runs/scaling_results_tiny_v2"],
      "`python run_scaling_experiments_enhanced.py --mode tiny --output-dir runs/scaling_results_tiny_v2`"),
