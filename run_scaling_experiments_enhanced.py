@@ -4169,8 +4169,8 @@ def config_from_args(args) -> tuple[RunConfig, Preset]:
     preset = PRESETS[args.mode]
     parse_checkpoint_every(args.checkpoint_every)         # a bad value is reported before any work
     data = args.data or default_data(preset.name)
-    check_data_source(data)
     check_vocab_size(args.vocab_size or preset.vocab_size, data)          # before any text is read
+    check_data_source(data)
     return RunConfig(
         mode=preset.name,
         param_sizes=parse_count_list(args.param_sizes) if args.param_sizes else list(preset.param_sizes),
