@@ -140,7 +140,7 @@ def synth_curve(exp: rse.Experiment, cfg: rse.RunConfig, initial: float, final: 
             curve["step"].append(done)
             curve["tokens"].append(done * tps)
             curve["train_loss"].append(round(mean + rng.normal(0, BATCH_LOSS_STD_NATS / math.sqrt(n_batches)), 5))
-            curve["lr"].append(rse.lr_at(step, exp.steps, exp.peak_lr, cfg.warmup_frac, cfg.min_lr_frac))
+            curve["lr"].append(rse.schedule_of(cfg, exp.warmup_steps).lr(step, exp.steps, exp.peak_lr))
         if (done % cfg.eval_interval == 0 and done != exp.steps):
             curve["eval_step"].append(done)
             curve["eval_tokens"].append(done * tps)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import copy
 import csv
 import dataclasses
 import datetime
@@ -208,6 +209,9 @@ class Preset:
     eval_interval: int = 250
     eval_batches: int = 20
     log_interval: int = 50
+    schedule: str = "cosine"        # or "wsd" (warmup-stable-decay)
+    horizons: str | None = None     # WSD cooldown branches of every parameter-sweep run (--horizons)
+    warmup_steps: int | None = None  # one warmup for every run; None: warmup_frac of the sweep's steps
 
 # tiny: depth-2 models of width 32, 64, 128, 256 (N = 25K, 100K, 397K, 1.58M) for 800 steps of 16 x 128
 # tokens, and the width-64 model on 0.25M to 2M tokens; a 2,048-token BPE because a larger vocabulary's
@@ -293,6 +297,15 @@ class Experiment:
     n_params_nonembedding: int
     n_params_total: int
     seed: int = 0                  # with --seeds, one Experiment per (definition, seed)
+    warmup_steps: int | None = None     # None: warmup_frac of this run's steps (timing probes)
+    branch_of: str | None = None   # WSD: the stable run whose state at branch_step this cooldown starts from
+    branch_step: int = 0
+    branch_points: tuple[int, ...] = ()    # a stable run: the steps where its branches leave it
+
+    @property
+    def trained_steps(self) -> int:
+        """Steps this run trains itself: a branch shares the stable run's steps before its cooldown."""
+        return self.steps - self.branch_step
 
     @property
     def flops(self) -> float:
@@ -343,27 +356,84 @@ class RunConfig:
     seeds: list[int] = field(default_factory=lambda: [0])   # every experiment runs once per seed
     checkpoint_every: str = "5m"   # a duration (90s, 5m, 1h) or a step count (500steps)
     keep_checkpoints: bool = False
+    # the learning-rate schedule (section 5) and WSD's cooldown branches
+    schedule: str = "cosine"
+    cooldown_frac: float = 0.2
+    cooldown_shape: str = "1-sqrt"
+    horizons: str | None = None
+    warmup_steps: int | None = None          # None: warmup_frac x steps, the same for every run
 
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.context_length * self.grad_accum
 
 
+def plan_warmup_steps(cfg: RunConfig) -> int:
+    """One warmup for every run of a plan: --warmup-steps, else warmup_frac of the parameter sweep's
+    steps. A warmup proportional to each run's length penalises short runs and steepens L(D) (measured:
+    see PRESETS and docs/fits.md); Porian et al. 2024 name it a cause of the Kaplan-Chinchilla gap."""
+    return cfg.warmup_steps or max(1, round(cfg.warmup_frac * cfg.steps))
+
+
+def horizon_steps(cfg: RunConfig) -> list[int]:
+    """--horizons as step counts, ascending: token counts (0.5M) or multiples of the sweep's own D
+    (0.25x); the largest is the stable run's length. Without horizons, just cfg.steps."""
+    if not cfg.horizons:
+        return [cfg.steps]
+    steps = set()
+    for item in (t.strip() for t in cfg.horizons.split(",") if t.strip()):
+        if item.lower().endswith("x"):
+            try:
+                multiple = float(item[:-1])
+            except ValueError:
+                raise UserError(f"--horizons {cfg.horizons}: cannot read '{item}'; give token counts (0.5M,1M) "
+                                f"or multiples of the run's D (0.25x,0.5x,1x)") from None
+            steps.add(max(1, round(multiple * cfg.steps)))
+        else:
+            steps.add(max(1, round(parse_count(item) / cfg.tokens_per_step)))
+    return sorted(steps)
+
+
 def build_plan(cfg: RunConfig, preset: Preset) -> list[Experiment]:
-    """The parameter sweep (every size, cfg.steps steps) then the data sweep (one size, D tokens each)."""
-    def make(name, sweep, target, n_target, steps):
+    """The parameter sweep (every size, cfg.steps steps) then the data sweep (one size, D tokens each).
+    Under WSD a model trains once: with --horizons each parameter-sweep run branches a cooldown at every
+    shorter horizon (sweep "horizons"), and the data sweep is one run to the largest D whose branches
+    give the others. Branches come before their stable run, in the order they are trained."""
+    if cfg.horizons and cfg.schedule != "wsd":
+        raise UserError("--horizons branches cooldowns off a constant learning rate: add --schedule wsd")
+    tps, warmup = cfg.tokens_per_step, plan_warmup_steps(cfg)
+    schedule = schedule_of(cfg, warmup)
+
+    def make(name, sweep, target, n_target, steps, branch_of=None):
         n_layer, d_model, n_head = choose_shape(n_target, preset)
+        branch_step = schedule.cooldown_start(steps) if branch_of else 0
+        if branch_of and branch_step < warmup:
+            raise UserError(f"{name}: a WSD branch of {steps} steps would start its cooldown at step "
+                            f"{branch_step}, inside the {warmup}-step warmup; choose longer horizons or "
+                            f"--warmup-steps below {branch_step}")
         return Experiment(
             name=name, sweep=sweep, target=target, n_layer=n_layer, d_model=d_model, n_head=n_head,
-            steps=steps, tokens=steps * cfg.tokens_per_step,
-            peak_lr=cfg.lr if cfg.lr is not None else default_peak_lr(d_model),
+            steps=steps, tokens=steps * tps, peak_lr=cfg.lr if cfg.lr is not None else default_peak_lr(d_model),
             n_params_nonembedding=n_params_nonembedding(n_layer, d_model),
-            n_params_total=n_params_total(n_layer, d_model, cfg.vocab_size, cfg.context_length))
+            n_params_total=n_params_total(n_layer, d_model, cfg.vocab_size, cfg.context_length),
+            warmup_steps=warmup, branch_of=branch_of, branch_step=branch_step)
 
-    plan = [make(f"params-N{format_count(n)}", "params", n, n, cfg.steps) for n in cfg.param_sizes]
-    for d in cfg.data_sizes:
-        steps = max(1, round(d / cfg.tokens_per_step))
-        plan.append(make(f"data-D{format_count(d)}", "data", d, cfg.data_model_size, steps))
+    def with_branches(main, branches):
+        return [*branches, dataclasses.replace(main, branch_points=tuple(b.branch_step for b in branches))]
+
+    plan, horizons = [], horizon_steps(cfg)
+    for n in cfg.param_sizes:
+        main = make(f"params-N{format_count(n)}", "params", n, n, horizons[-1])
+        plan += with_branches(main, [make(f"{main.name}@{format_count(h * tps)}", "horizons", n, n, h, main.name)
+                                     for h in horizons[:-1]])
+    if cfg.data_sizes:
+        sizes = sorted(cfg.data_sizes)
+        data_main = make(f"data-D{format_count(sizes[-1])}", "data", sizes[-1], cfg.data_model_size,
+                         max(1, round(sizes[-1] / tps)))
+        others = [make(f"data-D{format_count(d)}", "data", d, cfg.data_model_size, max(1, round(d / tps)),
+                       data_main.name if cfg.schedule == "wsd" else None) for d in sizes[:-1]]
+        plan += with_branches(data_main, [b for b in others if b.branch_of]) if cfg.schedule == "wsd" \
+            else [*others, data_main]
     return plan
 
 # ----------------------------------------------------------------------------------------------------
@@ -1281,15 +1351,50 @@ def flops_per_token(n_layer: int, d_model: int, vocab_size: int, context_length:
 # 5. training: the device, the LR schedule, a run's state, and the Trainer's straight step loop
 # ----------------------------------------------------------------------------------------------------
 
-def lr_at(step: int, total_steps: int, peak_lr: float, warmup_frac: float = 0.1,
-          min_lr_frac: float = 0.1) -> float:
-    """Linear warmup over the first warmup_frac of the steps, then cosine decay that reaches
-    min_lr_frac * peak exactly at the run's last step (step = total_steps - 1)."""
-    warmup = max(1, round(warmup_frac * total_steps))
-    if step < warmup:
-        return peak_lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total_steps - 1 - warmup))
-    return peak_lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+@dataclass(frozen=True)
+class LRSchedule:
+    """Linear warmup, then either a cosine decay over the rest of the run or WSD (warmup-stable-decay:
+    the peak held constant, then a cooldown over the last cooldown_frac of the run). Both end at
+    min_lr_frac * peak exactly on the run's last step (step = total_steps - 1)."""
+    kind: str = "cosine"                     # "cosine" or "wsd"
+    warmup_frac: float = 0.1                 # of each run's steps, unless warmup_steps is given
+    warmup_steps: int | None = None          # fixed across a sweep (build_plan's rule)
+    min_lr_frac: float = 0.1
+    cooldown_frac: float = 0.2
+    cooldown_shape: str = "1-sqrt"           # Hagele et al. 2024's best; or "linear"
+
+    def warmup(self, total_steps: int) -> int:
+        w = self.warmup_steps if self.warmup_steps is not None else round(self.warmup_frac * total_steps)
+        return max(1, min(w, total_steps))
+
+    def cooldown_start(self, total_steps: int) -> int:
+        """First step of WSD's cooldown for a run (or a branch) of total_steps."""
+        return total_steps - max(1, round(self.cooldown_frac * total_steps))
+
+    def lr(self, step: int, total_steps: int, peak_lr: float) -> float:
+        warmup = self.warmup(total_steps)
+        if step < warmup:
+            return peak_lr * (step + 1) / warmup
+        if self.kind == "wsd":
+            low = self.min_lr_frac * peak_lr
+            start = max(warmup, self.cooldown_start(total_steps))
+            if step < start:
+                return peak_lr
+            progress = min(1.0, (step - start + 1) / max(1, total_steps - start))
+            fall = math.sqrt(progress) if self.cooldown_shape == "1-sqrt" else progress
+            return low + (peak_lr - low) * (1.0 - fall)
+        progress = min(1.0, (step - warmup) / max(1, total_steps - 1 - warmup))
+        return peak_lr * (self.min_lr_frac + (1 - self.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def lr_at(step: int, total_steps: int, peak_lr: float, schedule: LRSchedule = LRSchedule()) -> float:
+    return schedule.lr(step, total_steps, peak_lr)
+
+
+def schedule_of(cfg: RunConfig, warmup_steps: int | None) -> LRSchedule:
+    """The run's schedule: the plan's kind, cooldown and floor, with this run's warmup."""
+    return LRSchedule(cfg.schedule, cfg.warmup_frac, warmup_steps, cfg.min_lr_frac, cfg.cooldown_frac,
+                      cfg.cooldown_shape)
 
 
 @dataclass
@@ -1417,6 +1522,18 @@ class TrainState:
     def __post_init__(self):
         self.restart_clocks()
 
+    def pause(self, seconds: float) -> None:
+        """Leave `seconds` (a branch's cooldown) out of this run's wall time, speed and checkpoint clock."""
+        self.t_start += seconds
+        self.t_log += seconds
+        self.t_ckpt += seconds
+
+    def branch(self) -> "TrainState":
+        """A cooldown branch's state at the branch point: the stable run's curve and losses so far."""
+        return TrainState(step=self.step, curve=copy.deepcopy(self.curve), initial_loss=self.initial_loss,
+                          window=list(self.window), last_good_loss=self.last_good_loss,
+                          micro_split=self.micro_split, oom_events=list(self.oom_events), lr=self.lr)
+
     def restart_clocks(self) -> None:
         """Speed and the checkpoint interval count from here (after the untrained model's evaluation)."""
         self.t_start = self.t_log = self.t_ckpt = time.time()
@@ -1455,12 +1572,15 @@ class TrainState:
         cfg, vocab = trainer.cfg, trainer.corpus.vocab_size
         definition = experiment_definition(exp, cfg, trainer.corpus.record)
         wall_s = self.wall_time_s if status != "out_of_memory" else 0.0
-        tok_s = steps_done * cfg.tokens_per_step / max(wall_s, 1e-9)   # whole run: evals, checkpoints too
+        trained = max(0, steps_done - exp.branch_step) * cfg.tokens_per_step     # a branch: its cooldown
+        tok_s = trained / max(wall_s, 1e-9)                 # the whole run: evaluations, checkpoints too
         return {
             "name": exp.name, "run_id": exp.run_id, "seed": exp.seed, "sweep": exp.sweep, "target": exp.target,
             "n_params_nonembedding": exp.n_params_nonembedding, "n_params_total": exp.n_params_total,
             "n_layer": exp.n_layer, "d_model": exp.d_model, "n_head": exp.n_head,
             "tokens": exp.tokens, "steps": exp.steps, "tokens_per_step": cfg.tokens_per_step,
+            "tokens_processed": trained, "schedule": cfg.schedule, "warmup_steps": exp.warmup_steps,
+            "branch_of": exp.branch_of, "branch_step": exp.branch_step if exp.branch_of else None,
             "epochs": round(exp.tokens / len(trainer.corpus.train), 4), "peak_lr": exp.peak_lr,
             "flops": exp.flops, "initial_loss": self.initial_loss,
             "final_val_loss": self.curve["val_loss"][-1] if status == "completed" else None,
@@ -1505,6 +1625,8 @@ class Trainer:
                                          cfg.batch_size * cfg.eval_batches, 20240, 0)
         self.compile = cfg.compile if cfg.compile is not None else device.name == "cuda"
         self._peak: tuple[float, str] | None = None
+        # called with (branch, record) as each WSD cooldown branch finishes; the CLI saves the record
+        self.on_branch_done: Callable[[Experiment, dict], None] = lambda branch, record: None
 
     @property
     def peak_flops(self) -> tuple[float, str]:
@@ -1557,7 +1679,7 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; returns the mean train loss as a device tensor
         (so the step loop need not wait for the device) and the learning rate."""
         cfg = self.cfg
-        lr = lr_at(step, exp.steps, exp.peak_lr, cfg.warmup_frac, cfg.min_lr_frac)
+        lr = schedule_of(cfg, exp.warmup_steps).lr(step, exp.steps, exp.peak_lr)
         for g in rm.opt.param_groups:
             g["lr"] = lr
         ddp = isinstance(rm.step_model, DistributedDataParallel)
@@ -1590,15 +1712,22 @@ class Trainer:
 
     # --- one run: start or resume, the step loop, and what each step may also do --------------------
 
-    def train(self, exp: Experiment) -> dict:
+    def train(self, exp: Experiment, branches: list[Experiment] = ()) -> dict:
         """Train `exp` and return its record; on a CUDA or MPS out-of-memory error retry it with half the
         micro-batch and twice the micro-steps (the same sequences per optimizer step), from its latest
         checkpoint if it has one. Gives up with status "out_of_memory" once a micro-batch would be less
         than one sequence."""
-        micro_split, oom_events = 1, []
+        micro_split, oom_events, finished = 1, [], set()
+        report = self.on_branch_done
+
+        def branch_done(branch, record):      # a retry after an out-of-memory error skips finished branches
+            finished.add(branch.run_id)
+            report(branch, record)
+        self.on_branch_done = branch_done
         while True:
             try:
-                return self.train_once(exp, micro_split, oom_events)
+                return self.train_once(exp, micro_split, oom_events,
+                                       [b for b in branches if b.run_id not in finished])
             except Exception as e:
                 if not is_out_of_memory(e):
                     raise
@@ -1616,6 +1745,7 @@ class Trainer:
                 log(f"[{exp.run_id}] out of memory even with micro-batches of {before} sequence(s): giving up "
                     f"on this run ({message}); the others continue")
                 oom_events.append({"micro_batch_size": before, "error": message, "gave_up": True})
+                self.on_branch_done = report
                 state = TrainState(micro_split=micro_split, oom_events=oom_events)
                 return state.record(exp, self, "out_of_memory", 0)
             micro_split *= 2
@@ -1632,7 +1762,8 @@ class Trainer:
         elif self.device.name == "mps":
             torch.mps.empty_cache()
 
-    def train_once(self, exp: Experiment, micro_split: int = 1, oom_events: list | None = None) -> dict:
+    def train_once(self, exp: Experiment, micro_split: int = 1, oom_events: list | None = None,
+                   branches: list[Experiment] = ()) -> dict:
         """Train one experiment, continuing from its checkpoint if it has one, and return its
         results.json record (status completed or diverged). On a stop request it checkpoints and raises
         TrainingInterrupted."""
@@ -1641,10 +1772,22 @@ class Trainer:
         rm = self.new_model(exp, init_seed(exp))
         assert rm.model.count_params()[0] == exp.n_params_nonembedding
         state = self.start_or_resume(exp, rm, micro_split, oom_events or [])
+        return self.run_steps(exp, rm, state, branches)
+
+    def run_steps(self, exp: Experiment, rm: RunModel, state: TrainState, branches: list[Experiment] = ()) -> dict:
+        """The step loop, from state.step to the end of `exp`; at each branch point a cooldown branch
+        trains first (train_branch), then the stable run goes on from where it was."""
+        branch_at = {b.branch_step: b for b in branches}
+        for b in branches:
+            if b.branch_step < state.step:      # its record was lost after the stable run moved on
+                log(f"[{b.run_id}] not trained: its branch point, step {b.branch_step}, is behind the checkpoint "
+                    f"of {exp.run_id}; pass --fresh to train the whole ladder again")
         bar = (tqdm(total=exp.steps, initial=state.step, desc=exp.run_id, leave=False, file=sys.stderr)
                if self.progress_bar else None)
         say = bar.write if bar else log
         for step in range(state.step, exp.steps):
+            if step in branch_at:
+                self.train_branch(exp, rm, state, branch_at.pop(step))
             if self.stop.signum is not None:
                 self.save_checkpoint(exp, rm, state)
                 raise TrainingInterrupted(self.stop.signum, state.record(exp, self, "interrupted", state.step))
@@ -1671,6 +1814,29 @@ class Trainer:
         if bar:
             bar.close()
         return self.finish_run(exp, rm, state)
+
+    def train_branch(self, exp: Experiment, rm: RunModel, state: TrainState, branch: Experiment) -> None:
+        """Train `branch`'s cooldown from the stable run's state, then put that state back: a branch costs
+        only its cooldown. The stable run is checkpointed first, so after a kill inside the branch the same
+        command resumes the branch from its own checkpoint and then carries on from here."""
+        t0 = time.time()
+        self.save_checkpoint(exp, rm, state)
+        stable = copy.deepcopy((rm.model.state_dict(), rm.opt.state_dict()))
+        ckpt = self.load_checkpoint(branch)
+        if ckpt is not None:
+            rm.model.load_state_dict(ckpt["model"])
+            rm.opt.load_state_dict(ckpt["optimizer"])
+            set_rng_state(ckpt["rng"], self.device.name)
+            branch_state = TrainState.from_checkpoint(ckpt, self.device.name, state.micro_split, state.oom_events)
+            log(f"[{branch.run_id}] resuming its cooldown from its checkpoint at step {branch_state.step}/{branch.steps}")
+        else:
+            branch_state = state.branch()
+            log(f"[{branch.run_id}] cooldown branch of {exp.run_id} at step {state.step}: {branch.trained_steps} "
+                f"steps to {format_count(branch.tokens)} tokens")
+        self.on_branch_done(branch, self.run_steps(branch, rm, branch_state))
+        rm.model.load_state_dict(stable[0])
+        rm.opt.load_state_dict(stable[1])
+        state.pause(time.time() - t0)
 
     def start_or_resume(self, exp: Experiment, rm: RunModel, micro_split: int, oom_events: list) -> TrainState:
         """The run's state from its checkpoint (model, optimizer and RNGs restored), or a new one whose
@@ -1764,7 +1930,7 @@ class Trainer:
         """Model, optimizer, RNGs and the run's state, written to a temporary file and renamed, so a kill
         at any moment leaves the previous checkpoint whole. DDP keeps the replicas identical: rank 0's
         state is everyone's."""
-        if not self.dist.is_main:
+        if not self.dist.is_main or self.checkpoints.folder is None:
             return
         definition = experiment_definition(exp, self.cfg, self.corpus.record)
         write_checkpoint(self.checkpoints.path(exp.run_id), {
@@ -1791,7 +1957,8 @@ class Trainer:
 # 6. resume and checkpoints: a run's identity, checkpoint files, the output folder, signals
 # ----------------------------------------------------------------------------------------------------
 
-DEFINITION_VERSION = 1
+# 2: one warmup for every run of a plan, the schedule and WSD branches in the definition
+DEFINITION_VERSION = 2
 
 def experiment_definition(exp: Experiment, cfg: RunConfig, corpus_record: dict | None) -> dict:
     """Everything that determines a run's results; its hash decides whether earlier work is reused.
@@ -1806,7 +1973,11 @@ def experiment_definition(exp: Experiment, cfg: RunConfig, corpus_record: dict |
          "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "context_length": cfg.context_length,
          "vocab_size": cfg.vocab_size, "warmup_frac": cfg.warmup_frac, "min_lr_frac": cfg.min_lr_frac,
          "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "eval_interval": cfg.eval_interval,
-         "eval_batches": cfg.eval_batches, "log_interval": cfg.log_interval}
+         "eval_batches": cfg.eval_batches, "log_interval": cfg.log_interval, "schedule": cfg.schedule,
+         "warmup_steps": exp.warmup_steps}
+    if cfg.schedule == "wsd":
+        d.update(cooldown_frac=cfg.cooldown_frac, cooldown_shape=cfg.cooldown_shape, branch_of=exp.branch_of,
+                 branch_step=exp.branch_step, branch_points=list(exp.branch_points))
     if corpus_record is not None:
         d.update(corpus_sha256=corpus_record.get("sha256"), tokenizer=corpus_record.get("tokenizer"),
                  validation_split=corpus_record.get("validation_split"))
@@ -1830,8 +2001,9 @@ def init_seed(exp: Experiment) -> int:
 
 
 def data_stream_seed(exp: Experiment) -> int:
-    """The seed of this run's stream of training batches (with the step, it fixes every batch)."""
-    return int(hashlib.sha256(exp.name.encode()).hexdigest()[:8], 16)
+    """The seed of this run's stream of training batches (with the step, it fixes every batch). A WSD
+    branch reads its stable run's stream, so it sees the batches a separate run of its length would."""
+    return int(hashlib.sha256((exp.branch_of or exp.name).encode()).hexdigest()[:8], 16)
 
 CHECKPOINT_FORMAT = "scaling-lab-checkpoint-v1"
 
@@ -1924,10 +2096,13 @@ FINAL_STATUSES = ("completed", "diverged")
 # run-level settings whose change makes earlier results incomparable (sizes and seeds may be extended)
 DEFINING_CONFIG_KEYS = ("mode", "steps", "batch_size", "grad_accum", "context_length", "vocab_size", "lr",
                         "warmup_frac", "min_lr_frac", "weight_decay", "grad_clip", "eval_interval",
-                        "eval_batches", "log_interval", "seed")
+                        "eval_batches", "log_interval", "seed", "schedule", "cooldown_frac", "cooldown_shape",
+                        "horizons", "warmup_steps")
 OPTION_OF = {"mode": "--mode", "steps": "--max-steps", "batch_size": "--batch-size",
              "grad_accum": "--grad-accum", "context_length": "--context-length", "vocab_size": "--vocab-size",
-             "lr": "--lr", "peak_lr": "--lr", "seed": "--seed/--seeds", "eval_interval": "--eval-interval",
+             "lr": "--lr", "peak_lr": "--lr", "schedule": "--schedule", "cooldown_frac": "--cooldown-frac",
+             "cooldown_shape": "--cooldown-shape", "horizons": "--horizons", "warmup_steps": "--warmup-steps",
+             "branch_points": "--horizons", "branch_step": "--horizons/--cooldown-frac", "seed": "--seed/--seeds", "eval_interval": "--eval-interval",
              "eval_batches": "--eval-batches", "log_interval": "--log-interval", "corpus_sha256": "--data",
              "tokenizer": "--data", "validation_split": "--data", "tokens": "--data-sizes/--max-steps",
              "n_layer": "--data-model-size", "d_model": "--data-model-size"}
@@ -2228,7 +2403,7 @@ def estimate_wall_time(trainer: Trainer, plan: list[Experiment], budget_s: float
         spent += 3 * dt
         step_s[(n_layer, d_model)] = dt
         flop_rate = flops_step / dt
-    return {e.name: e.steps * step_s[(e.n_layer, e.d_model)] * (1 + eval_overhead(cfg)) for e in plan}
+    return {e.name: e.trained_steps * step_s[(e.n_layer, e.d_model)] * (1 + eval_overhead(cfg)) for e in plan}
 
 
 def plain_eager_step(n_layer: int, d_model: int, n_head: int, vocab_size: int, context_length: int,
@@ -2291,7 +2466,7 @@ def benchmark(trainer: Trainer, plan: list[Experiment], steps: int = 30, warmup:
     peak, peak_source = trainer.peak_flops
     rows = [benchmark_shape(trainer, shape, steps, warmup, reference) for shape in plan_shapes(plan)]
     tok_s = {(r["n_layer"], r["d_model"]): r["tokens_per_s"] for r in rows}
-    projected = sum(e.steps * cfg.tokens_per_step / tok_s[(e.n_layer, e.d_model)] for e in plan) \
+    projected = sum(e.trained_steps * cfg.tokens_per_step / tok_s[(e.n_layer, e.d_model)] for e in plan) \
         * (1 + eval_overhead(cfg))
     log(f"benchmark: projected wall time of mode '{cfg.mode}' ({len(plan)} experiments): "
         f"{format_duration(projected)} on {dev.name} ({dev.description}), dtype {dev.dtype}, "
@@ -2513,19 +2688,28 @@ def scope_from_args(args, argv: list[str]) -> RunScope:
                     parallel=args.parallel, argv=argv)
 
 
+def training_unit(exp: Experiment) -> tuple[str, int]:
+    """A WSD stable run and its cooldown branches train together in one process; any other run alone."""
+    return exp.branch_of or exp.name, exp.seed
+
+
 def select_runs(runs: list[Experiment], scope: RunScope) -> list[Experiment]:
-    """--only (by name, or by run_id for one seed), then --shard (every N-th run from I), in plan order."""
+    """--only (by name, or by run_id for one seed), then --shard (every N-th unit from I), in plan order.
+    A stable run and its branches are one unit: naming either selects both."""
+    units = list(dict.fromkeys(training_unit(e) for e in runs))
     if scope.only:
         known = {e.name for e in runs} | {e.run_id for e in runs}
         unknown = [n for n in scope.only if n not in known]
         if unknown:
             raise UserError(f"--only {','.join(unknown)}: not in this plan; its experiments are "
                             f"{', '.join(dict.fromkeys(e.name for e in runs))} (or a run id such as {runs[0].run_id})")
-        runs = [e for e in runs if e.name in scope.only or e.run_id in scope.only]
+        named = {training_unit(e) for e in runs if e.name in scope.only or e.run_id in scope.only}
+        units = [u for u in units if u in named]
     if scope.shard:
         i, n = scope.shard
-        runs = runs[i::n]
-    return runs
+        units = units[i::n]
+    chosen = set(units)
+    return [e for e in runs if training_unit(e) in chosen]
 
 
 def expand_seeds(plan: list[Experiment], seeds: list[int]) -> list[Experiment]:
@@ -2639,7 +2823,7 @@ def train_parallel(s: Session, k: int) -> dict:
     given its runs with --only), forward SIGINT/SIGTERM to them, stop the others if one fails, then
     assemble the records in plan order and fit them exactly as a sequential run would."""
     t0 = time.time()
-    todo = s.todo
+    todo = [e for e in s.todo if not e.branch_of]      # a branch trains with its stable run (one unit)
     groups = balance_runs(todo, k)
     announce_plan(s, None)
     log(f"parallel: {len(todo)} runs in {len(groups)} processes at once, each with 1/{k} of the "
@@ -4054,6 +4238,18 @@ def add_plan_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=positive_float,
                    help="one peak learning rate for every size (default: min(1e-2, 0.4/d_model))")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
+    g = p.add_argument_group("learning-rate schedule")
+    g.add_argument("--schedule", choices=["cosine", "wsd"],
+                   help="cosine decay, or wsd: warmup, constant peak, cooldown (default: the preset's)")
+    g.add_argument("--warmup-steps", type=positive_int,
+                   help="warmup of every run (default: 10%% of the parameter sweep's steps, the same for all)")
+    g.add_argument("--cooldown-frac", type=positive_float, default=0.2,
+                   help="wsd: the cooldown's share of each run's (or branch's) steps (default 0.2)")
+    g.add_argument("--cooldown-shape", choices=["1-sqrt", "linear"], default="1-sqrt",
+                   help="wsd: the cooldown's shape (default 1-sqrt, Hagele et al. 2024's best)")
+    g.add_argument("--horizons",
+                   help="wsd: each parameter-sweep run also gives its loss at these token counts (0.5M,1M,2M) or "
+                        "multiples of its D (0.25x,0.5x,1x), as cooldowns branched from one run")
 
 
 def add_device_options(p: argparse.ArgumentParser) -> None:
@@ -4169,6 +4365,8 @@ def config_from_args(args) -> tuple[RunConfig, Preset]:
     preset = PRESETS[args.mode]
     parse_checkpoint_every(args.checkpoint_every)         # a bad value is reported before any work
     data = args.data or default_data(preset.name)
+    if not 0 < args.cooldown_frac < 1:
+        raise UserError(f"--cooldown-frac {args.cooldown_frac}: give the cooldown's share of a run, between 0 and 1")
     check_vocab_size(args.vocab_size or preset.vocab_size, data)          # before any text is read
     check_data_source(data)
     return RunConfig(
@@ -4192,21 +4390,47 @@ def config_from_args(args) -> tuple[RunConfig, Preset]:
         text_column=args.text_column, split=args.split, num_proc=args.num_proc,
         bpe_sample_chars=args.bpe_sample_chars, no_repeat=args.no_repeat, max_tokens=args.max_tokens,
         seeds=parse_seeds(args.seeds, args.seed), checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints,
+        keep_checkpoints=args.keep_checkpoints, schedule=args.schedule or preset.schedule,
+        cooldown_frac=args.cooldown_frac, cooldown_shape=args.cooldown_shape,
+        horizons=args.horizons if args.horizons is not None else preset.horizons,
+        warmup_steps=args.warmup_steps or preset.warmup_steps,
     ), preset
 
 
 def print_plan(plan: list[Experiment], cfg: RunConfig, estimates: dict[str, float] | None) -> None:
     log(f"plan: {len(plan)} experiments, {format_count(cfg.tokens_per_step)} tokens per step "
-        f"(batch {cfg.batch_size} x context {cfg.context_length} x accum {cfg.grad_accum})")
-    log(f"  {'name':<16} {'N':>8} {'n_layer':>7} {'d_model':>7} {'D':>8} {'steps':>6} {'FLOPs':>9} "
+        f"(batch {cfg.batch_size} x context {cfg.context_length} x accum {cfg.grad_accum}), {cfg.schedule} "
+        f"schedule, {plan_warmup_steps(cfg)} warmup steps for every run")
+    log(f"  {'name':<20} {'N':>8} {'n_layer':>7} {'d_model':>7} {'D':>8} {'steps':>6} {'FLOPs':>9} "
         f"{'lr':>8} {'est.':>8}")
     for e in plan:
         est = format_duration(estimates[e.name]) if estimates else "-"
-        log(f"  {e.name:<16} {format_count(e.n_params_nonembedding):>8} {e.n_layer:>7} {e.d_model:>7} "
-            f"{format_count(e.tokens):>8} {e.steps:>6} {e.flops:>9.2e} {e.peak_lr:>8.2e} {est:>8}")
+        branch = f"  cooldown branch of {e.branch_of} from step {e.branch_step}" if e.branch_of else ""
+        log(f"  {e.name:<20} {format_count(e.n_params_nonembedding):>8} {e.n_layer:>7} {e.d_model:>7} "
+            f"{format_count(e.tokens):>8} {e.steps:>6} {e.flops:>9.2e} {e.peak_lr:>8.2e} {est:>8}{branch}")
+    for line in branch_savings_lines(plan):
+        log(line)
     if estimates:
         log(f"  estimated training time: {format_duration(sum(estimates.values()))} on this device")
+
+
+def branch_savings_lines(plan: list[Experiment]) -> list[str]:
+    """What WSD's branches save: per stable run, the tokens it processes (its own steps plus its branches'
+    cooldowns) against separate runs to every horizon; then the FLOPs of the whole plan."""
+    lines = []
+    for main in (e for e in plan if e.branch_points):
+        branches = [b for b in plan if b.branch_of == main.name]
+        processed = main.tokens + sum(b.trained_steps / b.steps * b.tokens for b in branches)
+        separate = main.tokens + sum(b.tokens for b in branches)
+        lines.append(f"  {main.name}: one run with {len(branches)} cooldown branches processes "
+                     f"{format_count(processed)} tokens, {processed / separate:.2f}x the {format_count(separate)} "
+                     f"of separate runs to its {len(branches) + 1} horizons")
+    if lines:
+        flops = sum(6.0 * e.n_params_nonembedding * e.trained_steps / e.steps * e.tokens for e in plan)
+        separate = sum(e.flops for e in plan)
+        lines.append(f"  WSD branches: {flops:.3g} FLOPs for the plan instead of {separate:.3g} with separate runs "
+                     f"({1 - flops / separate:.0%} saved)")
+    return lines
 
 
 def environment_record(device: DeviceInfo, corpus: Corpus) -> dict:
@@ -4511,6 +4735,10 @@ def prepare(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info: Distribu
         if rec is not None and rec["status"] in FINAL_STATUSES and \
                 rec["experiment_hash"] == definition_hash(experiment_definition(exp, cfg, corpus.record)):
             done[exp.run_id] = rec
+    for exp in runs:    # a stable run counts as finished only with its branches: they need its states
+        if exp.branch_points and any(b.branch_of == exp.name and b.seed == exp.seed and b.run_id not in done
+                                     for b in runs):
+            done.pop(exp.run_id, None)
     dist_info.agree(sorted(done), "which runs finished earlier")
     results = {"schema_version": SCHEMA_VERSION, "mode": cfg.mode, "config": dataclasses.asdict(cfg),
                "environment": {**environment_record(device, corpus), "processes": dist_info.world_size},
@@ -4581,25 +4809,36 @@ def train_sequential(s: Session, estimate: bool) -> dict:
     t0 = time.time()
     # under torchrun a signal ends every rank at once (see docs/distributed.md); one process checkpoints
     with stop_on_signals(stop) if not s.dist.enabled else contextlib.nullcontext():
+        trainer.on_branch_done = lambda branch, record: save_record(s, trainer, branch, record, t0)
         for i, exp in enumerate(s.runs):
             if exp.run_id in s.done:
                 s.results["experiments"].append(s.done[exp.run_id])
                 continue
-            log(f"experiment {i + 1}/{len(s.runs)}: {exp.run_id}")
+            if exp.branch_of:                    # trained inside its stable run, which comes after it
+                continue
+            branches = [b for b in s.todo if b.branch_of == exp.name and b.seed == exp.seed]
+            log(f"experiment {i + 1}/{len(s.runs)}: {exp.run_id}"
+                + (f" (with {len(branches)} cooldown branches)" if branches else ""))
             try:
                 if stop.signum is not None:      # a signal between two runs: nothing of this one to save
                     raise TrainingInterrupted(stop.signum, None)
-                record = trainer.train(exp)
+                record = trainer.train(exp, branches)
             except TrainingInterrupted as e:
                 raise interrupted(s, e, exp, t0) from None
-            if s.dist.is_main:
-                s.store.save(record)             # the record first, then the checkpoint may go
-            trainer.remove_checkpoint(exp)
-            s.results["experiments"].append(record)
-            s.results["wall_time_s"] = round(time.time() - t0, 2)
-            if s.dist.is_main:
-                write_json_atomic(s.results_file, s.results)
+            save_record(s, trainer, exp, record, t0)
     return finish(s, t0)
+
+
+def save_record(s: Session, trainer: Trainer, exp: Experiment, record: dict, t0: float) -> None:
+    """A finished run (or branch): its record under runs/ first, then its checkpoint may go, then the
+    results file with it."""
+    if s.dist.is_main:
+        s.store.save(record)
+    trainer.remove_checkpoint(exp)
+    s.results["experiments"].append(record)
+    s.results["wall_time_s"] = round(time.time() - t0, 2)
+    if s.dist.is_main:
+        write_json_atomic(s.results_file, s.results)
 
 
 def save_partial_results(s: Session) -> None:
@@ -4617,7 +4856,7 @@ def interrupted(s: Session, e: TrainingInterrupted, exp: Experiment, t0: float) 
     s.results["wall_time_s"] = round(time.time() - t0, 2)
     save_partial_results(s)
     n_final = sum(1 for r in s.results["experiments"] if r["status"] in FINAL_STATUSES)
-    where = (f" in {exp.run_id} at step {e.record['steps_done']}/{exp.steps} (checkpoint saved)"
+    where = (f" in {e.record['run_id']} at step {e.record['steps_done']}/{e.record['steps']} (checkpoint saved)"
              if e.record is not None else "")
     return RunInterrupted(e.signum, f"interrupted by {signal.Signals(e.signum).name}{where}; "
                           f"{s.results_file.name} holds {n_final} finished run{'' if n_final == 1 else 's'}. "

@@ -96,7 +96,7 @@ def test_demo_cli_needs_no_torch_and_writes_the_runners_schema(tmp_path):
         # logged where the runner logs: every 50 steps and the last step, with the runner's LR schedule
         assert cur["step"] == [s for s in range(1, p.steps + 1) if s % 50 == 0 or s == p.steps]
         assert cur["tokens"] == [s * cfg.tokens_per_step for s in cur["step"]]
-        assert cur["lr"] == [rse.lr_at(s - 1, p.steps, p.peak_lr) for s in cur["step"]]
+        assert cur["lr"] == [rse.schedule_of(cfg, p.warmup_steps).lr(s - 1, p.steps, p.peak_lr) for s in cur["step"]]
         assert cur["eval_step"][1:-1] == [s for s in range(250, p.steps, 250)]
         assert abs(cur["train_loss"][-1] - e["final_val_loss"]) < 0.1        # settles on the final loss
         assert max(cur["train_loss"][:3]) > e["final_val_loss"] + 0.1         # ...from above
