@@ -1,0 +1,107 @@
+"""WSD (warmup-stable-decay): the schedule, the plan's cooldown branches, a branch equal to a separate run
+of its length, and a kill inside a branch resuming exactly."""
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import run_scaling_experiments_enhanced as rse
+from conftest import SCRIPT
+
+ARGS = ["--mode", "tiny", "--vocab-size", "512", "--param-sizes", "25K", "--data-sizes", "16K",
+        "--batch-size", "8", "--context-length", "64", "--eval-interval", "10", "--eval-batches", "2",
+        "--log-interval", "10", "--no-estimate", "--device", "cpu", "--bootstrap", "20",
+        "--schedule", "wsd", "--warmup-steps", "4"]
+
+
+def test_wsd_schedule_holds_the_peak_then_cools_down_to_the_cosine_floor():
+    s = rse.LRSchedule("wsd", warmup_steps=10, cooldown_frac=0.2)
+    peak, low = 1e-2, 1e-3
+    assert s.lr(0, 100, peak) == pytest.approx(1e-3) and s.lr(9, 100, peak) == pytest.approx(peak)
+    assert s.cooldown_start(100) == 80 and s.lr(79, 100, peak) == peak
+    assert s.lr(80, 100, peak) == pytest.approx(low + (peak - low) * (1 - (1 / 20) ** 0.5))
+    assert s.lr(99, 100, peak) == pytest.approx(low) == rse.lr_at(99, 100, peak)       # cosine's floor
+    linear = rse.LRSchedule("wsd", warmup_steps=10, cooldown_shape="linear")
+    assert linear.lr(89, 100, peak) == pytest.approx(low + (peak - low) * 0.5)
+    # a shorter horizon's schedule is the longer one's until its own cooldown: branches share the past
+    assert [s.lr(t, 40, peak) for t in range(32)] == [s.lr(t, 100, peak) for t in range(32)]
+
+
+def plan_of(*extra):
+    cfg, preset = rse.config_from_args(rse.build_parser().parse_args(["--mode", "tiny", *extra]))
+    return rse.build_plan(cfg, preset)
+
+
+def test_four_doubling_horizons_cost_under_065_of_separate_runs():
+    plan = plan_of("--schedule", "wsd", "--horizons", "0.125x,0.25x,0.5x,1x", "--warmup-steps", "20")
+    mains = [e for e in plan if e.branch_points]
+    assert len(mains) == 4 + 1                       # four sizes, and the data sweep's one run
+    for main in mains:
+        branches = [b for b in plan if b.branch_of == main.name]
+        processed = main.steps + sum(b.trained_steps for b in branches)
+        separate = main.steps + sum(b.steps for b in branches)
+        assert all(b.branch_step == rse.LRSchedule("wsd").cooldown_start(b.steps) for b in branches)
+        if main.sweep == "params":
+            assert [b.steps for b in branches] == [100, 200, 400] and main.steps == 800
+            assert processed / separate == pytest.approx((800 + 0.2 * 700) / 1500) and processed / separate < 0.65
+    assert [e.name for e in plan if e.sweep == "horizons"][:3] == ["params-N25K@205K", "params-N25K@410K",
+                                                                   "params-N25K@819K"]
+    with pytest.raises(rse.UserError, match="add --schedule wsd"):
+        plan_of("--horizons", "0.5x,1x")
+    with pytest.raises(rse.UserError, match="inside the 80-step warmup"):
+        plan_of("--schedule", "wsd", "--horizons", "0.1x,1x")      # 80 steps: cooldown from step 64
+
+
+def run(args, cwd, out):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args), "--output-dir", str(out)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def losses(out) -> dict:
+    return {e["run_id"]: e["final_val_loss"] for e in json.loads((out / "results.json").read_text())["experiments"]}
+
+
+@pytest.fixture(scope="module")
+def branched(tmp_path_factory, corpus_file, cache_dir):
+    out = tmp_path_factory.mktemp("wsd") / "branched"
+    args = [*ARGS, "--data", corpus_file, "--cache-dir", cache_dir, "--max-steps", "60", "--horizons", "0.5x,1x",
+            "--cooldown-frac", "0.5"]
+    r = run(args, out.parent, out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return args, out
+
+
+def test_a_branch_equals_a_separate_run_of_its_length(branched, tmp_path, corpus_file, cache_dir):
+    args, out = branched
+    res = json.loads((out / "results.json").read_text())
+    branch = next(e for e in res["experiments"] if e["branch_of"])
+    assert branch["run_id"] == "params-N25K@15.4K-seed0" and branch["steps"] == 30 and branch["branch_step"] == 15
+    assert branch["tokens_processed"] == 15 * 512 and branch["sweep"] == "horizons"
+    separate = tmp_path / "separate"
+    r = run([*ARGS, "--data", corpus_file, "--cache-dir", cache_dir, "--max-steps", "30", "--cooldown-frac", "0.5"],
+            tmp_path, separate)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # the same warmup, batches and weights up to step 15, the same cooldown after it: the same model
+    assert branch["final_val_loss"] == pytest.approx(losses(separate)["params-N25K-seed0"], rel=1e-6)
+    # the parameter sweep's 1-D fit keeps one D; the joint law sees the branch too
+    assert res["fits"]["params"]["n_points"] == 1 and res["fits"]["joint"]["n_points"] == 3
+
+
+def test_sigkill_inside_a_branch_then_the_same_command_gives_identical_losses(branched, tmp_path):
+    args, reference = branched
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(SCRIPT), *map(str, args), "--output-dir", str(out), "--checkpoint-every", "2steps"]
+    p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout:
+        if line.startswith("[params-N25K@15.4K-seed0] checkpoint at step 2"):
+            p.send_signal(signal.SIGKILL)
+            break
+    p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    assert (out / "checkpoints" / "params-N25K@15.4K-seed0.pt").exists()
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "[params-N25K@15.4K-seed0] resuming its cooldown from its checkpoint at step 2" in again.stdout
+    assert losses(out) == losses(reference)                                 # bit for bit on a CPU
