@@ -176,8 +176,9 @@ def simulate(cfg: rse.RunConfig, preset: rse.Preset, law: str, noise: float, see
     z_final = np.random.default_rng([seed, 0]).standard_normal(len(plan))   # one draw per run, plan order
     experiments = []
     for i, exp in enumerate(plan):
-        t = sweeps[exp.sweep]
-        x = exp.n_params_nonembedding if exp.sweep == "params" else exp.tokens
+        # a WSD branch of the parameter sweep: a point of the law at its own D
+        t = sweeps[exp.sweep] if exp.sweep in sweeps else sweep_truth(law, "params", exp.tokens)
+        x = exp.tokens if exp.sweep == "data" else exp.n_params_nonembedding
         true_loss = float(rse.power_law(x, t["a"], t["b"], t["c"]))
         final = true_loss * math.exp(noise * z_final[i])
         rng = np.random.default_rng([seed, 1, i])
@@ -273,9 +274,16 @@ def print_comparison(results: dict) -> None:
         if p["true_loss"] is None:
             continue
         pred = fitted.get((p["sweep"], p["name"]), {}).get("predicted_loss")
+        joint = fitted.get((p["sweep"], p["name"]), {}).get("joint_predicted_loss")
         x = p.get("N", p.get("D"))
-        pred_text = f"{pred:.3f}" if pred is not None else "n/a"
-        rse.log(f"    {p['name']:<28} {rse.format_count(x):>6}: true {p['true_loss']:.3f}, fitted {pred_text}")
+        err = lambda v: f"{v:.3f} ({100 * (v / p['true_loss'] - 1):+.1f}%)" if v is not None else "n/a"  # noqa: E731
+        rse.log(f"    {p['name']:<28} {rse.format_count(x):>6}: true {p['true_loss']:.3f}, fitted {err(pred)}, "
+                f"joint law {err(joint)}")
+    joint = results["fits"].get("joint", {})
+    if joint.get("available") and law["name"] == "chinchilla":
+        rse.log(f"  joint law: alpha {joint['alpha']:.4f} {interval_text(joint, 'alpha')} (true "
+                f"{CHINCHILLA['alpha']}), beta {joint['beta']:.4f} {interval_text(joint, 'beta')} (true "
+                f"{CHINCHILLA['beta']}), from {joint['n_points']} runs")
 
 
 def slope_text(truth: dict) -> str:
@@ -307,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-model-size", help="N target of the data sweep's model (default: the preset's)")
     p.add_argument("--max-steps", type=rse.positive_int, help="steps of every parameter-sweep run")
     p.add_argument("--vocab-size", type=rse.positive_int, help="vocabulary: curves start near its log")
+    p.add_argument("--schedule", choices=["cosine", "wsd"], help="the runner's schedule (default: the preset's)")
+    p.add_argument("--horizons", help="wsd: every parameter-sweep run also at these horizons (0.25x,0.5x,1x), "
+                                      "each a point under the law, as the runner's cooldown branches give")
+    p.add_argument("--warmup-steps", type=rse.positive_int, help="the runner's warmup of every run")
     # the simulation
     p.add_argument("--law", default="chinchilla", choices=LAWS,
                    help="chinchilla: Besiroglu et al. 2024's L(N, D) = 1.82 + 482/N^0.348 + 2085/D^0.366 "
@@ -324,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         runner_argv = ["--mode", args.mode]
-        for opt in ("param_sizes", "data_sizes", "data_model_size", "max_steps", "vocab_size"):
+        for opt in ("param_sizes", "data_sizes", "data_model_size", "max_steps", "vocab_size", "schedule",
+                    "horizons", "warmup_steps"):
             if getattr(args, opt) is not None:
                 runner_argv += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
         out_dir = Path(args.output_dir)

@@ -3625,23 +3625,48 @@ def fit_sweeps(experiments: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: in
     return fits
 
 
-def predictions_from_fits(fits: dict) -> list[dict]:
+def predictions_from_fits(fits: dict, fixed: dict | None = None) -> list[dict]:
     """Predicted loss at every reference model, with the 95% confidence interval of the law
     (`predicted_loss_ci95`) and the wider 95% prediction interval of one new run there, which adds the
-    fit's residual scatter (`predicted_loss_pi95`), where the fit has bootstrap draws."""
+    fit's residual scatter (`predicted_loss_pi95`), where the fit has bootstrap draws. With the sweeps'
+    `fixed` other variable (sweep_fixed_values), the joint law's prediction on the same slice too."""
     out = []
     for sweep, models in REFERENCE_MODELS.items():
         fit = fits.get(sweep, {})
         draws = law_samples(fit, [x for _, x in models])
         noisy = with_noise(draws, fit.get("residual_std_log"))
+        joint = joint_slice(fits.get("joint", {}), sweep, [x for _, x in models], (fixed or {}).get(sweep))
         for i, (name, x) in enumerate(models):
             pred = float(power_law(x, fit["a"], fit["b"], fit["c"])) if fit.get("available") else None
             out.append({"name": name, "sweep": sweep, "N" if sweep == "params" else "D": x,
                         "predicted_loss": pred,
                         "predicted_loss_ci95": _percentiles(draws[:, i]) if draws is not None else None,
                         "predicted_loss_pi95": _percentiles(noisy[:, i]) if noisy is not None else None,
-                        "kaplan_loss": float(kaplan_law(x, sweep))})
+                        "kaplan_loss": float(kaplan_law(x, sweep)), **joint[i]})
     return out
+
+
+def sweep_fixed_values(experiments: list[dict]) -> dict:
+    """The variable each sweep holds fixed: the parameter sweep's D and the data sweep's N."""
+    out = {}
+    for sweep, other in (("params", "tokens"), ("data", "n_params_nonembedding")):
+        values = {e.get(other) for e in usable_runs(experiments, sweep)}
+        if len(values) == 1 and None not in values:
+            out[sweep] = float(values.pop())
+    return out
+
+
+def joint_slice(joint: dict, sweep: str, xs: list[float], fixed: float | None) -> list[dict]:
+    """The joint law's loss at each x of a sweep's slice (N = x at the sweep's D, or D = x at its N),
+    with its 95% interval: the extrapolation a grid of runs makes, next to the one-variable law's."""
+    if not joint.get("available") or fixed is None:
+        return [{} for _ in xs]
+    n, d = (xs, [fixed] * len(xs)) if sweep == "params" else ([fixed] * len(xs), xs)
+    pred = joint_law(n, d, *(joint[k] for k in ("E", "A", "B", "alpha", "beta")))
+    draws = joint_samples(joint, n, d)
+    return [{"joint_predicted_loss": float(pred[i]), "joint_at": {"N": n[i], "D": d[i]},
+             "joint_predicted_loss_ci95": _percentiles(draws[:, i]) if draws is not None else None}
+            for i in range(len(xs))]
 
 
 def _relative_error(pred, measured, draws, noisy=None):
@@ -3831,7 +3856,8 @@ def analyse_runs(experiments: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: 
         holdout[f"rollout_{sweep}"] = rollout_one_variable(runs, key, min(n_bootstrap, ROLLOUT_BOOTSTRAP), seed)
     extra = analyse_points(runs_as_points(experiments), fits, n_bootstrap, seed)
     holdout.update(extra["holdout"])
-    out = {"fits": fits, "predictions": predictions_from_fits(fits), "holdout": holdout,
+    out = {"fits": fits, "predictions": predictions_from_fits(fits, sweep_fixed_values(experiments)),
+           "holdout": holdout,
            "compute_optimal": extra["compute_optimal"], "isoflop": extra["isoflop"]}
     return strip_private(out)
 
