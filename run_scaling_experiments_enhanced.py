@@ -4301,6 +4301,10 @@ def build_compute_optimal_figure(results: dict):
     ax3.grid(True, alpha=0.3)
     fig.suptitle("Compute-optimal allocation from the joint law L(N, D) = E + A/N^alpha + B/D^beta", fontsize=13)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
+    if not co.get("available"):          # never drawn as if it were an answer
+        fig.text(0.5, 0.5, _wrap("NOT A COMPUTE-OPTIMAL ANSWER: " + str(co.get("reason", "the joint law is "
+                                 "unavailable")), 70), ha="center", va="center", fontsize=18, color="darkred",
+                 weight="bold", bbox={"facecolor": "white", "edgecolor": "darkred", "alpha": 0.9, "lw": 3})
     return fig
 
 # ----------------------------------------------------------------------------------------------------
