@@ -37,6 +37,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import fcntl
 import gc
 import hashlib
 import io
@@ -1992,9 +1993,10 @@ class RunStore:
                 self.save(e)
 
 
-def archive_previous(out_dir: Path) -> Path | None:
-    """--fresh: move this script's earlier outputs into previous-<date>-<time>/ (never delete them)."""
-    names = ["results.json", "scaling_laws_complete.png", "runs", "checkpoints",
+def archive_previous(out_dir: Path, why: str = "--fresh") -> Path | None:
+    """--fresh (or changed settings in the mode's default folder): move this script's earlier outputs
+    into previous-<date>-<time>/, never deleting them, and say so in one line that begins with `why`."""
+    names = ["results.json", "scaling_laws_complete.png", "compute_optimal.png", "runs", "checkpoints",
              *sorted(p.name for p in out_dir.glob("results.*.json"))]
     present = [n for n in names if (out_dir / n).exists()]
     if not present:
@@ -2008,7 +2010,7 @@ def archive_previous(out_dir: Path) -> Path | None:
     archive.mkdir()
     for n in present:
         os.replace(out_dir / n, archive / n)
-    log(f"--fresh: moved the earlier {', '.join(present)} to {archive}")
+    log(f"{why}: moved the earlier {', '.join(present)} to {archive}")
     return archive
 
 
@@ -2023,11 +2025,45 @@ def prepare_output_dir(path: Path) -> None:
                         f"--output-dir") from None
 
 
+def hold_output_lock(out_dir: Path, results_name: str = "results.json"):
+    """One writer per results file: an exclusive flock on .<results_name>.lock in the folder, held until
+    the returned file is closed (or the process dies, so a killed run's leftover file never blocks).
+    The file says who holds it; a second process is refused at once, naming that pid. Parts of a sweep
+    (--shard, --only) each lock their own results file, so they still share a folder."""
+    prepare_output_dir(out_dir)
+    f = open(out_dir / f".{results_name}.lock", "a+")      # "a+": opening never erases the holder's text
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that has not written its pid yet"
+        f.close()
+        raise UserError(f"{out_dir} is in use by another run ({holder}): one run writes "
+                        f"{results_name} at a time; wait for it to finish, or choose another --output-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
+            f"{datetime.datetime.now().isoformat(sep=' ', timespec='seconds')}\n")
+    f.flush()
+    return f
+
+
 def refuse_changed_settings(existing: dict | None, cfg: RunConfig, runs: list[Experiment], store: RunStore,
                             checkpoints: CheckpointPolicy, corpus_record: dict | None) -> None:
     """Compare this command with the earlier work in the output folder: results.json's settings and
     the definition of every run that has a record or a checkpoint. Any difference is a UserError that
     names the settings; without a corpus record the corpus keys wait for a second call."""
+    changed = changed_settings(existing, cfg, runs, store, checkpoints, corpus_record)
+    if changed:
+        raise UserError(f"{cfg.output_dir} holds results made with other settings: {changed}. "
+                        f"Rerun the earlier command to resume it, pass --fresh to move the earlier results "
+                        f"aside, or choose another --output-dir")
+
+
+def changed_settings(existing: dict | None, cfg: RunConfig, runs: list[Experiment], store: RunStore,
+                     checkpoints: CheckpointPolicy, corpus_record: dict | None) -> str | None:
+    """The settings in which this command differs from the folder's earlier work, as 'steps 30 -> 20
+    (--max-steps, 2 runs); ...', or None when nothing differs."""
     diffs: dict[str, list] = {}          # key -> [old, new, number of runs]
     if existing is not None:
         old_cfg = existing["config"]
@@ -2046,15 +2082,31 @@ def refuse_changed_settings(existing: dict | None, cfg: RunConfig, runs: list[Ex
             for key, o, n in definition_differences(old, new, list(new)):
                 entry = diffs.setdefault(key, [o, n, 0])
                 entry[2] += 1
-    if diffs:
-        parts = []
-        for key, (o, n, count) in diffs.items():
-            opt = OPTION_OF.get(key)
-            where = ", ".join(x for x in (opt, f"{count} runs" if count else None) if x)
-            parts.append(f"{key} {o} -> {n}" + (f" ({where})" if where else ""))
-        raise UserError(f"{cfg.output_dir} holds results made with other settings: {'; '.join(parts)}. "
-                        f"Rerun the earlier command to resume it, pass --fresh to move the earlier results "
-                        f"aside, or choose another --output-dir")
+    parts = []
+    for key, (o, n, count) in diffs.items():
+        opt = OPTION_OF.get(key)
+        where = ", ".join(x for x in (opt, f"{count} runs" if count else None) if x)
+        parts.append(f"{key} {o} -> {n}" + (f" ({where})" if where else ""))
+    return "; ".join(parts) or None
+
+
+def settle_changed_settings(existing: dict | None, cfg: RunConfig, runs: list[Experiment], store: RunStore,
+                            checkpoints: CheckpointPolicy, corpus_record: dict | None, *,
+                            archive_on_change: bool, dist_info: Distributed) -> dict | None:
+    """Earlier work made with other settings: in the mode's default folder (no --output-dir given,
+    `archive_on_change`) it is moved aside as --fresh does and this run starts over; in a folder the
+    user named, a one-line refusal. Returns the earlier results.json still in force (None once moved).
+    Every rank compares before rank 0 moves anything."""
+    changed = changed_settings(existing, cfg, runs, store, checkpoints, corpus_record)
+    if changed and not archive_on_change:
+        refuse_changed_settings(existing, cfg, runs, store, checkpoints, corpus_record)
+    dist_info.barrier()
+    if not changed:
+        return existing
+    if dist_info.is_main:
+        archive_previous(Path(cfg.output_dir), why=f"settings changed ({changed}) in the default output folder")
+    dist_info.barrier()
+    return None
 
 
 def remove_stale_temporaries(folder: Path, min_age_s: float = 600.0) -> None:
@@ -2160,6 +2212,40 @@ def peak_memory_bytes(device: str) -> int:
 def reset_peak_memory(device: str) -> None:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+
+
+def available_memory_bytes(device: str) -> tuple[int | None, str]:
+    """The memory one run may fill, and what it is: a GPU's total memory on CUDA; otherwise the machine's
+    physical RAM (MPS shares it)."""
+    if device == "cuda":
+        return gpu_memory_bytes(device), "the GPU's memory"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
+    except (ValueError, OSError, AttributeError):     # a platform without these names
+        return None, "memory"
+
+
+def check_run_memory(runs: list[Experiment], cfg: RunConfig, device: str,
+                     available: tuple[int | None, str]) -> str | None:
+    """Refuse, in one line, a plan whose largest run cannot fit (estimated_run_memory_bytes); else the
+    log line comparing the two. On CUDA an out-of-memory step is retried with smaller micro-batches, so
+    only a run that cannot fit even one sequence per micro-batch is refused; elsewhere nothing retries
+    (the kernel kills the process), so the whole micro-batch must fit."""
+    memory, what = available
+    if not runs or not memory:
+        return None
+    largest = max(runs, key=lambda e: estimated_run_memory_bytes(e, cfg))
+    need = estimated_run_memory_bytes(largest, cfg)
+    floor = (estimated_run_memory_bytes(largest, dataclasses.replace(cfg, batch_size=1))
+             if device == "cuda" else need)
+    gb = 1e9
+    if floor > memory:
+        retry = f" ({floor / gb:.1f} GB at one sequence per micro-batch)" if floor != need else ""
+        raise UserError(f"{largest.name} would need about {need / gb:.1f} GB at batch {cfg.batch_size} x context "
+                        f"{cfg.context_length}{retry}, more than {what} ({memory / gb:.1f} GB): lower --context-length or "
+                        f"--batch-size (--grad-accum keeps the tokens per step), or use --param-sizes without it")
+    return (f"memory: the largest run ({largest.name}) needs about {need / gb:.2g} GB of {what} "
+            f"({memory / gb:.3g} GB)")
 
 
 def probe_experiment(n_layer: int, d_model: int, n_head: int) -> Experiment:
@@ -4066,6 +4152,9 @@ def add_device_options(p: argparse.ArgumentParser) -> None:
                    help="auto picks CUDA, then MPS, then CPU")
     g.add_argument("--output-dir", help="default scaling_results_<mode>_v2")
     g.add_argument("--no-estimate", action="store_true", help="skip the timed steps of the plan's estimate")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the plan, the data budget, the memory check and the time estimate, then exit "
+                        "without preparing data or training (with --no-estimate: in seconds)")
     g = p.add_argument_group("speed")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 autocast on CUDA, fp32 on MPS and CPU; bf16 on a CPU needs avx512_bf16/AMX")
@@ -4430,16 +4519,35 @@ class Session:
 
 def run(cfg: RunConfig, preset: Preset, estimate: bool = True, n_bootstrap: int = N_BOOTSTRAP,
         benchmark_steps: int = 0, fresh: bool = False, command: str | None = None,
-        scope: RunScope | None = None) -> dict:
+        scope: RunScope | None = None, default_folder: bool = False, dry_run: bool = False) -> dict:
     """The training command: prepare, then train the runs one after another (under torchrun, every rank
-    together), in --parallel child processes, or time them (--benchmark); then fit and draw."""
+    together), in --parallel child processes, or time them (--benchmark); then fit and draw. Rank 0 of
+    a command (not a --parallel child: its parent does) holds the output folder's lock throughout.
+    `default_folder`: no --output-dir was given, so changed settings move the earlier results aside."""
     scope = scope or RunScope()
     check_hub_reachable(cfg, preset)               # offline: one line, before any other work
+    if dry_run:
+        return dry_run_plan(cfg, preset, scope, estimate)
     dist_info = distributed_from_env()
+    lock = (hold_output_lock(Path(cfg.output_dir), scope.results_name())
+            if dist_info.is_main and not scope.child else None)
+    try:
+        return run_holding_lock(cfg, preset, scope, dist_info, estimate=estimate, n_bootstrap=n_bootstrap,
+                                benchmark_steps=benchmark_steps, fresh=fresh, command=command,
+                                archive_on_change=default_folder and not scope.partial and not scope.child)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def run_holding_lock(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info: Distributed, *,
+                     estimate: bool, n_bootstrap: int, benchmark_steps: int, fresh: bool, command: str | None,
+                     archive_on_change: bool) -> dict:
     # every rank but rank 0 trains in silence, so each log line appears once
     with silenced(not dist_info.is_main):
         s = prepare(cfg, preset, scope, dist_info, fresh=fresh, n_bootstrap=n_bootstrap,
-                    command=command or "the same command", benchmark=bool(benchmark_steps))
+                    command=command or "the same command", benchmark=bool(benchmark_steps),
+                    archive_on_change=archive_on_change)
         if benchmark_steps:
             report = benchmark(Trainer(cfg, s.corpus, s.device), s.plan, steps=benchmark_steps)
             write_json_atomic(s.out_dir / "benchmark.json", report)
@@ -4476,7 +4584,7 @@ def start_device(cfg: RunConfig, scope: RunScope, dist_info: Distributed,
 
 
 def prepare(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info: Distributed, *, fresh: bool,
-            n_bootstrap: int, command: str, benchmark: bool = False) -> Session:
+            n_bootstrap: int, command: str, benchmark: bool = False, archive_on_change: bool = False) -> Session:
     """Every check that can fail before training (each a one-line UserError), the corpus (tokenized by
     rank 0 while the others wait), and the runs that finished earlier."""
     dist_info, device = start_device(cfg, scope, dist_info, benchmark)
@@ -4489,6 +4597,8 @@ def prepare(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info: Distribu
     plan = build_plan(cfg, preset)
     all_runs = expand_seeds(plan, cfg.seeds)
     runs = select_runs(all_runs, scope)
+    if not scope.child:        # a --parallel child's share of the device was checked by its parent
+        log(check_run_memory(runs, cfg, device.name, available_memory_bytes(device.name)) or "")
     check_free_space(out_dir, all_runs, cfg.keep_checkpoints)
     every_s, every_steps = parse_checkpoint_every(cfg.checkpoint_every)
     policy = CheckpointPolicy(out_dir / "checkpoints", every_s, every_steps, cfg.keep_checkpoints)
@@ -4496,11 +4606,13 @@ def prepare(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info: Distribu
     if existing is not None and dist_info.is_main:
         store.recover(existing["experiments"])
     dist_info.barrier()
-    refuse_changed_settings(existing, cfg, runs, store, policy, None)
+    existing = settle_changed_settings(existing, cfg, runs, store, policy, None,
+                                       archive_on_change=archive_on_change, dist_info=dist_info)
     refuse_other_results_files(out_dir, cfg, store, policy, None)
     corpus = load_corpus_on_rank0_first(cfg, preset, dist_info)
     data_budget = check_data_budget(plan, len(corpus.train), cfg.no_repeat)    # refuses under --no-repeat
-    refuse_changed_settings(existing, cfg, runs, store, policy, corpus.record)
+    existing = settle_changed_settings(existing, cfg, runs, store, policy, corpus.record,
+                                       archive_on_change=archive_on_change, dist_info=dist_info)
     refuse_other_results_files(out_dir, cfg, store, policy, corpus.record)
     if dist_info.is_main:
         remove_stale_temporaries(policy.folder)
@@ -4523,6 +4635,64 @@ def prepare(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info: Distribu
             write_json_atomic(s.results_file, results)
             refuse_other_results_files(out_dir, cfg, store, policy, corpus.record)
     return s
+
+
+def dry_run_plan(cfg: RunConfig, preset: Preset, scope: RunScope, estimate: bool) -> dict:
+    """--dry-run: the plan table, the data budget, the memory check and the time per run and in total,
+    then nothing else: no output folder, no training. The time estimate times a few steps per shape on
+    random tokens (what they are does not change a step's time), so no data is prepared either."""
+    plan = build_plan(cfg, preset)
+    runs = select_runs(expand_seeds(plan, cfg.seeds), scope)
+    device = setup_device(cfg.device, cfg.dtype)
+    memory_line = check_run_memory(runs, cfg, device.name, available_memory_bytes(device.name))
+    n_train, how = known_train_tokens(cfg, preset)
+    estimates = None
+    if estimate:
+        estimates = estimate_wall_time(Trainer(cfg, random_corpus(cfg), device), plan)
+    print_plan(plan, cfg, estimates)
+    budget = None
+    if n_train is None:
+        log(f"data: the size of {cfg.data} is unknown until it is prepared ({how}); the largest run reads "
+            f"{format_count(max(e.tokens for e in plan))} tokens")
+    else:
+        budget = check_data_budget(plan, n_train, cfg.no_repeat)
+        log(f"data: {format_count(n_train)} training tokens ({how})")
+        for line in data_budget_lines(budget):
+            log(line)
+    if memory_line:
+        log(memory_line)
+    log(f"dry run: nothing prepared, trained or written; drop --dry-run to run this plan into {cfg.output_dir}")
+    return {"plan": [dataclasses.asdict(e) for e in plan], "data_budget": budget, "estimates_s": estimates}
+
+
+def known_train_tokens(cfg: RunConfig, preset: Preset) -> tuple[int | None, str]:
+    """The corpus's training tokens without preparing it, and how they are known: a token file's length,
+    a finished cache of this corpus and vocabulary, or (the built-in corpus, not yet tokenized) an
+    estimate from its characters (builtin_epochs); (None, why) otherwise."""
+    path = Path(cfg.data).expanduser()
+    if cfg.data.endswith(".bin") and path.is_file():
+        return len(load_token_file(path, cfg.vocab_size).train), "the token file"
+    if cfg.data != "builtin" and (cfg.data.startswith("hf:") or dataset_files_kind(path)):
+        return None, "a dataset is counted while it is tokenized"
+    cap = preparation_cap(cfg, preset)
+    source = text_file_source(cfg.data)
+    entry = cache_entry(source, cfg.vocab_size, Path(cfg.cache_dir),
+                        cfg.bpe_sample_chars or BPE_SAMPLE_CHARS, cap is not None)
+    meta = read_cache_meta(entry)
+    if meta is not None and cache_covers(meta, cap):
+        return min(int(meta["n_train_tokens"]), cap or meta["n_train_tokens"]), f"cached in {entry}"
+    if cfg.data == "builtin":
+        probe = 10**9
+        return round(probe / builtin_epochs(probe)), (f"estimated from its {source.n_chars / 1e6:.1f}M characters "
+                                                      f"at {BUILTIN_CHARS_PER_TOKEN:g} per token; not tokenized yet")
+    return None, "not tokenized yet"
+
+
+def random_corpus(cfg: RunConfig) -> Corpus:
+    """Random tokens in the corpus's shape, enough for timed steps and one evaluation's windows."""
+    n = 4 * cfg.context_length * cfg.batch_size * max(cfg.eval_batches, 1) + 1
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, n).astype(token_dtype(cfg.vocab_size))
+    return Corpus(tokens, tokens, cfg.vocab_size, {})
 
 
 def load_corpus_on_rank0_first(cfg: RunConfig, preset: Preset, dist_info: Distributed) -> Corpus:
@@ -4666,7 +4836,8 @@ def main(argv: list[str] | None = None) -> int:
         scope = scope_from_args(args, [str(a) for a in given])
         run(cfg, preset, estimate=not args.no_estimate, n_bootstrap=args.bootstrap,
             benchmark_steps=args.benchmark_steps if args.benchmark else 0,
-            fresh=args.fresh and not scope.child, command=command, scope=scope)
+            fresh=args.fresh and not scope.child, command=command, scope=scope,
+            default_folder=args.output_dir is None, dry_run=args.dry_run)
     except UserError as e:
         print(f"error{who}: {e}", file=sys.stderr, flush=True)
         return leave_process_group(2)
