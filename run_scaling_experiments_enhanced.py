@@ -2317,6 +2317,36 @@ def estimate_wall_time(trainer: Trainer, plan: list[Experiment], budget_s: float
     return {e.name: e.steps * step_s[(e.n_layer, e.d_model)] * (1 + eval_overhead(cfg)) for e in plan}
 
 
+def plan_progress(runs: list[Experiment], done_ids: set[str], trained_ids: set[str], elapsed_s: float,
+                  estimates: dict[str, float] | None) -> dict:
+    """How far a plan is: runs and tokens done of the total, and the time left. The time left sums the
+    remaining runs' estimates (estimate_wall_time) when there are any; else it scales the seconds per
+    FLOP measured so far (`elapsed_s` over the runs trained in this process, `trained_ids`) by the
+    remaining runs' FLOPs. None when neither is known."""
+    done = [e for e in runs if e.run_id in done_ids]
+    left = [e for e in runs if e.run_id not in done_ids]
+    trained_flops = sum(e.flops for e in runs if e.run_id in trained_ids)
+    if estimates:
+        left_s, how = sum(estimates[e.name] for e in left), "from the plan's estimate"
+    elif trained_flops > 0:
+        left_s, how = elapsed_s / trained_flops * sum(e.flops for e in left), "from the speed so far"
+    else:
+        left_s, how = None, ""
+    return {"runs_done": len(done), "runs_total": len(runs),
+            "tokens_done": sum(e.tokens for e in done), "tokens_total": sum(e.tokens for e in runs),
+            "elapsed_s": elapsed_s, "left_s": left_s, "left_from": how}
+
+
+def progress_line(p: dict) -> str:
+    """'progress: 2/4 runs, 31K/63K tokens (49%), elapsed 12s, about 9s left (from the speed so far)'."""
+    share = p["tokens_done"] / p["tokens_total"] if p["tokens_total"] else 1.0
+    left = (f", about {format_duration(p['left_s'])} left ({p['left_from']})" if p["left_s"] is not None
+            and p["runs_done"] < p["runs_total"] else "")
+    return (f"progress: {p['runs_done']}/{p['runs_total']} runs, {format_count(p['tokens_done'])}/"
+            f"{format_count(p['tokens_total'])} tokens ({100 * share:.0f}%), elapsed "
+            f"{format_duration(p['elapsed_s'])}{left}")
+
+
 def plain_eager_step(n_layer: int, d_model: int, n_head: int, vocab_size: int, context_length: int,
                      batch_size: int, device: str):
     """The reference: the same GPT in plain eager fp32 with a stock AdamW on one fixed random batch, no
@@ -3798,12 +3828,48 @@ def analyse_table(points: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: int 
 # 10. figure: the 2x2 summary (loss vs N, loss vs D, and both sweeps' training curves)
 # ----------------------------------------------------------------------------------------------------
 
+# The figures redrawn after each run use this many bootstrap resamples (the final one uses --bootstrap).
+INTERIM_BOOTSTRAP = 100
+
 def save_figure_atomic(fig, path: Path) -> None:
     """Write a figure to a temporary file and rename it, so a reader never sees half a PNG."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def draw_figures(results: dict, out_dir: Path) -> None:
+    """scaling_laws_complete.png and compute_optimal.png, each written atomically; a plotting error is
+    one log line, never a lost result or a stopped run."""
+    for name, plot in (("scaling_laws_complete.png", plot_scaling_figure),
+                       ("compute_optimal.png", plot_compute_optimal_figure)):
+        try:
+            plot(results, out_dir / name)
+        except Exception as e:   # the results are already on disk; say what failed and go on
+            log(f"figure: could not draw {name} ({type(e).__name__}: {e})")
+
+
+def draw_interim_figures(results: dict, out_dir: Path, n_runs_total: int,
+                         n_bootstrap: int = INTERIM_BOOTSTRAP) -> None:
+    """The figures of the runs finished so far, redrawn after each run so they can be opened before the
+    plan ends: fits on partial data (unavailable while too few points), `n_bootstrap` resamples (fewer
+    than the final figure's, to stay cheap), said in the title. A failure is one log line."""
+    t0 = time.time()
+    done = [e for e in results["experiments"] if e.get("status") in FINAL_STATUSES]
+    interim = {**results, "experiments": done,
+               "interim": f"interim: {len(done)} of {n_runs_total} runs, {n_bootstrap} bootstrap resamples"}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            interim.update(analyse_runs(done, n_bootstrap))
+            flag_rising_losses(interim["fits"])
+    except Exception as e:
+        log(f"figure: the interim fits failed ({type(e).__name__}: {e}); the figures wait for the next run")
+        return
+    draw_figures(interim, out_dir)
+    log(f"figure: redrawn {out_dir / 'scaling_laws_complete.png'} ({interim['interim']}; "
+        f"{format_duration(time.time() - t0)})")
 
 
 def plot_scaling_figure(results: dict, path: Path) -> None:
@@ -3855,9 +3921,11 @@ def build_scaling_figure(results: dict):
             beyond = np.logspace(np.log10(xs.max()), np.log10(x_max), 200)
             var = "N" if sweep == "params" else "D"
             ax.plot(inside, power_law(inside, a, b, c), "-", color="red", lw=2,
-                    label=f"fit: L = {c:.3g} + {a:.3g}/{var}^{b:.3f}  (R² = {fit['r2']:.3f})"
+                    label=f"fit: L = {floor_text(c, fit.get('c_at_bound'), '{:.3g}')} + "
+                          f"{power_term(f'{a:.3g}', var, b, 3)}  (R² = {fit['r2']:.3f})"
                           + ("\n  c at its bound 0: no floor identified, far predictions likely too low"
-                             if fit.get("c_at_bound") else ""))
+                             if fit.get("c_at_bound") else "")
+                          + (f"\n  {rising_note(var)}" if b < 0 else ""))
             ax.plot(beyond, power_law(beyond, a, b, c), "--", color="red", lw=1.5, label="extrapolation")
             band = fit.get("band95")
             if band:
@@ -3908,9 +3976,9 @@ def build_scaling_figure(results: dict):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="upper right")
 
-    cmap = plt.get_cmap("viridis")
-    for ax, sweep, title in ((axes[1][0], "params", "3. training curves, parameter sweep"),
-                             (axes[1][1], "data", "4. training curves, data sweep")):
+    # panel 3 from blue (smallest N) to yellow (largest), panel 4 from purple (least D) to yellow
+    for ax, sweep, title, cmap in ((axes[1][0], "params", "3. training curves, parameter sweep", plt.get_cmap("cividis")),
+                                   (axes[1][1], "data", "4. training curves, data sweep", plt.get_cmap("viridis"))):
         runs = sorted([e for e in exps if e.get("sweep") == sweep],
                       key=lambda e: (e["n_params_nonembedding"], e["tokens"]))
         sizes = sorted({(e["n_params_nonembedding"], e["tokens"]) for e in runs})
@@ -3937,13 +4005,48 @@ def build_scaling_figure(results: dict):
     env = results.get("environment", {})
     corpus = env.get("corpus", {})
     fig.suptitle(f"Scaling laws, mode '{results.get('mode')}' on {env.get('device', '?')}: "
-                 f"{corpus.get('name', '?')}", fontsize=14)
+                 f"{corpus.get('name', '?')}" + (f" ({results['interim']})" if results.get("interim") else ""),
+                 fontsize=14)
     fig.text(0.5, 0.008, f"Predicted losses are for this corpus ({corpus.get('name', '?')}) and tokenizer "
              f"({corpus.get('tokenizer', '?')}), not the named models' own losses;\nextrapolating many "
              f"orders of magnitude from these runs is uncertain, and the bands only show how much the fit "
              f"moves when the runs are resampled.", ha="center", fontsize=9, style="italic")
     fig.tight_layout(rect=(0, 0.04, 1, 0.96))
     return fig
+
+
+def floor_text(value: float, at_bound: bool, fmt: str = "{:.4g}") -> str:
+    """A fitted floor (c or E): '0 (at its bound)' when the fit pushed it to its bound, not 2.3e-67."""
+    return "0 (at its bound)" if at_bound else fmt.format(value)
+
+
+def power_term(coef_text: str, var: str, exponent: float, digits: int = 4) -> str:
+    """'15.6/N^0.1766' for a loss that falls with N; '15.6 * N^+0.0003' when the fitted exponent is
+    negative (the loss rises with N), never 'N^--0.0003'."""
+    if exponent >= 0:
+        return f"{coef_text}/{var}^{exponent:.{digits}f}"
+    return f"{coef_text} * {var}^+{-exponent:.{digits}f}"
+
+
+def rising_note(var: str) -> str:
+    return f"the loss did not fall with {var}: the fitted exponent is negative"
+
+
+def flag_rising_losses(fits: dict) -> None:
+    """Name a negative exponent in the fits themselves: `loss_rises` (one-variable fits) or
+    `loss_rises_with` (the joint law: ['N'], ['D'] or both), and a note saying so."""
+    for sweep, var in (("params", "N"), ("data", "D")):
+        fit = fits.get(sweep) or {}
+        if fit.get("available"):
+            fit["loss_rises"] = bool(fit["b"] < 0)
+            if fit["loss_rises"]:
+                fit["note"] = "; ".join(filter(None, [rising_note(var), fit.get("note")]))
+    joint = fits.get("joint") or {}
+    if joint.get("available"):
+        joint["loss_rises_with"] = [v for v, k in (("N", "alpha"), ("D", "beta")) if joint[k] < 0]
+        if joint["loss_rises_with"]:
+            joint["note"] = "; ".join(filter(None, [rising_note(" or ".join(joint["loss_rises_with"])),
+                                                    joint.get("note")]))
 
 
 def _wrap(text: str, width: int = 60) -> str:
@@ -4054,8 +4157,11 @@ def build_compute_optimal_figure(results: dict):
                                   f"{_fmt_ci(ho.get('relative_error_ci95') and [100 * v for v in ho['relative_error_ci95']], '{:+.1f}%')}")
         lo, hi = measured.min() * 0.97, measured.max() * 1.03
         ax3.plot([lo, hi], [lo, hi], ":", color="gray")
-        ax3.set_title(f"3. L = {joint['E']:.3g} + {joint['A']:.3g}/N^{joint['alpha']:.3f} + "
-                      f"{joint['B']:.3g}/D^{joint['beta']:.3f}  (R² = {joint['r2']:.3f})", fontsize=10)
+        ax3.set_title(f"3. L = {floor_text(joint['E'], joint.get('E_at_bound'), '{:.3g}')} + "
+                      f"{power_term(format(joint['A'], '.3g'), 'N', joint['alpha'], 3)} + "
+                      f"{power_term(format(joint['B'], '.3g'), 'D', joint['beta'], 3)}  (R² = {joint['r2']:.3f})"
+                      + (f"\n{rising_note(' or '.join(joint['loss_rises_with']))}"
+                         if joint.get("loss_rises_with") else ""), fontsize=10)
         ax3.legend(fontsize=8)
     else:
         ax3.text(0.5, 0.5, _wrap(f"joint law L(N, D) unavailable: {joint.get('reason', 'not fitted')}"),
@@ -4316,6 +4422,7 @@ def finish_results(results: dict, out_dir: Path, n_bootstrap: int = N_BOOTSTRAP,
         for e in results["experiments"] if e.get("status") != "completed"]
     try:
         results.update(analyse_runs(results["experiments"], n_bootstrap))
+        flag_rising_losses(results["fits"])
     except Exception as e:       # a bug in a fit must not lose the runs: record it and write them
         reason = f"the fit failed ({type(e).__name__}: {e})"
         results["fits"] = {k: {"available": False, "reason": reason, "n_points": 0} for k in ("params", "data", "joint")}
@@ -4325,14 +4432,8 @@ def finish_results(results: dict, out_dir: Path, n_bootstrap: int = N_BOOTSTRAP,
     results["fit_wall_time_s"] = round(time.time() - t0, 2)
     results["n_bootstrap"] = n_bootstrap
     write_json_atomic(out_dir / "results.json", results)
-    if not figure:
-        return
-    for name, plot in (("scaling_laws_complete.png", plot_scaling_figure),
-                       ("compute_optimal.png", plot_compute_optimal_figure)):
-        try:
-            plot(results, out_dir / name)
-        except Exception as e:   # the results are already on disk; say what failed and go on
-            log(f"figure: could not draw {name} ({type(e).__name__}: {e})")
+    if figure:
+        draw_figures(results, out_dir)
 
 
 def log_fit_summary(results: dict) -> None:
@@ -4342,7 +4443,8 @@ def log_fit_summary(results: dict) -> None:
         fit = fits.get(sweep, {})
         if fit.get("available"):
             ci = fit.get("ci95") or {}
-            log(f"  fit {sweep}: L = {fit['c']:.4g} + {fit['a']:.4g} * x^-{fit['b']:.4f}  R2 {fit['r2']:.4f}, "
+            law = power_term(format(fit['a'], '.4g'), 'x', fit['b'])
+            log(f"  fit {sweep}: L = {floor_text(fit['c'], fit.get('c_at_bound'))} + {law}  R2 {fit['r2']:.4f}, "
                 f"{fit['n_points']} points, {fit['dof']} dof; 95% CI b {_fmt_ci(ci.get('b'), '{:.4f}')}, "
                 f"c {_fmt_ci(ci.get('c'), '{:.4g}')}" + (f" ({fit['note']})" if fit.get("note") else ""))
         elif fit:
@@ -4350,8 +4452,10 @@ def log_fit_summary(results: dict) -> None:
     joint = fits.get("joint", {})
     if joint.get("available"):
         ci = joint.get("ci95") or {}
-        log(f"  joint fit: L = {joint['E']:.4g} + {joint['A']:.4g}/N^{joint['alpha']:.4f} + "
-            f"{joint['B']:.4g}/D^{joint['beta']:.4f}  R2 {joint['r2']:.4f}, {joint['n_points']} runs; 95% CI "
+        log(f"  joint fit: L = {floor_text(joint['E'], joint.get('E_at_bound'))} + "
+            f"{power_term(format(joint['A'], '.4g'), 'N', joint['alpha'])} + "
+            f"{power_term(format(joint['B'], '.4g'), 'D', joint['beta'])}  R2 {joint['r2']:.4f}, "
+            f"{joint['n_points']} runs; 95% CI "
             f"E {_fmt_ci(ci.get('E'), '{:.4g}')}, alpha {_fmt_ci(ci.get('alpha'), '{:.4f}')}, "
             f"beta {_fmt_ci(ci.get('beta'), '{:.4f}')}" + (f" ({joint['note']})" if joint.get("note") else ""))
     else:
@@ -4469,6 +4573,7 @@ def fit_table(path: str, output_dir: str | None, n_bootstrap: int) -> dict:
                                 "n_params_nonembedding": p["N"], "tokens": p["D"], "final_val_loss": p["loss"],
                                 "status": "completed"} for p in points]}
     results.update(analyse_table(points, n_bootstrap))
+    flag_rising_losses(results["fits"])
     results["fit_wall_time_s"] = round(time.time() - t0, 2)
     results["n_bootstrap"] = n_bootstrap
     write_json_atomic(out_dir / "results.json", results)
@@ -4749,6 +4854,7 @@ def train_sequential(s: Session, estimate: bool) -> dict:
                 "smaller micro-batches)")
     announce_plan(s, estimates)
     t0 = time.time()
+    trained: set[str] = set()            # run ids trained by this process (the measured speed's runs)
     # under torchrun a signal ends every rank at once (see docs/distributed.md); one process checkpoints
     with stop_on_signals(stop) if not s.dist.enabled else contextlib.nullcontext():
         for i, exp in enumerate(s.runs):
@@ -4767,9 +4873,20 @@ def train_sequential(s: Session, estimate: bool) -> dict:
             trainer.remove_checkpoint(exp)
             s.results["experiments"].append(record)
             s.results["wall_time_s"] = round(time.time() - t0, 2)
+            trained.add(exp.run_id)
             if s.dist.is_main:
                 write_json_atomic(s.results_file, s.results)
+                after_run(s, trained, time.time() - t0, estimates)
     return finish(s, t0)
+
+
+def after_run(s: Session, trained: set[str], elapsed_s: float, estimates: dict[str, float] | None) -> None:
+    """Between two runs: redraw the figures from the runs so far (a whole plan only: a part's runs are
+    fitted once merged, and the last run's figure is the final one), then the plan's progress."""
+    done_ids = {r["run_id"] for r in s.results["experiments"] if r.get("status") in FINAL_STATUSES}
+    if not s.scope.partial and any(e.run_id not in done_ids for e in s.runs):
+        draw_interim_figures(s.results, s.out_dir, len(s.runs))
+    log(progress_line(plan_progress(s.runs, done_ids, trained, elapsed_s, estimates)))
 
 
 def save_partial_results(s: Session) -> None:
