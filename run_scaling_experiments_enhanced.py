@@ -4715,6 +4715,11 @@ def prepare(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info: Distribu
                                        archive_on_change=archive_on_change, dist_info=dist_info)
     refuse_other_results_files(out_dir, cfg, store, policy, None)
     corpus = load_corpus_on_rank0_first(cfg, preset, dist_info)
+    shortest = min(len(corpus.train), len(corpus.val))
+    if shortest <= cfg.context_length + 1:
+        raise UserError(f"--context-length {cfg.context_length} is longer than this corpus's "
+                        f"{'validation' if len(corpus.val) == shortest else 'training'} split ({shortest:,} tokens): "
+                        f"use a shorter context or a larger corpus")
     data_budget = check_data_budget(plan, len(corpus.train), cfg.no_repeat)    # refuses under --no-repeat
     existing = settle_changed_settings(existing, cfg, runs, store, policy, corpus.record,
                                        archive_on_change=archive_on_change, dist_info=dist_info)
