@@ -53,7 +53,7 @@ def test_changed_settings_in_the_default_folder_move_the_earlier_results_aside(t
     old = json.loads((archives[0] / "results.json").read_text())
     assert old["config"]["steps"] == 6 and (archives[0] / "runs" / "params-N25K-seed0.json").exists()
     moved = [line for line in r.stdout.splitlines() if "moved the earlier" in line]
-    assert len(moved) == 1 and "steps 6 -> 8 (--max-steps" in moved[0] and str(archives[0]) in moved[0]
+    assert len(moved) == 1 and "steps 6 -> 8 (--max-steps" in moved[0] and str(archives[0].relative_to(tmp_path)) in moved[0]
     assert moved[0].startswith("settings changed (") and "in the default output folder" in moved[0]
     new = json.loads((folder / "results.json").read_text())
     params = [e for e in new["experiments"] if e["sweep"] == "params"]
