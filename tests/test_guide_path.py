@@ -28,7 +28,7 @@ def fast(byte_tokens, *extra):
 
 def popen(args, cwd):
     return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
@@ -78,8 +78,8 @@ def test_figure_and_progress_after_every_run(tmp_path, byte_tokens):
     assert not list(out.glob(".*.tmp*"))                          # written atomically: no leftover
     redrawn = [line for line in seen if line.startswith("figure: redrawn")]
     assert len(redrawn) == 1 and "interim: 1 of 2 runs, 100 bootstrap resamples" in redrawn[0]
-    rest, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0
+    rest = proc.stdout.read()              # communicate() would skip what the line iterator buffered
+    assert proc.wait(timeout=300) == 0
     log = "".join(seen) + rest
     res = json.loads((out / "results.json").read_text())
     t1, t2 = (e["tokens"] for e in res["experiments"])
