@@ -38,6 +38,7 @@ import copy
 import csv
 import dataclasses
 import datetime
+import fcntl
 import gc
 import hashlib
 import io
@@ -310,6 +311,15 @@ class Experiment:
     @property
     def flops(self) -> float:
         return 6.0 * self.n_params_nonembedding * self.tokens
+
+    @property
+    def tokens_processed(self) -> int:
+        """Tokens this run trains on itself (a branch: its cooldown's)."""
+        return self.tokens * self.trained_steps // self.steps
+
+    @property
+    def flops_processed(self) -> float:
+        return 6.0 * self.n_params_nonembedding * self.tokens_processed
 
     @property
     def run_id(self) -> str:
@@ -2168,9 +2178,10 @@ class RunStore:
                 self.save(e)
 
 
-def archive_previous(out_dir: Path) -> Path | None:
-    """--fresh: move this script's earlier outputs into previous-<date>-<time>/ (never delete them)."""
-    names = ["results.json", "scaling_laws_complete.png", "runs", "checkpoints",
+def archive_previous(out_dir: Path, why: str = "--fresh") -> Path | None:
+    """--fresh (or changed settings in the mode's default folder): move this script's earlier outputs
+    into previous-<date>-<time>/, never deleting them, and say so in one line that begins with `why`."""
+    names = ["results.json", "scaling_laws_complete.png", "compute_optimal.png", "runs", "checkpoints",
              *sorted(p.name for p in out_dir.glob("results.*.json"))]
     present = [n for n in names if (out_dir / n).exists()]
     if not present:
@@ -2184,7 +2195,7 @@ def archive_previous(out_dir: Path) -> Path | None:
     archive.mkdir()
     for n in present:
         os.replace(out_dir / n, archive / n)
-    log(f"--fresh: moved the earlier {', '.join(present)} to {archive}")
+    log(f"{why}: moved the earlier {', '.join(present)} to {archive}")
     return archive
 
 
@@ -2199,11 +2210,45 @@ def prepare_output_dir(path: Path) -> None:
                         f"--output-dir") from None
 
 
+def hold_output_lock(out_dir: Path, results_name: str = "results.json"):
+    """One writer per results file: an exclusive flock on .<results_name>.lock in the folder, held until
+    the returned file is closed (or the process dies, so a killed run's leftover file never blocks).
+    The file says who holds it; a second process is refused at once, naming that pid. Parts of a sweep
+    (--shard, --only) each lock their own results file, so they still share a folder."""
+    prepare_output_dir(out_dir)
+    f = open(out_dir / f".{results_name}.lock", "a+")      # "a+": opening never erases the holder's text
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that has not written its pid yet"
+        f.close()
+        raise UserError(f"{out_dir} is in use by another run ({holder}): one run writes "
+                        f"{results_name} at a time; wait for it to finish, or choose another --output-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
+            f"{datetime.datetime.now().isoformat(sep=' ', timespec='seconds')}\n")
+    f.flush()
+    return f
+
+
 def refuse_changed_settings(existing: dict | None, cfg: RunConfig, runs: list[Experiment], store: RunStore,
                             checkpoints: CheckpointPolicy, corpus_record: dict | None) -> None:
     """Compare this command with the earlier work in the output folder: results.json's settings and
     the definition of every run that has a record or a checkpoint. Any difference is a UserError that
     names the settings; without a corpus record the corpus keys wait for a second call."""
+    changed = changed_settings(existing, cfg, runs, store, checkpoints, corpus_record)
+    if changed:
+        raise UserError(f"{cfg.output_dir} holds results made with other settings: {changed}. "
+                        f"Rerun the earlier command to resume it, pass --fresh to move the earlier results "
+                        f"aside, or choose another --output-dir")
+
+
+def changed_settings(existing: dict | None, cfg: RunConfig, runs: list[Experiment], store: RunStore,
+                     checkpoints: CheckpointPolicy, corpus_record: dict | None) -> str | None:
+    """The settings in which this command differs from the folder's earlier work, as 'steps 30 -> 20
+    (--max-steps, 2 runs); ...', or None when nothing differs."""
     diffs: dict[str, list] = {}          # key -> [old, new, number of runs]
     if existing is not None:
         old_cfg = existing["config"]
@@ -2222,15 +2267,31 @@ def refuse_changed_settings(existing: dict | None, cfg: RunConfig, runs: list[Ex
             for key, o, n in definition_differences(old, new, list(new)):
                 entry = diffs.setdefault(key, [o, n, 0])
                 entry[2] += 1
-    if diffs:
-        parts = []
-        for key, (o, n, count) in diffs.items():
-            opt = OPTION_OF.get(key)
-            where = ", ".join(x for x in (opt, f"{count} runs" if count else None) if x)
-            parts.append(f"{key} {o} -> {n}" + (f" ({where})" if where else ""))
-        raise UserError(f"{cfg.output_dir} holds results made with other settings: {'; '.join(parts)}. "
-                        f"Rerun the earlier command to resume it, pass --fresh to move the earlier results "
-                        f"aside, or choose another --output-dir")
+    parts = []
+    for key, (o, n, count) in diffs.items():
+        opt = OPTION_OF.get(key)
+        where = ", ".join(x for x in (opt, f"{count} runs" if count else None) if x)
+        parts.append(f"{key} {o} -> {n}" + (f" ({where})" if where else ""))
+    return "; ".join(parts) or None
+
+
+def settle_changed_settings(existing: dict | None, cfg: RunConfig, runs: list[Experiment], store: RunStore,
+                            checkpoints: CheckpointPolicy, corpus_record: dict | None, *,
+                            archive_on_change: bool, dist_info: Distributed) -> dict | None:
+    """Earlier work made with other settings: in the mode's default folder (no --output-dir given,
+    `archive_on_change`) it is moved aside as --fresh does and this run starts over; in a folder the
+    user named, a one-line refusal. Returns the earlier results.json still in force (None once moved).
+    Every rank compares before rank 0 moves anything."""
+    changed = changed_settings(existing, cfg, runs, store, checkpoints, corpus_record)
+    if changed and not archive_on_change:
+        refuse_changed_settings(existing, cfg, runs, store, checkpoints, corpus_record)
+    dist_info.barrier()
+    if not changed:
+        return existing
+    if dist_info.is_main:
+        archive_previous(Path(cfg.output_dir), why=f"settings changed ({changed}) in the default output folder")
+    dist_info.barrier()
+    return None
 
 
 def remove_stale_temporaries(folder: Path, min_age_s: float = 600.0) -> None:
@@ -2338,6 +2399,40 @@ def reset_peak_memory(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def available_memory_bytes(device: str) -> tuple[int | None, str]:
+    """The memory one run may fill, and what it is: a GPU's total memory on CUDA; otherwise the machine's
+    physical RAM (MPS shares it)."""
+    if device == "cuda":
+        return gpu_memory_bytes(device), "the GPU's memory"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
+    except (ValueError, OSError, AttributeError):     # a platform without these names
+        return None, "memory"
+
+
+def check_run_memory(runs: list[Experiment], cfg: RunConfig, device: str,
+                     available: tuple[int | None, str]) -> str | None:
+    """Refuse, in one line, a plan whose largest run cannot fit (estimated_run_memory_bytes); else the
+    log line comparing the two. On CUDA an out-of-memory step is retried with smaller micro-batches, so
+    only a run that cannot fit even one sequence per micro-batch is refused; elsewhere nothing retries
+    (the kernel kills the process), so the whole micro-batch must fit."""
+    memory, what = available
+    if not runs or not memory:
+        return None
+    largest = max(runs, key=lambda e: estimated_run_memory_bytes(e, cfg))
+    need = estimated_run_memory_bytes(largest, cfg)
+    floor = (estimated_run_memory_bytes(largest, dataclasses.replace(cfg, batch_size=1))
+             if device == "cuda" else need)
+    gb = 1e9
+    if floor > memory:
+        retry = f" ({floor / gb:.1f} GB at one sequence per micro-batch)" if floor != need else ""
+        raise UserError(f"{largest.name} would need about {need / gb:.1f} GB at batch {cfg.batch_size} x context "
+                        f"{cfg.context_length}{retry}, more than {what} ({memory / gb:.1f} GB): lower --context-length or "
+                        f"--batch-size (--grad-accum keeps the tokens per step), or use --param-sizes without it")
+    return (f"memory: the largest run ({largest.name}) needs about {need / gb:.2g} GB of {what} "
+            f"({memory / gb:.3g} GB)")
+
+
 def probe_experiment(n_layer: int, d_model: int, n_head: int) -> Experiment:
     """A stand-in run of this shape for timing: small constant lr, never saved or recorded."""
     return Experiment("probe", "params", 0, n_layer, d_model, n_head, 10**9, 0, 1e-4, 0, 0)
@@ -2405,6 +2500,37 @@ def estimate_wall_time(trainer: Trainer, plan: list[Experiment], budget_s: float
         step_s[(n_layer, d_model)] = dt
         flop_rate = flops_step / dt
     return {e.name: e.trained_steps * step_s[(e.n_layer, e.d_model)] * (1 + eval_overhead(cfg)) for e in plan}
+
+
+def plan_progress(runs: list[Experiment], done_ids: set[str], trained_ids: set[str], elapsed_s: float,
+                  estimates: dict[str, float] | None) -> dict:
+    """How far a plan is: runs and tokens done of the total, and the time left. The time left sums the
+    remaining runs' estimates (estimate_wall_time) when there are any; else it scales the seconds per
+    FLOP measured so far (`elapsed_s` over the runs trained in this process, `trained_ids`) by the
+    remaining runs' FLOPs. None when neither is known."""
+    done = [e for e in runs if e.run_id in done_ids]
+    left = [e for e in runs if e.run_id not in done_ids]
+    trained_flops = sum(e.flops_processed for e in runs if e.run_id in trained_ids)
+    if estimates:
+        left_s, how = sum(estimates[e.name] for e in left), "from the plan's estimate"
+    elif trained_flops > 0:
+        left_s, how = elapsed_s / trained_flops * sum(e.flops_processed for e in left), "from the speed so far"
+    else:
+        left_s, how = None, ""
+    return {"runs_done": len(done), "runs_total": len(runs),   # tokens: a WSD branch's are its cooldown's
+            "tokens_done": sum(e.tokens_processed for e in done),
+            "tokens_total": sum(e.tokens_processed for e in runs),
+            "elapsed_s": elapsed_s, "left_s": left_s, "left_from": how}
+
+
+def progress_line(p: dict) -> str:
+    """'progress: 2/4 runs, 31K/63K tokens (49%), elapsed 12s, about 9s left (from the speed so far)'."""
+    share = p["tokens_done"] / p["tokens_total"] if p["tokens_total"] else 1.0
+    left = (f", about {format_duration(p['left_s'])} left ({p['left_from']})" if p["left_s"] is not None
+            and p["runs_done"] < p["runs_total"] else "")
+    return (f"progress: {p['runs_done']}/{p['runs_total']} runs, {format_count(p['tokens_done'])}/"
+            f"{format_count(p['tokens_total'])} tokens ({100 * share:.0f}%), elapsed "
+            f"{format_duration(p['elapsed_s'])}{left}")
 
 
 def plain_eager_step(n_layer: int, d_model: int, n_head: int, vocab_size: int, context_length: int,
@@ -4009,12 +4135,48 @@ def analyse_table(points: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: int 
 # 10. figure: the 2x2 summary (loss vs N, loss vs D, and both sweeps' training curves)
 # ----------------------------------------------------------------------------------------------------
 
+# The figures redrawn after each run use this many bootstrap resamples (the final one uses --bootstrap).
+INTERIM_BOOTSTRAP = 100
+
 def save_figure_atomic(fig, path: Path) -> None:
     """Write a figure to a temporary file and rename it, so a reader never sees half a PNG."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def draw_figures(results: dict, out_dir: Path) -> None:
+    """scaling_laws_complete.png and compute_optimal.png, each written atomically; a plotting error is
+    one log line, never a lost result or a stopped run."""
+    for name, plot in (("scaling_laws_complete.png", plot_scaling_figure),
+                       ("compute_optimal.png", plot_compute_optimal_figure)):
+        try:
+            plot(results, out_dir / name)
+        except Exception as e:   # the results are already on disk; say what failed and go on
+            log(f"figure: could not draw {name} ({type(e).__name__}: {e})")
+
+
+def draw_interim_figures(results: dict, out_dir: Path, n_runs_total: int,
+                         n_bootstrap: int = INTERIM_BOOTSTRAP) -> None:
+    """The figures of the runs finished so far, redrawn after each run so they can be opened before the
+    plan ends: fits on partial data (unavailable while too few points), `n_bootstrap` resamples (fewer
+    than the final figure's, to stay cheap), said in the title. A failure is one log line."""
+    t0 = time.time()
+    done = [e for e in results["experiments"] if e.get("status") in FINAL_STATUSES]
+    interim = {**results, "experiments": done,
+               "interim": f"interim: {len(done)} of {n_runs_total} runs, {n_bootstrap} bootstrap resamples"}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            interim.update(analyse_runs(done, n_bootstrap))
+            flag_rising_losses(interim["fits"])
+    except Exception as e:
+        log(f"figure: the interim fits failed ({type(e).__name__}: {e}); the figures wait for the next run")
+        return
+    draw_figures(interim, out_dir)
+    log(f"figure: redrawn {out_dir / 'scaling_laws_complete.png'} ({interim['interim']}; "
+        f"{format_duration(time.time() - t0)})")
 
 
 def plot_scaling_figure(results: dict, path: Path) -> None:
@@ -4066,9 +4228,11 @@ def build_scaling_figure(results: dict):
             beyond = np.logspace(np.log10(xs.max()), np.log10(x_max), 200)
             var = "N" if sweep == "params" else "D"
             ax.plot(inside, power_law(inside, a, b, c), "-", color="red", lw=2,
-                    label=f"fit: L = {c:.3g} + {a:.3g}/{var}^{b:.3f}  (R² = {fit['r2']:.3f})"
+                    label=f"fit: L = {floor_text(c, fit.get('c_at_bound'), '{:.3g}')} + "
+                          f"{power_term(f'{a:.3g}', var, b, 3)}  (R² = {fit['r2']:.3f})"
                           + ("\n  c at its bound 0: no floor identified, far predictions likely too low"
-                             if fit.get("c_at_bound") else ""))
+                             if fit.get("c_at_bound") else "")
+                          + (f"\n  {rising_note(var)}" if b < 0 else ""))
             ax.plot(beyond, power_law(beyond, a, b, c), "--", color="red", lw=1.5, label="extrapolation")
             band = fit.get("band95")
             if band:
@@ -4121,9 +4285,9 @@ def build_scaling_figure(results: dict):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="upper right")
 
-    cmap = plt.get_cmap("viridis")
-    for ax, sweep, title in ((axes[1][0], "params", "3. training curves, parameter sweep"),
-                             (axes[1][1], "data", "4. training curves, data sweep")):
+    # panel 3 from blue (smallest N) to yellow (largest), panel 4 from purple (least D) to yellow
+    for ax, sweep, title, cmap in ((axes[1][0], "params", "3. training curves, parameter sweep", plt.get_cmap("cividis")),
+                                   (axes[1][1], "data", "4. training curves, data sweep", plt.get_cmap("viridis"))):
         runs = sorted([e for e in exps if e.get("sweep") == sweep],
                       key=lambda e: (e["n_params_nonembedding"], e["tokens"]))
         sizes = sorted({(e["n_params_nonembedding"], e["tokens"]) for e in runs})
@@ -4150,7 +4314,8 @@ def build_scaling_figure(results: dict):
     env = results.get("environment", {})
     corpus = env.get("corpus", {})
     fig.suptitle(f"Scaling laws, mode '{results.get('mode')}' on {env.get('device', '?')}: "
-                 f"{corpus.get('name', '?')}", fontsize=14)
+                 f"{corpus.get('name', '?')}" + (f" ({results['interim']})" if results.get("interim") else ""),
+                 fontsize=14)
     fig.text(0.5, 0.008, f"Predicted losses are for this corpus ({corpus.get('name', '?')}) and tokenizer "
              f"({corpus.get('tokenizer', '?')}), not the named models' own losses;\nextrapolating many "
              f"orders of magnitude from these runs is uncertain, and the bands only show how much the fit "
@@ -4178,6 +4343,40 @@ def draw_validation(ax, v: dict | None, x: str) -> None:
         ax.plot([xv], [v["measured_loss"]], "X", color="magenta", ms=12, zorder=9,
                 label=f"validate: measured {v['measured_loss']:.3f}, error {100 * v['relative_error']:+.1f}% "
                       f"({where} the PI)")
+
+
+def floor_text(value: float, at_bound: bool, fmt: str = "{:.4g}") -> str:
+    """A fitted floor (c or E): '0 (at its bound)' when the fit pushed it to its bound, not 2.3e-67."""
+    return "0 (at its bound)" if at_bound else fmt.format(value)
+
+
+def power_term(coef_text: str, var: str, exponent: float, digits: int = 4) -> str:
+    """'15.6/N^0.1766' for a loss that falls with N; '15.6 * N^+0.0003' when the fitted exponent is
+    negative (the loss rises with N), never 'N^--0.0003'."""
+    if exponent >= 0:
+        return f"{coef_text}/{var}^{exponent:.{digits}f}"
+    return f"{coef_text} * {var}^+{-exponent:.{digits}f}"
+
+
+def rising_note(var: str) -> str:
+    return f"the loss did not fall with {var}: the fitted exponent is negative"
+
+
+def flag_rising_losses(fits: dict) -> None:
+    """Name a negative exponent in the fits themselves: `loss_rises` (one-variable fits) or
+    `loss_rises_with` (the joint law: ['N'], ['D'] or both), and a note saying so."""
+    for sweep, var in (("params", "N"), ("data", "D")):
+        fit = fits.get(sweep) or {}
+        if fit.get("available"):
+            fit["loss_rises"] = bool(fit["b"] < 0)
+            if fit["loss_rises"]:
+                fit["note"] = "; ".join(filter(None, [rising_note(var), fit.get("note")]))
+    joint = fits.get("joint") or {}
+    if joint.get("available"):
+        joint["loss_rises_with"] = [v for v, k in (("N", "alpha"), ("D", "beta")) if joint[k] < 0]
+        if joint["loss_rises_with"]:
+            joint["note"] = "; ".join(filter(None, [rising_note(" or ".join(joint["loss_rises_with"])),
+                                                    joint.get("note")]))
 
 
 def _wrap(text: str, width: int = 60) -> str:
@@ -4289,8 +4488,11 @@ def build_compute_optimal_figure(results: dict):
                                   f"{_fmt_ci(ho.get('relative_error_ci95') and [100 * v for v in ho['relative_error_ci95']], '{:+.1f}%')}")
         lo, hi = measured.min() * 0.97, measured.max() * 1.03
         ax3.plot([lo, hi], [lo, hi], ":", color="gray")
-        ax3.set_title(f"3. L = {joint['E']:.3g} + {joint['A']:.3g}/N^{joint['alpha']:.3f} + "
-                      f"{joint['B']:.3g}/D^{joint['beta']:.3f}  (R² = {joint['r2']:.3f})", fontsize=10)
+        ax3.set_title(f"3. L = {floor_text(joint['E'], joint.get('E_at_bound'), '{:.3g}')} + "
+                      f"{power_term(format(joint['A'], '.3g'), 'N', joint['alpha'], 3)} + "
+                      f"{power_term(format(joint['B'], '.3g'), 'D', joint['beta'], 3)}  (R² = {joint['r2']:.3f})"
+                      + (f"\n{rising_note(' or '.join(joint['loss_rises_with']))}"
+                         if joint.get("loss_rises_with") else ""), fontsize=10)
         ax3.legend(fontsize=8)
     else:
         ax3.text(0.5, 0.5, _wrap(f"joint law L(N, D) unavailable: {joint.get('reason', 'not fitted')}"),
@@ -4406,6 +4608,9 @@ def add_device_options(p: argparse.ArgumentParser) -> None:
                    help="auto picks CUDA, then MPS, then CPU")
     g.add_argument("--output-dir", help="default scaling_results_<mode>_v2")
     g.add_argument("--no-estimate", action="store_true", help="skip the timed steps of the plan's estimate")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the plan, the data budget, the memory check and the time estimate, then exit "
+                        "without preparing data or training (with --no-estimate: in seconds)")
     g = p.add_argument_group("speed")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 autocast on CUDA, fp32 on MPS and CPU; bf16 on a CPU needs avx512_bf16/AMX")
@@ -4564,13 +4769,13 @@ def branch_savings_lines(plan: list[Experiment]) -> list[str]:
     lines = []
     for main in (e for e in plan if e.branch_points):
         branches = [b for b in plan if b.branch_of == main.name]
-        processed = main.tokens + sum(b.trained_steps / b.steps * b.tokens for b in branches)
+        processed = main.tokens + sum(b.tokens_processed for b in branches)
         separate = main.tokens + sum(b.tokens for b in branches)
         lines.append(f"  {main.name}: one run with {len(branches)} cooldown branches processes "
                      f"{format_count(processed)} tokens, {processed / separate:.2f}x the {format_count(separate)} "
                      f"of separate runs to its {len(branches) + 1} horizons")
     if lines:
-        flops = sum(6.0 * e.n_params_nonembedding * e.trained_steps / e.steps * e.tokens for e in plan)
+        flops = sum(e.flops_processed for e in plan)
         separate = sum(e.flops for e in plan)
         lines.append(f"  WSD branches: {flops:.3g} FLOPs for the plan instead of {separate:.3g} with separate runs "
                      f"({1 - flops / separate:.0%} saved)")
@@ -4595,6 +4800,7 @@ def finish_results(results: dict, out_dir: Path, n_bootstrap: int = N_BOOTSTRAP,
         for e in results["experiments"] if e.get("status") != "completed"]
     try:
         results.update(analyse_runs(results["experiments"], n_bootstrap))
+        flag_rising_losses(results["fits"])
     except Exception as e:       # a bug in a fit must not lose the runs: record it and write them
         reason = f"the fit failed ({type(e).__name__}: {e})"
         results["fits"] = {k: {"available": False, "reason": reason, "n_points": 0} for k in ("params", "data", "joint")}
@@ -4604,14 +4810,8 @@ def finish_results(results: dict, out_dir: Path, n_bootstrap: int = N_BOOTSTRAP,
     results["fit_wall_time_s"] = round(time.time() - t0, 2)
     results["n_bootstrap"] = n_bootstrap
     write_json_atomic(out_dir / "results.json", results)
-    if not figure:
-        return
-    for name, plot in (("scaling_laws_complete.png", plot_scaling_figure),
-                       ("compute_optimal.png", plot_compute_optimal_figure)):
-        try:
-            plot(results, out_dir / name)
-        except Exception as e:   # the results are already on disk; say what failed and go on
-            log(f"figure: could not draw {name} ({type(e).__name__}: {e})")
+    if figure:
+        draw_figures(results, out_dir)
 
 
 def log_fit_summary(results: dict) -> None:
@@ -4621,7 +4821,8 @@ def log_fit_summary(results: dict) -> None:
         fit = fits.get(sweep, {})
         if fit.get("available"):
             ci = fit.get("ci95") or {}
-            log(f"  fit {sweep}: L = {fit['c']:.4g} + {fit['a']:.4g} * x^-{fit['b']:.4f}  R2 {fit['r2']:.4f}, "
+            law = power_term(format(fit['a'], '.4g'), 'x', fit['b'])
+            log(f"  fit {sweep}: L = {floor_text(fit['c'], fit.get('c_at_bound'))} + {law}  R2 {fit['r2']:.4f}, "
                 f"{fit['n_points']} points, {fit['dof']} dof; 95% CI b {_fmt_ci(ci.get('b'), '{:.4f}')}, "
                 f"c {_fmt_ci(ci.get('c'), '{:.4g}')}" + (f" ({fit['note']})" if fit.get("note") else ""))
         elif fit:
@@ -4629,8 +4830,10 @@ def log_fit_summary(results: dict) -> None:
     joint = fits.get("joint", {})
     if joint.get("available"):
         ci = joint.get("ci95") or {}
-        log(f"  joint fit: L = {joint['E']:.4g} + {joint['A']:.4g}/N^{joint['alpha']:.4f} + "
-            f"{joint['B']:.4g}/D^{joint['beta']:.4f}  R2 {joint['r2']:.4f}, {joint['n_points']} runs; 95% CI "
+        log(f"  joint fit: L = {floor_text(joint['E'], joint.get('E_at_bound'))} + "
+            f"{power_term(format(joint['A'], '.4g'), 'N', joint['alpha'])} + "
+            f"{power_term(format(joint['B'], '.4g'), 'D', joint['beta'])}  R2 {joint['r2']:.4f}, "
+            f"{joint['n_points']} runs; 95% CI "
             f"E {_fmt_ci(ci.get('E'), '{:.4g}')}, alpha {_fmt_ci(ci.get('alpha'), '{:.4f}')}, "
             f"beta {_fmt_ci(ci.get('beta'), '{:.4f}')}" + (f" ({joint['note']})" if joint.get("note") else ""))
     else:
@@ -4749,6 +4952,7 @@ def fit_table(path: str, output_dir: str | None, n_bootstrap: int) -> dict:
                                 "n_params_nonembedding": p["N"], "tokens": p["D"], "final_val_loss": p["loss"],
                                 "status": "completed"} for p in points]}
     results.update(analyse_table(points, n_bootstrap))
+    flag_rising_losses(results["fits"])
     results["fit_wall_time_s"] = round(time.time() - t0, 2)
     results["n_bootstrap"] = n_bootstrap
     write_json_atomic(out_dir / "results.json", results)
@@ -4799,16 +5003,35 @@ class Session:
 
 def run(cfg: RunConfig, preset: Preset, estimate: bool = True, n_bootstrap: int = N_BOOTSTRAP,
         benchmark_steps: int = 0, fresh: bool = False, command: str | None = None,
-        scope: RunScope | None = None) -> dict:
+        scope: RunScope | None = None, default_folder: bool = False, dry_run: bool = False) -> dict:
     """The training command: prepare, then train the runs one after another (under torchrun, every rank
-    together), in --parallel child processes, or time them (--benchmark); then fit and draw."""
+    together), in --parallel child processes, or time them (--benchmark); then fit and draw. Rank 0 of
+    a command (not a --parallel child: its parent does) holds the output folder's lock throughout.
+    `default_folder`: no --output-dir was given, so changed settings move the earlier results aside."""
     scope = scope or RunScope()
     check_hub_reachable(cfg, preset)               # offline: one line, before any other work
+    if dry_run:
+        return dry_run_plan(cfg, preset, scope, estimate)
     dist_info = distributed_from_env()
+    lock = (hold_output_lock(Path(cfg.output_dir), scope.results_name())
+            if dist_info.is_main and not scope.child else None)
+    try:
+        return run_holding_lock(cfg, preset, scope, dist_info, estimate=estimate, n_bootstrap=n_bootstrap,
+                                benchmark_steps=benchmark_steps, fresh=fresh, command=command,
+                                archive_on_change=default_folder and not scope.partial and not scope.child)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def run_holding_lock(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info: Distributed, *,
+                     estimate: bool, n_bootstrap: int, benchmark_steps: int, fresh: bool, command: str | None,
+                     archive_on_change: bool) -> dict:
     # every rank but rank 0 trains in silence, so each log line appears once
     with silenced(not dist_info.is_main):
         s = prepare(cfg, preset, scope, dist_info, fresh=fresh, n_bootstrap=n_bootstrap,
-                    command=command or "the same command", benchmark=bool(benchmark_steps))
+                    command=command or "the same command", benchmark=bool(benchmark_steps),
+                    archive_on_change=archive_on_change)
         if benchmark_steps:
             report = benchmark(Trainer(cfg, s.corpus, s.device), s.plan, steps=benchmark_steps)
             write_json_atomic(s.out_dir / "benchmark.json", report)
@@ -4845,7 +5068,7 @@ def start_device(cfg: RunConfig, scope: RunScope, dist_info: Distributed,
 
 
 def prepare(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info: Distributed, *, fresh: bool,
-            n_bootstrap: int, command: str, benchmark: bool = False) -> Session:
+            n_bootstrap: int, command: str, benchmark: bool = False, archive_on_change: bool = False) -> Session:
     """Every check that can fail before training (each a one-line UserError), the corpus (tokenized by
     rank 0 while the others wait), and the runs that finished earlier."""
     dist_info, device = start_device(cfg, scope, dist_info, benchmark)
@@ -4858,6 +5081,8 @@ def prepare(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info: Distribu
     plan = build_plan(cfg, preset)
     all_runs = expand_seeds(plan, cfg.seeds)
     runs = select_runs(all_runs, scope)
+    if not scope.child:        # a --parallel child's share of the device was checked by its parent
+        log(check_run_memory(runs, cfg, device.name, available_memory_bytes(device.name)) or "")
     check_free_space(out_dir, all_runs, cfg.keep_checkpoints)
     every_s, every_steps = parse_checkpoint_every(cfg.checkpoint_every)
     policy = CheckpointPolicy(out_dir / "checkpoints", every_s, every_steps, cfg.keep_checkpoints)
@@ -4865,11 +5090,18 @@ def prepare(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info: Distribu
     if existing is not None and dist_info.is_main:
         store.recover(existing["experiments"])
     dist_info.barrier()
-    refuse_changed_settings(existing, cfg, runs, store, policy, None)
+    existing = settle_changed_settings(existing, cfg, runs, store, policy, None,
+                                       archive_on_change=archive_on_change, dist_info=dist_info)
     refuse_other_results_files(out_dir, cfg, store, policy, None)
     corpus = load_corpus_on_rank0_first(cfg, preset, dist_info)
+    shortest = min(len(corpus.train), len(corpus.val))
+    if shortest <= cfg.context_length + 1:
+        raise UserError(f"--context-length {cfg.context_length} is longer than this corpus's "
+                        f"{'validation' if len(corpus.val) == shortest else 'training'} split ({shortest:,} tokens): "
+                        f"use a shorter context or a larger corpus")
     data_budget = check_data_budget(plan, len(corpus.train), cfg.no_repeat)    # refuses under --no-repeat
-    refuse_changed_settings(existing, cfg, runs, store, policy, corpus.record)
+    existing = settle_changed_settings(existing, cfg, runs, store, policy, corpus.record,
+                                       archive_on_change=archive_on_change, dist_info=dist_info)
     refuse_other_results_files(out_dir, cfg, store, policy, corpus.record)
     if dist_info.is_main:
         remove_stale_temporaries(policy.folder)
@@ -4896,6 +5128,64 @@ def prepare(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info: Distribu
             write_json_atomic(s.results_file, results)
             refuse_other_results_files(out_dir, cfg, store, policy, corpus.record)
     return s
+
+
+def dry_run_plan(cfg: RunConfig, preset: Preset, scope: RunScope, estimate: bool) -> dict:
+    """--dry-run: the plan table, the data budget, the memory check and the time per run and in total,
+    then nothing else: no output folder, no training. The time estimate times a few steps per shape on
+    random tokens (what they are does not change a step's time), so no data is prepared either."""
+    plan = build_plan(cfg, preset)
+    runs = select_runs(expand_seeds(plan, cfg.seeds), scope)
+    device = setup_device(cfg.device, cfg.dtype)
+    memory_line = check_run_memory(runs, cfg, device.name, available_memory_bytes(device.name))
+    n_train, how = known_train_tokens(cfg, preset)
+    estimates = None
+    if estimate:
+        estimates = estimate_wall_time(Trainer(cfg, random_corpus(cfg), device), plan)
+    print_plan(plan, cfg, estimates)
+    budget = None
+    if n_train is None:
+        log(f"data: the size of {cfg.data} is unknown until it is prepared ({how}); the largest run reads "
+            f"{format_count(max(e.tokens for e in plan))} tokens")
+    else:
+        budget = check_data_budget(plan, n_train, cfg.no_repeat)
+        log(f"data: {format_count(n_train)} training tokens ({how})")
+        for line in data_budget_lines(budget):
+            log(line)
+    if memory_line:
+        log(memory_line)
+    log(f"dry run: nothing prepared, trained or written; drop --dry-run to run this plan into {cfg.output_dir}")
+    return {"plan": [dataclasses.asdict(e) for e in plan], "data_budget": budget, "estimates_s": estimates}
+
+
+def known_train_tokens(cfg: RunConfig, preset: Preset) -> tuple[int | None, str]:
+    """The corpus's training tokens without preparing it, and how they are known: a token file's length,
+    a finished cache of this corpus and vocabulary, or (the built-in corpus, not yet tokenized) an
+    estimate from its characters (builtin_epochs); (None, why) otherwise."""
+    path = Path(cfg.data).expanduser()
+    if cfg.data.endswith(".bin") and path.is_file():
+        return len(load_token_file(path, cfg.vocab_size).train), "the token file"
+    if cfg.data != "builtin" and (cfg.data.startswith("hf:") or dataset_files_kind(path)):
+        return None, "a dataset is counted while it is tokenized"
+    cap = preparation_cap(cfg, preset)
+    source = text_file_source(cfg.data)
+    entry = cache_entry(source, cfg.vocab_size, Path(cfg.cache_dir),
+                        cfg.bpe_sample_chars or BPE_SAMPLE_CHARS, cap is not None)
+    meta = read_cache_meta(entry)
+    if meta is not None and cache_covers(meta, cap):
+        return min(int(meta["n_train_tokens"]), cap or meta["n_train_tokens"]), f"cached in {entry}"
+    if cfg.data == "builtin":
+        probe = 10**9
+        return round(probe / builtin_epochs(probe)), (f"estimated from its {source.n_chars / 1e6:.1f}M characters "
+                                                      f"at {BUILTIN_CHARS_PER_TOKEN:g} per token; not tokenized yet")
+    return None, "not tokenized yet"
+
+
+def random_corpus(cfg: RunConfig) -> Corpus:
+    """Random tokens in the corpus's shape, enough for timed steps and one evaluation's windows."""
+    n = 4 * cfg.context_length * cfg.batch_size * max(cfg.eval_batches, 1) + 1
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, n).astype(token_dtype(cfg.vocab_size))
+    return Corpus(tokens, tokens, cfg.vocab_size, {})
 
 
 def load_corpus_on_rank0_first(cfg: RunConfig, preset: Preset, dist_info: Distributed) -> Corpus:
@@ -4952,9 +5242,11 @@ def train_sequential(s: Session, estimate: bool) -> dict:
                 "smaller micro-batches)")
     announce_plan(s, estimates)
     t0 = time.time()
+    trained: set[str] = set()            # run ids trained by this process (the measured speed's runs)
     # under torchrun a signal ends every rank at once (see docs/distributed.md); one process checkpoints
     with stop_on_signals(stop) if not s.dist.enabled else contextlib.nullcontext():
-        trainer.on_branch_done = lambda branch, record: save_record(s, trainer, branch, record, t0)
+        trainer.on_branch_done = lambda branch, record: save_record(s, trainer, branch, record, t0, trained,
+                                                                     estimates)
         for i, exp in enumerate(s.runs):
             if exp.run_id in s.done:
                 s.results["experiments"].append(s.done[exp.run_id])
@@ -4970,20 +5262,32 @@ def train_sequential(s: Session, estimate: bool) -> dict:
                 record = trainer.train(exp, branches)
             except TrainingInterrupted as e:
                 raise interrupted(s, e, exp, t0) from None
-            save_record(s, trainer, exp, record, t0)
+            save_record(s, trainer, exp, record, t0, trained, estimates)
     return finish(s, t0)
 
 
-def save_record(s: Session, trainer: Trainer, exp: Experiment, record: dict, t0: float) -> None:
+def save_record(s: Session, trainer: Trainer, exp: Experiment, record: dict, t0: float, trained: set[str],
+                estimates: dict[str, float] | None) -> None:
     """A finished run (or branch): its record under runs/ first, then its checkpoint may go, then the
-    results file with it."""
+    results file with it, the interim figures and the plan's progress."""
     if s.dist.is_main:
         s.store.save(record)
     trainer.remove_checkpoint(exp)
     s.results["experiments"].append(record)
     s.results["wall_time_s"] = round(time.time() - t0, 2)
+    trained.add(exp.run_id)
     if s.dist.is_main:
         write_json_atomic(s.results_file, s.results)
+        after_run(s, trained, time.time() - t0, estimates)
+
+
+def after_run(s: Session, trained: set[str], elapsed_s: float, estimates: dict[str, float] | None) -> None:
+    """Between two runs: redraw the figures from the runs so far (a whole plan only: a part's runs are
+    fitted once merged, and the last run's figure is the final one), then the plan's progress."""
+    done_ids = {r["run_id"] for r in s.results["experiments"] if r.get("status") in FINAL_STATUSES}
+    if not s.scope.partial and any(e.run_id not in done_ids for e in s.runs):
+        draw_interim_figures(s.results, s.out_dir, len(s.runs))
+    log(progress_line(plan_progress(s.runs, done_ids, trained, elapsed_s, estimates)))
 
 
 def save_partial_results(s: Session) -> None:
@@ -5174,7 +5478,8 @@ def main(argv: list[str] | None = None) -> int:
         scope = scope_from_args(args, [str(a) for a in given])
         run(cfg, preset, estimate=not args.no_estimate, n_bootstrap=args.bootstrap,
             benchmark_steps=args.benchmark_steps if args.benchmark else 0,
-            fresh=args.fresh and not scope.child, command=command, scope=scope)
+            fresh=args.fresh and not scope.child, command=command, scope=scope,
+            default_folder=args.output_dir is None, dry_run=args.dry_run)
     except UserError as e:
         print(f"error{who}: {e}", file=sys.stderr, flush=True)
         return leave_process_group(2)

@@ -300,6 +300,7 @@ def test_early_checks_exit_2_before_training(tmp_path, byte_tokens, monkeypatch,
     if Path("/proc/self/mem").exists():
         args = small_args(byte_tokens, tmp_path / "o2")
         args[args.index("--data") + 1] = "/proc/self/mem"
+        args[args.index("--vocab-size") + 1] = "512"        # a text source: the vocabulary check passes
         assert rse.main(args) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "--data /proc/self/mem: cannot be read" in err
