@@ -4194,123 +4194,14 @@ def seed_groups(xs, ys) -> list[tuple[float, float, float, float, int]]:
 
 def build_scaling_figure(results: dict):
     """The 2x2 figure of a results dict: (1) loss vs N, (2) loss vs D, (3)-(4) the sweeps' curves."""
-
-    exps = results["experiments"]
-    fits = results["fits"]
     fig, axes = plt.subplots(2, 2, figsize=(15, 11))
-    panels = (("params", "n_params_nonembedding", "o", X_MAX["params"], "non-embedding parameters N"),
-              ("data", "tokens", "s", X_MAX["data"], "training tokens D"))
-    for ax, (sweep, key, marker, x_max, xlabel) in zip(axes[0], panels):
-        runs = [r for r in usable_runs(exps, sweep) if r.get(key) and r[key] > 0 and r["final_val_loss"] > 0]
-        xs = np.array([r[key] for r in runs], dtype=float)
-        ys = np.array([r["final_val_loss"] for r in runs], dtype=float)
-        groups = seed_groups(xs, ys)
-        if any(n > 1 for *_, n in groups):      # repeated seeds: each run faint, mean with its range
-            ax.scatter(xs, ys, c="tab:blue", marker=marker, s=18, alpha=0.35, zorder=4, label="each seed")
-            gx, gmean, glo, ghi = (np.array([g[i] for g in groups]) for i in range(4))
-            ax.errorbar(gx, gmean, yerr=[gmean - glo, ghi - gmean], fmt=marker, color="tab:blue", ms=8,
-                        capsize=4, zorder=5, label=f"mean of {max(n for *_, n in groups)} seeds "
-                                                   f"(bars: lowest to highest)")
-        else:
-            ax.scatter(xs, ys, c="tab:blue", marker=marker, s=60, zorder=5, label="measured (final val loss)")
-        fit = fits.get(sweep, {})
-        lo = xs.min() / 2 if len(xs) else 1e4
-        grid_all = np.logspace(np.log10(lo), np.log10(x_max), 300)
-        ref = kaplan_law(grid_all, sweep)
-        xc, alpha = KAPLAN[sweep]
-        ax.plot(grid_all, ref, ":", color="green", lw=1.5,
-                label=f"Kaplan et al. 2020: ({xc:.1e}/{'N' if sweep == 'params' else 'D'})^{alpha}"
-                      f" (WebText2, GPT-2 tokenizer)")
-        y_top = [ys.max() * 1.05] if len(ys) else [10]
-        if fit.get("available"):
-            a, b, c = fit["a"], fit["b"], fit["c"]
-            inside = np.logspace(np.log10(xs.min()), np.log10(xs.max()), 100)
-            beyond = np.logspace(np.log10(xs.max()), np.log10(x_max), 200)
-            var = "N" if sweep == "params" else "D"
-            ax.plot(inside, power_law(inside, a, b, c), "-", color="red", lw=2,
-                    label=f"fit: L = {floor_text(c, fit.get('c_at_bound'), '{:.3g}')} + "
-                          f"{power_term(f'{a:.3g}', var, b, 3)}  (R² = {fit['r2']:.3f})"
-                          + ("\n  c at its bound 0: no floor identified, far predictions likely too low"
-                             if fit.get("c_at_bound") else "")
-                          + (f"\n  {rising_note(var)}" if b < 0 else ""))
-            ax.plot(beyond, power_law(beyond, a, b, c), "--", color="red", lw=1.5, label="extrapolation")
-            band = fit.get("band95")
-            if band:
-                ax.fill_between(band["x"], band["lo"], band["hi"], color="red", alpha=0.12, lw=0,
-                                label=f"95% band (bootstrap over {fit['n_points']} runs)")
-            else:
-                ax.plot([], [], " ", label="no 95% band: " + (fit.get("note") or "no bootstrap")[:60])
-            marked = [p for p in results.get("predictions", [])
-                      if p["sweep"] == sweep and p["predicted_loss"] is not None]
-            for i, p in enumerate(marked):
-                x = p["N" if sweep == "params" else "D"]
-                ci = p.get("predicted_loss_ci95")
-                ax.plot([x], [p["predicted_loss"]], "*", color="darkred", ms=13, zorder=6)
-                # neighbours (GPT-3/GPT-4, LLaMA/Llama 2) sit close on a log axis: alternate above/below
-                ax.annotate(f"{p['name'].split(' (')[0]} {format_count(x)}\n{p['predicted_loss']:.2f}"
-                            + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""),
-                            (x, p["predicted_loss"]), textcoords="offset points",
-                            xytext=(0, 12) if i % 2 == 0 else (0, -30), fontsize=7.5, ha="center",
-                            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7})
-        else:
-            ax.text(0.5, 0.5, f"fit unavailable:\n{_wrap(fit.get('reason', 'no runs'))}",
-                    transform=ax.transAxes, ha="center", va="center", color="darkred", fontsize=11)
-        if sweep == "data" and (note := repetition_note(results.get("data_budget") or {})):   # past 4 epochs
-            ax.text(0.02, 0.15, _wrap(note, 75), transform=ax.transAxes, fontsize=8, color="darkred",
-                    bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"})
-        ho = results.get("holdout", {}).get(sweep)
-        if ho:
-            if ho.get("available"):
-                x_out = ho[key]
-                ax.scatter([x_out], [ho["measured_loss"]], s=220, facecolors="none", edgecolors="black",
-                           zorder=7, label="held out for the check below")
-            text = holdout_text(ho, "N" if sweep == "params" else "D", results["holdout"].get(f"rollout_{sweep}"))
-            ax.text(0.02, 0.03, "\n".join(_wrap(line, 80) for line in text.split("\n")),
-                    transform=ax.transAxes,
-                    fontsize=8.5, va="bottom", ha="left",
-                    bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85, "edgecolor": "0.6"})
-        if sweep == "params":
-            draw_validation(ax, results.get("validation"), "N")
-        ax.set_xscale("log")
-        ax.set_xlim(lo, x_max * 3)
-        bottom = min([*(ys if len(ys) else [2]), *ref[-1:]]) * 0.8
-        if fit.get("available"):
-            bottom = min(bottom, power_law(x_max, fit["a"], fit["b"], fit["c"]) * 0.9)
-            if fit.get("band95"):       # show the band's lower edge too, within reason
-                bottom = min(bottom, max(min(fit["band95"]["lo"]), bottom / 3))
-        ax.set_ylim(max(0, bottom), max(y_top + [0.0]) * 1.1)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("validation loss (nats/token)")
-        ax.set_title(f"{'1' if sweep == 'params' else '2'}. loss vs {xlabel}", fontsize=12)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="upper right")
-
+    draw_law_panel(axes[0][0], results, "params", "n_params_nonembedding", "o", "non-embedding parameters N")
+    draw_law_panel(axes[0][1], results, "data", "tokens", "s", "training tokens D")
     # panel 3 from blue (smallest N) to yellow (largest), panel 4 from purple (least D) to yellow
-    for ax, sweep, title, cmap in ((axes[1][0], "params", "3. training curves, parameter sweep", plt.get_cmap("cividis")),
-                                   (axes[1][1], "data", "4. training curves, data sweep", plt.get_cmap("viridis"))):
-        runs = sorted([e for e in exps if e.get("sweep") == sweep],
-                      key=lambda e: (e["n_params_nonembedding"], e["tokens"]))
-        sizes = sorted({(e["n_params_nonembedding"], e["tokens"]) for e in runs})
-        labelled = set()
-        for r in runs:
-            size = (r["n_params_nonembedding"], r["tokens"])
-            color = cmap(sizes.index(size) / max(1, len(sizes) - 1))   # repeated seeds share a colour
-            cur = r["curve"]
-            label = (f"N = {format_count(r['n_params_nonembedding'])}" if sweep == "params"
-                     else f"D = {format_count(r['tokens'])}")
-            if r.get("status") != "completed":
-                label += f" ({r.get('status')}, seed {r.get('seed')})"
-            elif size in labelled:
-                label = None
-            labelled.add(size)
-            ax.plot(cur["tokens"], cur["train_loss"], "-", color=color, alpha=0.3, lw=1)
-            ax.plot(cur["eval_tokens"], cur["val_loss"], "o-", color=color, ms=3, lw=1.8, label=label)
-        ax.set_xlabel("tokens seen")
-        ax.set_ylabel("loss (nats/token): validation (dots), training (faint)")
-        ax.set_title(title, fontsize=12)
-        ax.grid(True, alpha=0.3)
-        if runs:
-            ax.legend(fontsize=8)
+    draw_curves_panel(axes[1][0], results["experiments"], "params", "3. training curves, parameter sweep",
+                      plt.get_cmap("cividis"))
+    draw_curves_panel(axes[1][1], results["experiments"], "data", "4. training curves, data sweep",
+                      plt.get_cmap("viridis"))
     env = results.get("environment", {})
     corpus = env.get("corpus", {})
     fig.suptitle(f"Scaling laws, mode '{results.get('mode')}' on {env.get('device', '?')}: "
@@ -4322,6 +4213,136 @@ def build_scaling_figure(results: dict):
              f"moves when the runs are resampled.", ha="center", fontsize=9, style="italic")
     fig.tight_layout(rect=(0, 0.04, 1, 0.96))
     return fig
+
+
+def draw_law_panel(ax, results: dict, sweep: str, key: str, marker: str, xlabel: str) -> None:
+    """Panel 1 or 2: one sweep's final losses, its fit and extrapolation with the 95% band, the reference
+    models' predictions, Kaplan's law, the hold-out check and (panel 1) the --validate run."""
+    x_max = X_MAX[sweep]
+    runs = [r for r in usable_runs(results["experiments"], sweep)
+            if r.get(key) and r[key] > 0 and r["final_val_loss"] > 0]
+    xs = np.array([r[key] for r in runs], dtype=float)
+    ys = np.array([r["final_val_loss"] for r in runs], dtype=float)
+    draw_measured(ax, xs, ys, marker)
+    fit = results["fits"].get(sweep, {})
+    lo = xs.min() / 2 if len(xs) else 1e4
+    grid_all = np.logspace(np.log10(lo), np.log10(x_max), 300)
+    ref = kaplan_law(grid_all, sweep)
+    xc, alpha = KAPLAN[sweep]
+    ax.plot(grid_all, ref, ":", color="green", lw=1.5,
+            label=f"Kaplan et al. 2020: ({xc:.1e}/{'N' if sweep == 'params' else 'D'})^{alpha}"
+                  f" (WebText2, GPT-2 tokenizer)")
+    if fit.get("available"):
+        draw_fit(ax, fit, sweep, xs, x_max, results.get("predictions", []))
+    else:
+        ax.text(0.5, 0.5, f"fit unavailable:\n{_wrap(fit.get('reason', 'no runs'))}",
+                transform=ax.transAxes, ha="center", va="center", color="darkred", fontsize=11)
+    if sweep == "data" and (note := repetition_note(results.get("data_budget") or {})):   # past 4 epochs
+        ax.text(0.02, 0.15, _wrap(note, 75), transform=ax.transAxes, fontsize=8, color="darkred",
+                bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"})
+    draw_holdout(ax, results.get("holdout", {}), sweep, key)
+    if sweep == "params":
+        draw_validation(ax, results.get("validation"), "N")
+    ax.set_xscale("log")
+    ax.set_xlim(lo, x_max * 3)
+    bottom = min([*(ys if len(ys) else [2]), *ref[-1:]]) * 0.8
+    if fit.get("available"):
+        bottom = min(bottom, power_law(x_max, fit["a"], fit["b"], fit["c"]) * 0.9)
+        if fit.get("band95"):       # show the band's lower edge too, within reason
+            bottom = min(bottom, max(min(fit["band95"]["lo"]), bottom / 3))
+    ax.set_ylim(max(0, bottom), (ys.max() * 1.05 if len(ys) else 10) * 1.1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(f"{'1' if sweep == 'params' else '2'}. loss vs {xlabel}", fontsize=12)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+
+
+def draw_measured(ax, xs: np.ndarray, ys: np.ndarray, marker: str) -> None:
+    """The final losses; with repeated seeds each run faint and the mean with its range."""
+    groups = seed_groups(xs, ys)
+    if any(n > 1 for *_, n in groups):
+        ax.scatter(xs, ys, c="tab:blue", marker=marker, s=18, alpha=0.35, zorder=4, label="each seed")
+        gx, gmean, glo, ghi = (np.array([g[i] for g in groups]) for i in range(4))
+        ax.errorbar(gx, gmean, yerr=[gmean - glo, ghi - gmean], fmt=marker, color="tab:blue", ms=8,
+                    capsize=4, zorder=5, label=f"mean of {max(n for *_, n in groups)} seeds "
+                                               f"(bars: lowest to highest)")
+    else:
+        ax.scatter(xs, ys, c="tab:blue", marker=marker, s=60, zorder=5, label="measured (final val loss)")
+
+
+def draw_fit(ax, fit: dict, sweep: str, xs: np.ndarray, x_max: float, predictions: list[dict]) -> None:
+    """The fitted law over the runs (solid), its extrapolation (dashed) and 95% band, and a star at
+    every reference model with its predicted loss and interval."""
+    a, b, c = fit["a"], fit["b"], fit["c"]
+    inside = np.logspace(np.log10(xs.min()), np.log10(xs.max()), 100)
+    beyond = np.logspace(np.log10(xs.max()), np.log10(x_max), 200)
+    var = "N" if sweep == "params" else "D"
+    ax.plot(inside, power_law(inside, a, b, c), "-", color="red", lw=2,
+            label=f"fit: L = {floor_text(c, fit.get('c_at_bound'), '{:.3g}')} + "
+                  f"{power_term(f'{a:.3g}', var, b, 3)}  (R² = {fit['r2']:.3f})"
+                  + ("\n  c at its bound 0: no floor identified, far predictions likely too low"
+                     if fit.get("c_at_bound") else "")
+                  + (f"\n  {rising_note(var)}" if b < 0 else ""))
+    ax.plot(beyond, power_law(beyond, a, b, c), "--", color="red", lw=1.5, label="extrapolation")
+    band = fit.get("band95")
+    if band:
+        ax.fill_between(band["x"], band["lo"], band["hi"], color="red", alpha=0.12, lw=0,
+                        label=f"95% band (bootstrap over {fit['n_points']} runs)")
+    else:
+        ax.plot([], [], " ", label="no 95% band: " + (fit.get("note") or "no bootstrap")[:60])
+    marked = [p for p in predictions if p["sweep"] == sweep and p["predicted_loss"] is not None]
+    for i, p in enumerate(marked):
+        x = p["N" if sweep == "params" else "D"]
+        ci = p.get("predicted_loss_ci95")
+        ax.plot([x], [p["predicted_loss"]], "*", color="darkred", ms=13, zorder=6)
+        # neighbours (GPT-3/GPT-4, LLaMA/Llama 2) sit close on a log axis: alternate above/below
+        ax.annotate(f"{p['name'].split(' (')[0]} {format_count(x)}\n{p['predicted_loss']:.2f}"
+                    + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""),
+                    (x, p["predicted_loss"]), textcoords="offset points",
+                    xytext=(0, 12) if i % 2 == 0 else (0, -30), fontsize=7.5, ha="center",
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7})
+
+
+def draw_holdout(ax, holdout: dict, sweep: str, key: str) -> None:
+    """The held-out run circled, and the hold-out and rollout checks in a box at the bottom left."""
+    ho = holdout.get(sweep)
+    if not ho:
+        return
+    if ho.get("available"):
+        ax.scatter([ho[key]], [ho["measured_loss"]], s=220, facecolors="none", edgecolors="black",
+                   zorder=7, label="held out for the check below")
+    text = holdout_text(ho, "N" if sweep == "params" else "D", holdout.get(f"rollout_{sweep}"))
+    ax.text(0.02, 0.03, "\n".join(_wrap(line, 80) for line in text.split("\n")), transform=ax.transAxes,
+            fontsize=8.5, va="bottom", ha="left",
+            bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85, "edgecolor": "0.6"})
+
+
+def draw_curves_panel(ax, experiments: list[dict], sweep: str, title: str, cmap) -> None:
+    """Panels 3 and 4: validation (dots) and training (faint) curves of one sweep, one colour per size."""
+    runs = sorted([e for e in experiments if e.get("sweep") == sweep],
+                  key=lambda e: (e["n_params_nonembedding"], e["tokens"]))
+    sizes = sorted({(e["n_params_nonembedding"], e["tokens"]) for e in runs})
+    labelled = set()
+    for r in runs:
+        size = (r["n_params_nonembedding"], r["tokens"])
+        color = cmap(sizes.index(size) / max(1, len(sizes) - 1))   # repeated seeds share a colour
+        cur = r["curve"]
+        label = (f"N = {format_count(r['n_params_nonembedding'])}" if sweep == "params"
+                 else f"D = {format_count(r['tokens'])}")
+        if r.get("status") != "completed":
+            label += f" ({r.get('status')}, seed {r.get('seed')})"
+        elif size in labelled:
+            label = None
+        labelled.add(size)
+        ax.plot(cur["tokens"], cur["train_loss"], "-", color=color, alpha=0.3, lw=1)
+        ax.plot(cur["eval_tokens"], cur["val_loss"], "o-", color=color, ms=3, lw=1.8, label=label)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss (nats/token): validation (dots), training (faint)")
+    ax.set_title(title, fontsize=12)
+    ax.grid(True, alpha=0.3)
+    if runs:
+        ax.legend(fontsize=8)
 
 
 def draw_validation(ax, v: dict | None, x: str) -> None:
@@ -4423,6 +4444,38 @@ def plot_compute_optimal_figure(results: dict, path: Path) -> None:
     save_figure_atomic(build_compute_optimal_figure(results), path)
 
 
+def draw_joint_panel(ax3, joint: dict, pts: list[dict], holdout: dict) -> None:
+    """Panel 3 of compute_optimal.png: measured against joint-law loss, the hold-out runs marked."""
+    if joint.get("available") and pts:
+        measured = np.array([p["loss"] for p in pts])
+        fitted = joint_law([p["N"] for p in pts], [p["D"] for p in pts], joint["E"], joint["A"], joint["B"],
+                           joint["alpha"], joint["beta"])
+        ax3.scatter(measured, fitted, s=18, color="tab:blue", label="joint fit on all runs")
+        for axis, color in (("N", "tab:red"), ("D", "tab:green")):
+            ho = holdout.get(f"joint_largest_{axis}", {})
+            if ho.get("available"):
+                m = [r["measured_loss"] for r in ho["runs"]]
+                pr = [r["predicted_loss"] for r in ho["runs"]]
+                ax3.scatter(m, pr, s=60, marker="D", facecolors="none", edgecolors=color,
+                            label=f"held out: largest {axis}, error {100 * ho['relative_error']:+.1f}% "
+                                  f"{_fmt_ci(ho.get('relative_error_ci95') and [100 * v for v in ho['relative_error_ci95']], '{:+.1f}%')}")
+        lo, hi = measured.min() * 0.97, measured.max() * 1.03
+        ax3.plot([lo, hi], [lo, hi], ":", color="gray")
+        ax3.set_title(f"3. L = {floor_text(joint['E'], joint.get('E_at_bound'), '{:.3g}')} + "
+                      f"{power_term(format(joint['A'], '.3g'), 'N', joint['alpha'], 3)} + "
+                      f"{power_term(format(joint['B'], '.3g'), 'D', joint['beta'], 3)}  (R² = {joint['r2']:.3f})"
+                      + (f"\n{rising_note(' or '.join(joint['loss_rises_with']))}"
+                         if joint.get("loss_rises_with") else ""), fontsize=10)
+        ax3.legend(fontsize=8)
+    else:
+        ax3.text(0.5, 0.5, _wrap(f"joint law L(N, D) unavailable: {joint.get('reason', 'not fitted')}"),
+                 transform=ax3.transAxes, ha="center", va="center", color="darkred", fontsize=10)
+        ax3.set_title("3. joint law L(N, D)", fontsize=10)
+    ax3.set_xlabel("measured loss")
+    ax3.set_ylabel("joint-law loss")
+    ax3.grid(True, alpha=0.3)
+
+
 def build_compute_optimal_figure(results: dict):
     """(1) loss vs compute C = 6ND: the runs and the joint law's compute-optimal frontier with its 95%
     band; (2) N_opt(C) and D_opt(C); (3) measured vs joint-law loss, hold-out predictions marked."""
@@ -4472,35 +4525,7 @@ def build_compute_optimal_figure(results: dict):
     ax.legend(fontsize=8)
     axes[1].set_xlabel("training compute C (FLOPs)")
     axes[1].grid(True, which="both", alpha=0.3)
-    ax3 = axes[2]
-    if joint.get("available") and pts:
-        measured = np.array([p["loss"] for p in pts])
-        fitted = joint_law([p["N"] for p in pts], [p["D"] for p in pts], joint["E"], joint["A"], joint["B"],
-                           joint["alpha"], joint["beta"])
-        ax3.scatter(measured, fitted, s=18, color="tab:blue", label="joint fit on all runs")
-        for axis, color in (("N", "tab:red"), ("D", "tab:green")):
-            ho = results.get("holdout", {}).get(f"joint_largest_{axis}", {})
-            if ho.get("available"):
-                m = [r["measured_loss"] for r in ho["runs"]]
-                pr = [r["predicted_loss"] for r in ho["runs"]]
-                ax3.scatter(m, pr, s=60, marker="D", facecolors="none", edgecolors=color,
-                            label=f"held out: largest {axis}, error {100 * ho['relative_error']:+.1f}% "
-                                  f"{_fmt_ci(ho.get('relative_error_ci95') and [100 * v for v in ho['relative_error_ci95']], '{:+.1f}%')}")
-        lo, hi = measured.min() * 0.97, measured.max() * 1.03
-        ax3.plot([lo, hi], [lo, hi], ":", color="gray")
-        ax3.set_title(f"3. L = {floor_text(joint['E'], joint.get('E_at_bound'), '{:.3g}')} + "
-                      f"{power_term(format(joint['A'], '.3g'), 'N', joint['alpha'], 3)} + "
-                      f"{power_term(format(joint['B'], '.3g'), 'D', joint['beta'], 3)}  (R² = {joint['r2']:.3f})"
-                      + (f"\n{rising_note(' or '.join(joint['loss_rises_with']))}"
-                         if joint.get("loss_rises_with") else ""), fontsize=10)
-        ax3.legend(fontsize=8)
-    else:
-        ax3.text(0.5, 0.5, _wrap(f"joint law L(N, D) unavailable: {joint.get('reason', 'not fitted')}"),
-                 transform=ax3.transAxes, ha="center", va="center", color="darkred", fontsize=10)
-        ax3.set_title("3. joint law L(N, D)", fontsize=10)
-    ax3.set_xlabel("measured loss")
-    ax3.set_ylabel("joint-law loss")
-    ax3.grid(True, alpha=0.3)
+    draw_joint_panel(axes[2], joint, pts, results.get("holdout", {}))
     fig.suptitle("Compute-optimal allocation from the joint law L(N, D) = E + A/N^alpha + B/D^beta", fontsize=13)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     if not co.get("available"):          # never drawn as if it were an answer
