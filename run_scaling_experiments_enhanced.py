@@ -790,7 +790,7 @@ def dataset_files_kind(path: Path) -> str | None:
 
 def _import_datasets():
     try:
-        import datasets          # optional (the built-in corpus and text files need it not) and slow to import
+        import datasets          # seconds to import, and only Hub or dataset-folder corpora need it
     except ImportError:
         raise UserError("--data hf:... and dataset folders need the Hugging Face datasets library: "
                         "pip install datasets") from None
@@ -817,7 +817,7 @@ def hub_revision(name: str, revision: str | None) -> str | None:
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return revision
     try:
-        from huggingface_hub import HfApi      # installed with datasets, which is optional
+        from huggingface_hub import HfApi      # comes with datasets; only a Hub corpus needs it
         return HfApi().dataset_info(name, revision=revision, timeout=20).sha
     except Exception:          # offline, private or renamed: the run goes on, the record says unknown
         return revision
