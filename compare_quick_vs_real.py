@@ -261,16 +261,42 @@ def residuals(experiments: list, sweep: str, fit: dict):
     return x, (y - f) / f
 
 
+def draw_exponent_panel(ax_exp, c: dict, sim: dict, sweep: str, var: str, styles: dict) -> None:
+    """The two exponents with their intervals side by side, and the sim's true exponent (and, for a
+    c = 0 fit, the true log-log slope it estimates)."""
+    e = c["exponent"]
+    for i, role in enumerate(styles):
+        color = styles[role][0]
+        b, ci = e[role], e[f"{role}_ci95"]
+        if b is None:
+            ax_exp.text(i, 0.5, "fit\nunavailable", ha="center", va="center", color=color,
+                        transform=ax_exp.get_xaxis_transform())
+            continue
+        yerr = [[b - ci[0]], [ci[1] - b]] if ci else None
+        ax_exp.errorbar([i], [b], yerr=yerr, fmt=styles[role][1], color=color, ms=9, capsize=8, lw=2)
+        ax_exp.annotate(f"{b:.3f}\n95% CI {ci_text(ci)}", (i, b), textcoords="offset points",
+                        xytext=(14, 0), fontsize=8, va="center")
+    truth = ((sim.get("true_law") or {}).get("sweeps") or {}).get(sweep, {})
+    if truth.get("b") is not None:
+        ax_exp.axhline(truth["b"], color="gray", ls=":", lw=1.2, label=f"sim's true exponent {truth['b']:.3f}")
+        if c["sim"]["form"] == "two_parameter" and truth.get("loglog_slope") is not None:
+            # what a c = 0 fit of the sim's points estimates: the true law's log-log slope over them
+            ax_exp.axhline(truth["loglog_slope"], color="tab:blue", ls=":", lw=1.2,
+                           label=f"sim's true log-log slope {truth['loglog_slope']:.3f} (c = 0 fits)")
+        ax_exp.legend(fontsize=8, loc="best")
+    ax_exp.set_xlim(-0.6, 1.9)
+    ax_exp.set_xticks([0, 1], ["sim", "real"])
+    ax_exp.set_ylabel(f"exponent b of L = c + a/{var}^b")
+    ax_exp.set_title(f"{sweep}: exponents (overlap: {e['intervals_overlap']})", fontsize=11)
+    ax_exp.grid(True, axis="y", alpha=0.3)
+
+
 def build_comparison_figure(sim: dict, real: dict, report: dict):
     """Rows: the two sweeps. Columns: points and fitted curves on the same axes; the exponents with
     their intervals side by side; the residuals about each fit."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     styles = {"sim": ("tab:blue", "o", "sim"), "real": ("tab:orange", "s", "real")}
     data = {"sim": sim, "real": real}
-    fig, axes = plt.subplots(2, 3, figsize=(18, 10.5))
+    fig, axes = rse.plt.subplots(2, 3, figsize=(18, 10.5))
     for row, (sweep, (key, var)) in enumerate(SWEEPS.items()):
         c = report["sweeps"][sweep]
         ax_fit, ax_exp, ax_res = axes[row]
@@ -305,31 +331,7 @@ def build_comparison_figure(sim: dict, real: dict, report: dict):
         ax_fit.grid(True, which="both", alpha=0.3)
         ax_fit.legend(fontsize=7.5)
 
-        e = c["exponent"]
-        for i, role in enumerate(styles):
-            color = styles[role][0]
-            b, ci = e[role], e[f"{role}_ci95"]
-            if b is None:
-                ax_exp.text(i, 0.5, "fit\nunavailable", ha="center", va="center", color=color,
-                            transform=ax_exp.get_xaxis_transform())
-                continue
-            yerr = [[b - ci[0]], [ci[1] - b]] if ci else None
-            ax_exp.errorbar([i], [b], yerr=yerr, fmt=styles[role][1], color=color, ms=9, capsize=8, lw=2)
-            ax_exp.annotate(f"{b:.3f}\n95% CI {ci_text(ci)}", (i, b), textcoords="offset points",
-                            xytext=(14, 0), fontsize=8, va="center")
-        truth = ((sim.get("true_law") or {}).get("sweeps") or {}).get(sweep, {})
-        if truth.get("b") is not None:
-            ax_exp.axhline(truth["b"], color="gray", ls=":", lw=1.2, label=f"sim's true exponent {truth['b']:.3f}")
-            if c["sim"]["form"] == "two_parameter" and truth.get("loglog_slope") is not None:
-                # what a c = 0 fit of the sim's points estimates: the true law's log-log slope over them
-                ax_exp.axhline(truth["loglog_slope"], color="tab:blue", ls=":", lw=1.2,
-                               label=f"sim's true log-log slope {truth['loglog_slope']:.3f} (c = 0 fits)")
-            ax_exp.legend(fontsize=8, loc="best")
-        ax_exp.set_xlim(-0.6, 1.9)
-        ax_exp.set_xticks([0, 1], ["sim", "real"])
-        ax_exp.set_ylabel(f"exponent b of L = c + a/{var}^b")
-        ax_exp.set_title(f"{sweep}: exponents (overlap: {e['intervals_overlap']})", fontsize=11)
-        ax_exp.grid(True, axis="y", alpha=0.3)
+        draw_exponent_panel(ax_exp, c, sim, sweep, var, styles)
 
         ax_res.axhline(0, color="black", lw=0.8)
         ax_res.set_xscale("log")

@@ -71,13 +71,25 @@ from pathlib import Path
 # load OpenBLAS; a value the user exported wins, and torch's own threads are not affected.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import matplotlib  # noqa: E402
-matplotlib.use("Agg")                    # files only: runs under nohup and over ssh have no display
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from scipy.optimize import minimize  # noqa: E402
-import tokenizers  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+
+# The rest of requirements.txt: a missing package fails one line, where it is first needed (missing_packages),
+# so the module still imports (tests collect, the demo's pure functions work) on a partial install.
+try:
+    import matplotlib
+    matplotlib.use("Agg")                # files only: runs under nohup and over ssh have no display
+    import matplotlib.pyplot as plt
+except ImportError:
+    matplotlib = plt = None
+try:
+    from scipy.optimize import minimize
+except ImportError:
+    minimize = None
+try:
+    import tokenizers
+    from tqdm import tqdm
+except ImportError:
+    tokenizers = tqdm = None
 
 try:       # the demo, the comparison, --fit-only and --fit-csv also run where torch is not installed
     import torch
@@ -5479,6 +5491,13 @@ def log_validation(v: dict | None, prediction: bool = True) -> None:
         log(f"  validate: {v['name']} ended {v['status']}: no measured loss to compare")
 
 
+def check_installed(**modules) -> None:
+    """A package of requirements.txt that did not import: one line saying how to install it."""
+    missing = [name for name, module in modules.items() if module is None]
+    if missing:
+        raise UserError(f"{', '.join(missing)} not installed: pip install -r requirements.txt")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     given = sys.argv[1:] if argv is None else list(argv)
@@ -5488,6 +5507,7 @@ def main(argv: list[str] | None = None) -> int:
     dist_env = distributed_from_env()
     who = f" (rank {dist_env.rank})" if dist_env.enabled else ""
     try:
+        check_installed(matplotlib=matplotlib, scipy=minimize)
         if args.fit_only and args.fit_csv:
             raise UserError("give --fit-only or --fit-csv, not both")
         if args.fit_only:
@@ -5499,6 +5519,7 @@ def main(argv: list[str] | None = None) -> int:
         if torch is None:
             raise UserError("training needs PyTorch: pip install -r requirements.txt (--fit-only and --fit-csv "
                             "work without it)")
+        check_installed(tokenizers=tokenizers, tqdm=tqdm)
         cfg, preset = config_from_args(args)
         scope = scope_from_args(args, [str(a) for a in given])
         run(cfg, preset, estimate=not args.no_estimate, n_bootstrap=args.bootstrap,

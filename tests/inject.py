@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import torch  # noqa: E402
-
 import run_scaling_experiments_enhanced as rse  # noqa: E402
 
 
@@ -30,7 +28,7 @@ def patch_failures(setattr_, crash: str | None = None, nan: str | None = None) -
         if crash_at and int(crash_at[0]) == self.dist.rank and step + 1 == crash_at[1]:
             raise RuntimeError(f"injected failure on rank {self.dist.rank} at step {step + 1}")
         if nan_at and nan_at[0] in (exp.name, exp.run_id) and step + 1 == nan_at[1]:
-            with torch.no_grad():
+            with rse.torch.no_grad():
                 next(rm.model.parameters()).fill_(float("nan"))
         return real_step(self, rm, exp, step, micro_split)
     setattr_(rse.Trainer, "train_step", train_step)

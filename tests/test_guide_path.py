@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import matplotlib
 import pytest
 
 import run_scaling_experiments_enhanced as rse
@@ -249,7 +248,7 @@ def test_figure_legend_and_panel_colours():
         fit_label = next(t for t in legend if t.startswith("fit: L"))
         assert fit_label.startswith("fit: L = 0 (at its bound) + 15.6 * N^+0.050")
         assert "the loss did not fall with N" in fit_label and "^--" not in fit_label
-        cividis, viridis = matplotlib.colormaps["cividis"], matplotlib.colormaps["viridis"]
+        cividis, viridis = rse.matplotlib.colormaps["cividis"], rse.matplotlib.colormaps["viridis"]
         dots3 = [ln.get_color() for ln in ax3.get_lines() if ln.get_marker() == "o"]
         dots4 = [ln.get_color() for ln in ax4.get_lines() if ln.get_marker() == "o"]
         assert [tuple(c) for c in dots3] == [cividis(0.0), cividis(0.5), cividis(1.0)]   # blue .. yellow
