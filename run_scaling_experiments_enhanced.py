@@ -3898,9 +3898,8 @@ def _relative_error(pred, measured, draws, noisy=None):
     err = {"predicted_loss": float(pred), "measured_loss": float(measured),
            "relative_error": float(pred / measured - 1)}
     for tag, d in (("ci95", draws), ("pi95", noisy)):
-        err[f"predicted_loss_{tag}"] = _percentiles(d) if d is not None else None
-        err[f"relative_error_{tag}"] = ([v / measured - 1 for v in err[f"predicted_loss_{tag}"]]
-                                        if d is not None else None)
+        ci = err[f"predicted_loss_{tag}"] = _percentiles(d) if d is not None else None
+        err[f"relative_error_{tag}"] = [v / measured - 1 for v in ci] if ci else None     # None: too few finite draws
     pi = err["predicted_loss_pi95"]
     err["within_pi95"] = bool(pi[0] <= measured <= pi[1]) if pi else None
     return err

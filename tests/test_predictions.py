@@ -2,6 +2,7 @@
 intervals, IsoFLOP profiles (Chinchilla Approach 2) beside the joint law (Approach 3), an exact joint
 fit on noise-free grids, and the calibration of the bootstrap intervals."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,3 +250,19 @@ def test_validate_trains_the_predicted_compute_optimal_model_once(tmp_path, corp
     assert "finished earlier (kept, not retrained)" in again.stdout and "validate: training" not in again.stdout
     assert record.stat().st_mtime_ns == mtime
     assert json.loads((out / "results.json").read_text())["validation"]["measured_loss"] == v["measured_loss"]
+
+
+def test_a_held_out_run_whose_bootstrap_draws_all_overflow_is_reported_not_raised():
+    """Measured on this project's own tiny grid (tests/data_tiny_grid_v512.csv: built-in corpus, 512-token
+    BPE, WSD, 4 sizes x 5 horizons plus a 12M-token run; 2-core CPU, 2026-11-29): refitting without
+    the largest D leaves bootstrap draws that overflow, and the hold-out once raised TypeError there."""
+    points = rse.read_runs_csv(Path(__file__).parent / "data_tiny_grid_v512.csv")
+    assert len(points) == 22
+    held = [{"name": "x", "N": 1e5, "D": 8e6, "loss": 2.5}]
+    fit = {"E": 1.0, "A": 10.0, "B": 10.0, "alpha": 0.3, "beta": 0.3, "residual_std_log": 0.01,
+           "available": True, "_samples": np.array([[800.0, 0.3, 2.3, 0.3, 0.0]] * 20)}   # exp(800) = inf
+    out = rse._predict_held_out(fit, held, 0)
+    assert out["runs"][0]["relative_error_ci95"] is None and out["runs"][0]["within_pi95"] is None
+    assert out["runs"][0]["relative_error"] == pytest.approx(rse.joint_law(1e5, 8e6, 1, 10, 10, .3, .3) / 2.5 - 1)
+    ho = rse.holdout_joint(points, "D", 100, 0)
+    assert ho["available"] and abs(ho["relative_error"]) < 0.2
