@@ -4487,6 +4487,11 @@ def draw_joint_panel(ax3, joint: dict, pts: list[dict], holdout: dict) -> None:
     ax3.grid(True, alpha=0.3)
 
 
+def as_floats(values) -> np.ndarray:
+    """A band's edge from results.json, where a budget no bootstrap draw reaches is null: NaN, not drawn."""
+    return np.array(values, dtype=float)
+
+
 def build_compute_optimal_figure(results: dict):
     """(1) loss vs compute C = 6ND: the runs and the joint law's compute-optimal frontier with its 95%
     band; (2) N_opt(C) and D_opt(C); (3) measured vs joint-law loss, hold-out predictions marked."""
@@ -4504,7 +4509,7 @@ def build_compute_optimal_figure(results: dict):
         fr = co["frontier"]
         ax.plot(fr["flops"], fr["loss"], "-", color="red", lw=2, label="compute-optimal loss L(N_opt, D_opt)")
         if "loss_lo" in fr:
-            ax.fill_between(fr["flops"], fr["loss_lo"], fr["loss_hi"], color="red", alpha=0.15, lw=0,
+            ax.fill_between(fr["flops"], as_floats(fr["loss_lo"]), as_floats(fr["loss_hi"]), color="red", alpha=0.15, lw=0,
                             label="95% band")
         ax.set_xscale("log")
         for b in co["budgets"]:
@@ -4513,7 +4518,8 @@ def build_compute_optimal_figure(results: dict):
         for key, color, name in (("N_opt", "tab:blue", "N_opt (parameters)"), ("D_opt", "tab:orange", "D_opt (tokens)")):
             ax2.plot(fr["flops"], fr[key], "-", color=color, lw=2, label=name)
             if f"{key}_lo" in fr:
-                ax2.fill_between(fr["flops"], fr[f"{key}_lo"], fr[f"{key}_hi"], color=color, alpha=0.15, lw=0)
+                ax2.fill_between(fr["flops"], as_floats(fr[f"{key}_lo"]), as_floats(fr[f"{key}_hi"]), color=color,
+                                 alpha=0.15, lw=0)
         last = co["budgets"][-1]
         ax2.set_title(f"2. compute-optimal allocation (C = 6ND): at {last['flops']:.3g} FLOPs, "
                       f"{last['tokens_per_parameter']:.1f} tokens/parameter "

@@ -251,3 +251,19 @@ def test_seconds_sized_run_reports_holdout_and_bands(tmp_path, corpus_file, cach
     assert any("hold-out: refit on 2 runs" in t.get_text() for t in fig.axes[1].texts)
     assert any(type(c).__name__ in ("PolyCollection", "FillBetweenPolyCollection") for c in fig.axes[1].collections)
     assert (out / "compute_optimal.png").exists()
+
+
+def test_compute_optimal_figure_draws_a_band_with_budgets_no_draw_reaches():
+    """results.json writes a frontier band's edge as null where no bootstrap draw has an optimum; the
+    figure once raised TypeError on those (seen during a measured grid's interim figures)."""
+    N, D = np.meshgrid([1e5, 4e5, 1.6e6, 6.4e6], [1e7, 4e7, 1.6e8, 6.4e8])
+    loss = rse.joint_law(N.ravel(), D.ravel(), 1.8, 400.0, 400.0, 0.34, 0.28)
+    results = rse.analyse_table([{"name": str(i), "N": n, "D": d, "loss": l, "line": i}
+                                 for i, (n, d, l) in enumerate(zip(N.ravel(), D.ravel(), loss))], 50, 0)
+    fr = results["compute_optimal"]["frontier"]
+    for key in ("loss_lo", "loss_hi", "N_opt_lo", "N_opt_hi", "D_opt_lo", "D_opt_hi"):
+        fr[key][:5] = [None] * 5
+    fig = rse.build_compute_optimal_figure(results)
+    band = fig.axes[0].collections[-1].get_paths()[0].vertices
+    assert np.isfinite(band).all() and band[:, 0].min() >= fr["flops"][5] * 0.999
+    rse.plt.close(fig)
