@@ -3519,7 +3519,8 @@ def interval_coverage(truth: dict, n_params, tokens, noise_sd: float, n_sets: in
 
 def _joint_params(theta):
     """(E, A, B, alpha, beta) from rows theta = (a, alpha, b, beta, e)."""
-    return np.exp(theta[:, 4]), np.exp(theta[:, 0]), np.exp(theta[:, 2]), theta[:, 1], theta[:, 3]
+    with np.errstate(over="ignore"):        # a wild bootstrap draw's inf is left out of every interval
+        return np.exp(theta[:, 4]), np.exp(theta[:, 0]), np.exp(theta[:, 2]), theta[:, 1], theta[:, 3]
 
 
 def joint_samples(fit: dict, n_params, tokens) -> np.ndarray | None:
@@ -3527,7 +3528,8 @@ def joint_samples(fit: dict, n_params, tokens) -> np.ndarray | None:
     if not fit.get("available") or fit.get("_samples") is None:
         return None
     logx = np.log(np.vstack([np.atleast_1d(n_params), np.atleast_1d(tokens)]).astype(float))
-    return np.exp(_log_law(fit["_samples"], logx, True)[0])
+    with np.errstate(over="ignore"):        # a wild draw's inf is left out of every interval
+        return np.exp(_log_law(fit["_samples"], logx, True)[0])
 
 
 def compute_optimal_allocation(E, A, B, alpha, beta, flops):
