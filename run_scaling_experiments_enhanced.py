@@ -4950,7 +4950,7 @@ def print_summary(results: dict, out_dir: Path) -> None:
             f"D={format_count(e['tokens']):>7}  {loss}  ({format_duration(e.get('wall_time_s') or 0)})")
     excluded = results.get("excluded_from_fits", [])
     if excluded:
-        log(f"  left out of the fits: " + ", ".join(f"{x['run_id']} ({x['status']})" for x in excluded))
+        log("  left out of the fits: " + ", ".join(f"{x['run_id']} ({x['status']})" for x in excluded))
     log_fit_summary(results)
     log(f"  results: {out_dir / 'results.json'}")
     log(f"  figures: {out_dir / 'scaling_laws_complete.png'}, {out_dir / 'compute_optimal.png'}")
