@@ -187,7 +187,8 @@ def test_uint32_tokens(tmp_path):
     assert len(written) == w.n_tokens == sum(len(tok.encode(p).ids) + 1 for p in pieces)
     assert tok.decode(written.tolist()) == "".join(pieces)
     out = tmp_path / "out"
-    r = run_cli(["--mode", "tiny", "--vocab-size", "66000", "--data", path, "--param-sizes", "25K",
+    r = run_cli(["--mode", "tiny", "--schedule", "cosine", "--vocab-size", "66000", "--data", path,
+                 "--param-sizes", "25K",
                  "--data-sizes", "256", "--data-model-size", "25K", "--max-steps", "3", "--batch-size", "4",
                  "--context-length", "32", "--eval-batches", "1", "--no-estimate", "--output-dir", out], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]

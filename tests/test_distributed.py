@@ -26,7 +26,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::scipy.optimize.OptimizeWarning"
 def small_args(byte_tokens, out, *extra):
     """4 runs (2 sizes x 16 steps, then 62 and 125 steps at 100K), batch 4 x 32 tokens, seconds in all."""
     return [str(a) for a in [
-        "--mode", "tiny", "--data", byte_tokens, "--vocab-size", "256", "--param-sizes", "25K,100K",
+        "--mode", "tiny", "--schedule", "cosine", "--data", byte_tokens, "--vocab-size", "256",
+        "--param-sizes", "25K,100K",
         "--data-sizes", "8K,16K", "--max-steps", "16", "--batch-size", "4", "--context-length", "32",
         "--eval-interval", "8", "--eval-batches", "2", "--log-interval", "4", "--no-estimate",
         "--bootstrap", "50", "--output-dir", out, *extra]]

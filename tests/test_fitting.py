@@ -232,7 +232,8 @@ def test_malformed_csv_is_one_line_and_exit_2(tmp_path, content, needle):
 
 def test_seconds_sized_run_reports_holdout_and_bands(tmp_path, corpus_file, cache_dir):
     out = tmp_path / "out"
-    args = ["--mode", "tiny", "--vocab-size", "512", "--param-sizes", "25K", "--data-sizes", "4K,8K,16K",
+    args = ["--mode", "tiny", "--schedule", "cosine", "--vocab-size", "512", "--param-sizes", "25K",
+            "--data-sizes", "4K,8K,16K",
             "--data-model-size", "25K", "--max-steps", "15", "--batch-size", "8", "--context-length", "64",
             "--eval-interval", "15", "--eval-batches", "1", "--log-interval", "15", "--no-estimate",
             "--bootstrap", "200", "--data", corpus_file, "--cache-dir", cache_dir, "--output-dir", out]

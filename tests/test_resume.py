@@ -22,7 +22,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::scipy.optimize.OptimizeWarning"
 
 def small_args(byte_tokens, out, *extra):
     return [str(a) for a in [
-            "--mode", "tiny", "--data", byte_tokens, "--vocab-size", "256", "--param-sizes", "25K,100K",
+            "--mode", "tiny", "--schedule", "cosine", "--data", byte_tokens, "--vocab-size", "256",
+            "--param-sizes", "25K,100K",
             "--data-sizes", "1K,2K", "--max-steps", "12", "--batch-size", "4", "--context-length", "32",
             "--eval-interval", "6", "--eval-batches", "1", "--log-interval", "3", "--no-estimate",
             "--checkpoint-every", "3steps", "--output-dir", out, *extra]]
@@ -115,7 +116,7 @@ def test_baseline_records_and_removes_checkpoints(baseline):
                                            "data-D2K-seed0"]
     assert [e["steps"] for e in exps] == [12, 12, 8, 16]                # D / (4 x 32) tokens per step
     for e in exps:
-        assert e["status"] == "completed" and e["final_val_loss"] < e["initial_loss"] - 1.0
+        assert e["status"] == "completed" and e["final_val_loss"] < e["initial_loss"] - 0.3     # it learned
         assert e["resumed_at_steps"] == [] and e["seed"] == 0
         assert (out / "runs" / f"{e['run_id']}.json").exists()
     assert list((out / "checkpoints").iterdir()) == []                  # removed once each run was recorded

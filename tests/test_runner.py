@@ -22,8 +22,16 @@ def test_parameter_counts_match_the_model(n_layer, d_model, vocab, ctx):
 def test_tiny_shapes_are_the_documented_ladder():
     p = rse.PRESETS["tiny"]
     shapes = [rse.choose_shape(n, p) for n in p.param_sizes]
-    assert shapes == [(2, 32, 1), (2, 64, 2), (2, 128, 4), (2, 256, 8)]
-    assert [rse.n_params_nonembedding(l, d) for l, d, _ in shapes] == [25472, 100096, 396800, 1580032]
+    assert shapes == [(2, 16, 1), (2, 32, 2), (2, 64, 4), (2, 96, 6)]
+    assert [rse.n_params_nonembedding(l, d) for l, d, _ in shapes] == [6592, 25472, 100096, 223872]
+    # and the grid: every size trained to 8M tokens with branches at 0.5M-4M, the smallest also on 0.5M-8M
+    cfg, _ = rse.config_from_args(rse.build_parser().parse_args(["--mode", "tiny"]))
+    plan = rse.build_plan(cfg, p)
+    assert len(plan) == 25 and rse.plan_warmup_steps(cfg) == 39
+    runs = sorted((e.sweep, e.n_params_nonembedding, e.steps) for e in plan)
+    assert [s for sweep, n, s in runs if sweep == "data"] == [244, 488, 977, 1953, 3906]    # 0.5M-8M at 6.6K
+    for n in (6592, 25472, 100096, 223872):                 # 4 cooldown branches and the stable run to 8M
+        assert [s for sweep, m, s in runs if m == n and sweep != "data"] == [244, 488, 976, 1953, 3906]
 
 
 @pytest.mark.parametrize("mode", ["quick", "standard", "full"])
@@ -48,7 +56,8 @@ def test_lr_schedule_values():
 
 
 def test_default_lr_rule():
-    assert rse.default_peak_lr(32) == 1e-2
+    assert rse.default_peak_lr(32) == 5e-3                                  # the cap
+    assert rse.default_peak_lr(96, 0.3) == pytest.approx(3.125e-3)          # tiny's rule
     assert rse.default_peak_lr(256) == pytest.approx(1.5625e-3)
     assert rse.default_peak_lr(768) == pytest.approx(5.208e-4, rel=1e-3)
 

@@ -35,7 +35,8 @@ def plan_of(*extra):
 
 
 def test_four_doubling_horizons_cost_under_065_of_separate_runs():
-    plan = plan_of("--schedule", "wsd", "--horizons", "0.125x,0.25x,0.5x,1x", "--warmup-steps", "20")
+    plan = plan_of("--schedule", "wsd", "--horizons", "0.125x,0.25x,0.5x,1x", "--warmup-steps", "20",
+                   "--max-steps", "800")
     mains = [e for e in plan if e.branch_points]
     assert len(mains) == 4 + 1                       # four sizes, and the data sweep's one run
     for main in mains:
@@ -46,12 +47,12 @@ def test_four_doubling_horizons_cost_under_065_of_separate_runs():
         if main.sweep == "params":
             assert [b.steps for b in branches] == [100, 200, 400] and main.steps == 800
             assert processed / separate == pytest.approx((800 + 0.2 * 700) / 1500) and processed / separate < 0.65
-    assert [e.name for e in plan if e.sweep == "horizons"][:3] == ["params-N25K@205K", "params-N25K@410K",
-                                                                   "params-N25K@819K"]
+    assert [e.name for e in plan if e.sweep == "horizons"][:3] == ["params-N6.6K@205K", "params-N6.6K@410K",
+                                                                   "params-N6.6K@819K"]
     with pytest.raises(rse.UserError, match="add --schedule wsd"):
-        plan_of("--horizons", "0.5x,1x")
+        plan_of("--schedule", "cosine", "--horizons", "0.5x,1x")
     with pytest.raises(rse.UserError, match="inside the 80-step warmup"):
-        plan_of("--schedule", "wsd", "--horizons", "0.1x,1x")      # 80 steps: cooldown from step 64
+        plan_of("--schedule", "wsd", "--horizons", "0.1x,1x", "--max-steps", "800", "--warmup-steps", "80")
 
 
 def run(args, cwd, out):
@@ -80,7 +81,8 @@ def test_a_branch_equals_a_separate_run_of_its_length(branched, tmp_path, corpus
     assert branch["run_id"] == "params-N25K@15.4K-seed0" and branch["steps"] == 30 and branch["branch_step"] == 15
     assert branch["tokens_processed"] == 15 * 512 and branch["sweep"] == "horizons"
     separate = tmp_path / "separate"
-    r = run([*ARGS, "--data", corpus_file, "--cache-dir", cache_dir, "--max-steps", "30", "--cooldown-frac", "0.5"],
+    r = run([*ARGS, "--data", corpus_file, "--cache-dir", cache_dir, "--max-steps", "30", "--cooldown-frac", "0.5",
+             "--horizons", "1x"],
             tmp_path, separate)
     assert r.returncode == 0, r.stderr[-2000:]
     # the same warmup, batches and weights up to step 15, the same cooldown after it: the same model
