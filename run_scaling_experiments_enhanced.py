@@ -1545,7 +1545,8 @@ class TrainState:
     diverged: tuple | None = None          # (1-based step, last finite loss) once a loss is not finite
     t_start: float = 0.0                   # this process's clocks: speed and checkpoints
     t_log: float = 0.0
-    step_log: int = 0                      # steps done at the last log line
+    step_log: int = 0                      # steps done at the last log line (the window starts after it)
+    step_timed: int = 0                    # steps done at t_log: speed counts only steps trained since
     t_ckpt: float = 0.0
     step_ckpt: int = 0
 
@@ -1568,6 +1569,7 @@ class TrainState:
         """Speed and the checkpoint interval count from here (after the untrained model's evaluation)."""
         self.t_start = self.t_log = self.t_ckpt = time.time()
         self.step_log, self.step_ckpt = self.step - len(self.window), self.step
+        self.step_timed = self.step       # a branch's or a resumed run's window was trained before now
 
     @property
     def wall_time_s(self) -> float:
@@ -1916,8 +1918,8 @@ class Trainer:
         train_loss = float(torch.stack(state.window).mean())    # the only host sync of the interval
         state.window = []
         now = time.time()
-        tok_s = (state.step - state.step_log) * self.cfg.tokens_per_step / max(now - state.t_log, 1e-9)
-        state.t_log, state.step_log = now, state.step
+        tok_s = (state.step - state.step_timed) * self.cfg.tokens_per_step / max(now - state.t_log, 1e-9)
+        state.t_log, state.step_log, state.step_timed = now, state.step, state.step
         eta = (exp.steps - state.step) * self.cfg.tokens_per_step / max(tok_s, 1e-9)
         curve = state.curve
         curve["step"].append(state.step)

@@ -4,6 +4,7 @@ import json
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -107,3 +108,21 @@ def test_sigkill_inside_a_branch_then_the_same_command_gives_identical_losses(br
     assert again.returncode == 0, again.stderr[-2000:]
     assert "[params-N25K@15.4K-seed0] resuming its cooldown from its checkpoint at step 2" in again.stdout
     assert losses(out) == losses(reference)                                 # bit for bit on a CPU
+
+
+def test_a_branchs_first_log_line_counts_only_the_steps_it_trained(monkeypatch):
+    """A branch starts with the stable run's unlogged window (steps 151-195 here); its speed counts the
+    5 steps it trained itself, not 50 (a branch of tiny's once logged 1,194k tok/s and MFU 174%)."""
+    torch = pytest.importorskip("torch")
+    now = [0.0]
+    monkeypatch.setattr(rse.time, "time", lambda: now[0])
+    stable = rse.TrainState(step=195, window=[torch.tensor(1.0)] * 45, lr=1e-3)
+    now[0] = 10.0
+    branch = stable.branch()                                       # its clocks restart at t = 10 s
+    branch.step, branch.window = 200, branch.window + [torch.tensor(1.0)] * 5
+    now[0] = 12.0
+    said = []
+    trainer = SimpleNamespace(cfg=SimpleNamespace(tokens_per_step=1000), mfu=lambda exp, tok_s: tok_s / 1e5)
+    rse.Trainer.log_step(trainer, SimpleNamespace(run_id="b", steps=244), branch, said.append)
+    assert "| 2.5k tok/s | MFU 2.5% |" in said[0]                  # 5 steps x 1,000 tokens in 2 s
+    assert branch.curve["step"][-1] == 200 and branch.step_log == 200
