@@ -5333,14 +5333,17 @@ def save_record(s: Session, trainer: Trainer, exp: Experiment, record: dict, t0:
     trained.add(exp.run_id)
     if s.dist.is_main:
         write_json_atomic(s.results_file, s.results)
-        after_run(s, trained, time.time() - t0, estimates)
+        after_run(s, trained, time.time() - t0, estimates, redraw=not exp.branch_of)
 
 
-def after_run(s: Session, trained: set[str], elapsed_s: float, estimates: dict[str, float] | None) -> None:
+def after_run(s: Session, trained: set[str], elapsed_s: float, estimates: dict[str, float] | None,
+              redraw: bool = True) -> None:
     """Between two runs: redraw the figures from the runs so far (a whole plan only: a part's runs are
-    fitted once merged, and the last run's figure is the final one), then the plan's progress."""
+    fitted once merged, and the last run's figure is the final one; not after a cooldown branch, whose
+    stable run finishes soon after it: a redraw costs about 2 s, a tiny branch 1-17 s), then the plan's
+    progress."""
     done_ids = {r["run_id"] for r in s.results["experiments"] if r.get("status") in FINAL_STATUSES}
-    if not s.scope.partial and any(e.run_id not in done_ids for e in s.runs):
+    if redraw and not s.scope.partial and any(e.run_id not in done_ids for e in s.runs):
         draw_interim_figures(s.results, s.out_dir, len(s.runs))
     log(progress_line(plan_progress(s.runs, done_ids, trained, elapsed_s, estimates)))
 

@@ -72,7 +72,18 @@ def branched(tmp_path_factory, corpus_file, cache_dir):
             "--cooldown-frac", "0.5"]
     r = run(args, out.parent, out)
     assert r.returncode == 0, r.stderr[-2000:]
+    (out.parent / "branched.log").write_text(r.stdout)
     return args, out
+
+
+def test_figures_are_redrawn_after_a_stable_run_not_after_each_of_its_branches(branched):
+    args, out = branched
+    said = (out.parent / "branched.log").read_text().splitlines()
+    done = [line.split("]")[0][1:] for line in said if "] done: final val loss" in line]
+    assert done == ["params-N25K@15.4K-seed0", "params-N25K-seed0", "data-D16K-seed0"]
+    redrawn = [line for line in said if line.startswith("figure: redrawn")]
+    assert len(redrawn) == 1 and "(interim: 2 of 3 runs," in redrawn[0]      # the last run's figure is final
+    assert sum(line.startswith("progress: ") for line in said) == 3
 
 
 def test_a_branch_equals_a_separate_run_of_its_length(branched, tmp_path, corpus_file, cache_dir):
