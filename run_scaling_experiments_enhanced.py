@@ -234,7 +234,8 @@ class Preset:
 # larger models still lost a constant or growing amount per doubling of D, so no fit found E. Measured
 # designs and the reasons are in docs/schedules.md.
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset("tiny", (6_600, 25_000, 100_000, 220_000), (500_000, 1_000_000, 2_000_000, 4_000_000, 8_000_000),
+    "tiny": Preset("tiny", (6_600, 25_000, 100_000, 220_000),
+                   (500_000, 1_000_000, 2_000_000, 4_000_000, 8_000_000),
                    steps=3906, data_model_size=6_600, batch_size=64, context_length=32, vocab_size=512,
                    n_layer=2, head_dim=16, eval_interval=200, eval_batches=20, log_interval=50,
                    schedule="wsd", horizons="0.0625x,0.125x,0.25x,0.5x,1x", warmup_frac=0.01,
@@ -437,7 +438,8 @@ def build_plan(cfg: RunConfig, preset: Preset) -> list[Experiment]:
         n_layer, d_model, n_head = choose_shape(n_target, preset)
         branch_step = schedule.cooldown_start(steps) if branch_of else 0
         if branch_of and branch_step < warmup:
-            fix = f" or --warmup-steps below {branch_step}" if branch_step > 1 else " (or fewer tokens per step)"
+            fix = (f" or --warmup-steps below {branch_step}" if branch_step > 1
+                   else " (or fewer tokens per step)")
             raise UserError(f"{name}: a WSD branch of {steps} steps would start its cooldown at step "
                             f"{branch_step}, inside the {warmup}-step warmup; choose longer horizons{fix}")
         return Experiment(
@@ -4520,8 +4522,8 @@ def build_compute_optimal_figure(results: dict):
         fr = co["frontier"]
         ax.plot(fr["flops"], fr["loss"], "-", color="red", lw=2, label="compute-optimal loss L(N_opt, D_opt)")
         if "loss_lo" in fr:
-            ax.fill_between(fr["flops"], as_floats(fr["loss_lo"]), as_floats(fr["loss_hi"]), color="red", alpha=0.15, lw=0,
-                            label="95% band")
+            ax.fill_between(fr["flops"], as_floats(fr["loss_lo"]), as_floats(fr["loss_hi"]), color="red",
+                            alpha=0.15, lw=0, label="95% band")
         ax.set_xscale("log")
         for b in co["budgets"]:
             ax.plot([b["flops"]], [b["loss"]], "*", color="darkred", ms=10)
@@ -4532,9 +4534,9 @@ def build_compute_optimal_figure(results: dict):
                 ax2.fill_between(fr["flops"], as_floats(fr[f"{key}_lo"]), as_floats(fr[f"{key}_hi"]), color=color,
                                  alpha=0.15, lw=0)
         last = co["budgets"][-1]
-        ax2.set_title(f"2. compute-optimal allocation (C = 6ND): at {last['flops']:.3g} FLOPs, "
-                      f"{last['tokens_per_parameter']:.1f} tokens/parameter "
-                      f"{_fmt_ci(last.get('tokens_per_parameter_ci95'), '{:.1f}')}", fontsize=10)
+        ax2.set_title(f"2. compute-optimal allocation (C = 6ND)\nat {last['flops']:.3g} FLOPs: "
+                      f"{last['tokens_per_parameter']:.3g} tokens/parameter "        # 1e25's can be 1e-4
+                      f"{_fmt_ci(last.get('tokens_per_parameter_ci95'), '{:.3g}')}", fontsize=10)
         ax2.set_xscale("log")
         ax2.set_yscale("log")
         ax2.legend(fontsize=8)
@@ -4550,7 +4552,9 @@ def build_compute_optimal_figure(results: dict):
     draw_validation(ax, results.get("validation"), "flops")
     ax.set_title("1. loss vs compute, compute-optimal frontier of the joint law", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi + 0.5 * (hi - lo))           # headroom: the legend sits above the runs, not on them
+    ax.legend(fontsize=7, loc="upper right")
     axes[1].set_xlabel("training compute C (FLOPs)")
     axes[1].grid(True, which="both", alpha=0.3)
     draw_joint_panel(axes[2], joint, pts, results.get("holdout", {}))
@@ -4632,7 +4636,8 @@ def add_plan_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--context-length", type=positive_int, help="tokens per sequence")
     g.add_argument("--lr", type=positive_float,
-                   help="one peak learning rate for every size (default: min(5e-3, 0.4/d_model); tiny 0.3/d_model)")
+                   help="one peak learning rate for every size (default: min(5e-3, 0.4/d_model); tiny: "
+                        "0.3/d_model)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
     g.add_argument("--validate", nargs="?", const=4.0, type=positive_float, metavar="FACTOR",
                    help="after the fits, predict the joint law's compute-optimal model at FACTOR (default 4) "
