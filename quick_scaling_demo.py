@@ -164,7 +164,7 @@ def simulate(cfg: rse.RunConfig, preset: rse.Preset, law: str, noise: float, see
     plan = rse.build_plan(cfg, preset)
     sweeps = {}
     for sweep in ("params", "data"):
-        runs = [e for e in plan if e.sweep == sweep]
+        runs = [e for e in plan if e.sweep == sweep or (sweep == "data" and e.in_data_sweep)]
         if not runs:
             continue
         fixed = {e.tokens if sweep == "params" else e.n_params_nonembedding for e in runs}
@@ -194,7 +194,7 @@ def simulate(cfg: rse.RunConfig, preset: rse.Preset, law: str, noise: float, see
             "n_params_nonembedding": exp.n_params_nonembedding, "n_params_total": exp.n_params_total,
             "n_layer": exp.n_layer, "d_model": exp.d_model, "n_head": exp.n_head,
             "tokens": exp.tokens, "steps": exp.steps, "tokens_per_step": cfg.tokens_per_step,
-            "epochs": None, "peak_lr": exp.peak_lr, "flops": exp.flops, "seed": seed,
+            "in_data_sweep": exp.in_data_sweep, "epochs": None, "peak_lr": exp.peak_lr, "flops": exp.flops, "seed": seed,
             "initial_loss": initial, "final_val_loss": final, "true_loss": true_loss, "status": "completed",
             "wall_time_s": 0.0, "tokens_per_s": None,
             "curve": synth_curve(exp, cfg, initial, final, noise, rng),

@@ -36,6 +36,7 @@ import codecs
 import contextlib
 import copy
 import csv
+import ctypes
 import dataclasses
 import datetime
 import fcntl
@@ -227,16 +228,16 @@ class Preset:
     warmup_frac: float = 0.1        # of the parameter sweep's steps: one warmup for every run of the plan
     lr_width: float = 0.4           # peak LR = min(5e-3, lr_width / d_model) unless --lr (default_peak_lr)
 
-# tiny: a WSD grid, not two lines. Depth-2 models of width 16, 32, 64, 96 (N = 6.6K, 25K, 100K, 224K),
-# each trained once to 8M tokens (3,906 steps of 64 x 32) with cooldowns branched at 0.5M, 1M, 2M and 4M,
-# and the 6.6K model on 0.5M to 8M tokens: 25 points, 39% of the FLOPs of separate runs. A 32-token
-# context and a 512-token BPE make these sizes bend toward a floor within the budget: at context 128 the
-# larger models still lost a constant or growing amount per doubling of D, so no fit found E. Measured
-# designs and the reasons are in docs/schedules.md.
+# tiny: a WSD grid, not two lines. Depth-2 models of width 16, 32, 48, 64, 96 (N = 6.6K, 25K, 57K, 100K,
+# 224K), each trained once to 8M tokens (3,904 steps of 64 x 32) with cooldowns branched at 0.5M, 1M, 2M
+# and 4M: 25 points, 39% of the FLOPs of separate runs. The data sweep is the 6.6K model's row (its sizes
+# are exactly those horizons), so it costs nothing. A 32-token context and a 512-token BPE make these
+# sizes bend toward a floor within the budget: at context 128 the larger models still lost a constant or
+# growing amount per doubling of D, so no fit found E. Measured designs are in docs/schedules.md.
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset("tiny", (6_600, 25_000, 100_000, 220_000),
-                   (500_000, 1_000_000, 2_000_000, 4_000_000, 8_000_000),
-                   steps=3906, data_model_size=6_600, batch_size=64, context_length=32, vocab_size=512,
+    "tiny": Preset("tiny", (6_600, 25_000, 56_000, 100_000, 220_000),
+                   tuple(244 * 2**k * 2048 for k in range(5)),     # 0.5M-8M: the horizons' token counts
+                   steps=3904, data_model_size=6_600, batch_size=64, context_length=32, vocab_size=512,
                    n_layer=2, head_dim=16, eval_interval=200, eval_batches=20, log_interval=50,
                    schedule="wsd", horizons="0.0625x,0.125x,0.25x,0.5x,1x", warmup_frac=0.01,
                    lr_width=0.3),
@@ -321,6 +322,7 @@ class Experiment:
     branch_of: str | None = None   # WSD: the stable run whose state at branch_step this cooldown starts from
     branch_step: int = 0
     branch_points: tuple[int, ...] = ()    # a stable run: the steps where its branches leave it
+    in_data_sweep: bool = False    # WSD: a parameter-sweep run that is also a point of the data sweep
 
     @property
     def trained_steps(self) -> int:
@@ -424,11 +426,23 @@ def horizon_steps(cfg: RunConfig) -> list[int]:
     return sorted(steps)
 
 
+def shared_data_model(cfg: RunConfig, preset: Preset, horizons: list[int]) -> int | None:
+    """The parameter-sweep size whose WSD runs are also the data sweep, or None: the data sweep's model
+    has that size's shape and its lengths in steps are exactly that size's horizons."""
+    data_steps = sorted({max(1, round(d / cfg.tokens_per_step)) for d in cfg.data_sizes})
+    if cfg.schedule != "wsd" or not cfg.data_sizes or data_steps != horizons:
+        return None
+    shape = choose_shape(cfg.data_model_size, preset)
+    return next((n for n in cfg.param_sizes if choose_shape(n, preset) == shape), None)
+
+
 def build_plan(cfg: RunConfig, preset: Preset) -> list[Experiment]:
     """The parameter sweep (every size, cfg.steps steps) then the data sweep (one size, D tokens each).
     Under WSD a model trains once: with --horizons each parameter-sweep run branches a cooldown at every
     shorter horizon (sweep "horizons"), and the data sweep is one run to the largest D whose branches
-    give the others. Branches come before their stable run, in the order they are trained."""
+    give the others. When the data sweep's model is one of the parameter sweep's sizes and its lengths
+    are that size's horizons, those runs are the data sweep (`in_data_sweep`) and nothing trains twice.
+    Branches come before their stable run, in the order they are trained."""
     if cfg.horizons and cfg.schedule != "wsd":
         raise UserError("--horizons branches cooldowns off a constant learning rate: add --schedule wsd")
     tps, warmup = cfg.tokens_per_step, plan_warmup_steps(cfg)
@@ -454,11 +468,13 @@ def build_plan(cfg: RunConfig, preset: Preset) -> list[Experiment]:
         return [*branches, dataclasses.replace(main, branch_points=tuple(b.branch_step for b in branches))]
 
     plan, horizons = [], horizon_steps(cfg)
+    shared = shared_data_model(cfg, preset, horizons)
     for n in cfg.param_sizes:
         main = make(f"params-N{format_count(n)}", "params", n, n, horizons[-1])
-        plan += with_branches(main, [make(f"{main.name}@{format_count(h * tps)}", "horizons", n, n, h, main.name)
-                                     for h in horizons[:-1]])
-    if cfg.data_sizes:
+        row = with_branches(main, [make(f"{main.name}@{format_count(h * tps)}", "horizons", n, n, h, main.name)
+                                   for h in horizons[:-1]])
+        plan += [dataclasses.replace(e, in_data_sweep=True) for e in row] if n == shared else row
+    if cfg.data_sizes and shared is None:
         sizes = sorted(cfg.data_sizes)
         data_main = make(f"data-D{format_count(sizes[-1])}", "data", sizes[-1], cfg.data_model_size,
                          max(1, round(sizes[-1] / tps)))
@@ -1440,10 +1456,15 @@ class DeviceInfo:
 PARALLEL_ENV = "SCALING_LAB_PARALLEL_SHARE"
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def cpu_threads_per_process() -> int:
     """This process's even share of the cores it may run on, among the processes of the same run on this
     machine: torchrun's ranks on this node (LOCAL_WORLD_SIZE) or --parallel's children."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_cores()
     sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) * int(os.environ.get(PARALLEL_ENV, "1"))
     return max(1, cores // max(1, sharing))
 
@@ -1615,7 +1636,7 @@ class TrainState:
             "tokens": exp.tokens, "steps": exp.steps, "tokens_per_step": cfg.tokens_per_step,
             "tokens_processed": trained, "schedule": cfg.schedule, "warmup_steps": exp.warmup_steps,
             "branch_of": exp.branch_of, "branch_step": exp.branch_step if exp.branch_of else None,
-            "epochs": round(exp.tokens / len(trainer.corpus.train), 4), "peak_lr": exp.peak_lr,
+            "in_data_sweep": exp.in_data_sweep, "epochs": round(exp.tokens / len(trainer.corpus.train), 4), "peak_lr": exp.peak_lr,
             "flops": exp.flops, "initial_loss": self.initial_loss,
             "final_val_loss": self.curve["val_loss"][-1] if status == "completed" else None,
             "status": status, "steps_done": steps_done,
@@ -2738,6 +2759,11 @@ def check_batch_split(batch_size: int, world_size: int) -> None:
 PARALLEL_MAX = 4                    # processes sharing one GPU by default
 # a model this large (total parameters) keeps a GPU busy on its own: its runs go one at a time
 PARALLEL_MAX_PARAMS = 100 * 10**6
+# On a CPU, models this small use a second core poorly: on 2 cores two 1-thread processes take 1.2-1.4x
+# the steps per second of one 2-thread process at tiny's widths (measured: docs/speed.md), so a plan of
+# at least CPU_PARALLEL_MIN_FLOPS (over a minute here; a process costs ~5 s to start) trains two at once.
+CPU_PARALLEL_MAX_PARAMS = 10**6
+CPU_PARALLEL_MIN_FLOPS = 1e12
 
 def estimated_run_memory_bytes(exp: Experiment, cfg: RunConfig) -> int:
     """Rough device memory of one run: fp32 weights, gradients and AdamW's two moments (16 bytes per
@@ -2750,17 +2776,23 @@ def estimated_run_memory_bytes(exp: Experiment, cfg: RunConfig) -> int:
 
 
 def default_parallel(runs: list[Experiment], cfg: RunConfig, device: str, memory_bytes: int | None) -> int:
-    """How many runs share the device when --parallel is not given: 1 except on CUDA, where small models
-    leave most of a GPU idle. If every model is under PARALLEL_MAX_PARAMS total parameters, as many runs
-    as fit in 90% of the GPU's memory at once (by estimated_run_memory_bytes of the largest), at most
-    PARALLEL_MAX, at most the number of runs."""
-    if device != "cuda" or len(runs) < 2 or not memory_bytes:
+    """How many runs share the device when --parallel is not given. On CUDA, where small models leave
+    most of a GPU idle: if every model is under PARALLEL_MAX_PARAMS total parameters, as many runs as fit
+    in 90% of the GPU's memory at once (by estimated_run_memory_bytes of the largest), at most
+    PARALLEL_MAX, at most the number of training units. On a CPU with at least 2 cores: 2 for a plan of
+    models under CPU_PARALLEL_MAX_PARAMS and at least CPU_PARALLEL_MIN_FLOPS (tiny's). Else 1."""
+    units = len({training_unit(e) for e in runs})
+    if device == "cpu":
+        small = all(e.n_params_total < CPU_PARALLEL_MAX_PARAMS for e in runs)
+        big_enough = sum(e.flops_processed for e in runs) >= CPU_PARALLEL_MIN_FLOPS
+        return 2 if units >= 2 and cpu_cores() >= 2 and small and big_enough else 1
+    if device != "cuda" or units < 2 or not memory_bytes:
         return 1
     largest = max(runs, key=lambda e: e.n_params_total)
     if largest.n_params_total >= PARALLEL_MAX_PARAMS:
         return 1
     fit = int(0.9 * memory_bytes // estimated_run_memory_bytes(largest, cfg))
-    return max(1, min(PARALLEL_MAX, len(runs), fit))
+    return max(1, min(PARALLEL_MAX, units, fit))
 
 
 def gpu_memory_bytes(device: str) -> int | None:
@@ -2770,14 +2802,17 @@ def gpu_memory_bytes(device: str) -> int | None:
     return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
 
 
-def balance_runs(runs: list[Experiment], k: int) -> list[list[Experiment]]:
-    """Split runs into k groups of similar total FLOPs (largest first, each to the lightest group), each
-    group in plan order. Which process trains a run does not change its result."""
+def balance_runs(runs: list[Experiment], k: int,
+                 cost: Callable[[Experiment], float] | None = None) -> list[list[Experiment]]:
+    """Split runs into k groups of similar total cost (largest first, each to the lightest group), each
+    group in plan order: `cost` of a run (e.g. its timed estimate), else its FLOPs. Which process trains a
+    run does not change its result."""
+    cost = cost or (lambda e: 6.0 * e.n_params_total * e.tokens)
     loads = [[0.0, []] for _ in range(k)]
     order = {e.run_id: i for i, e in enumerate(runs)}
-    for e in sorted(runs, key=lambda e: -6.0 * e.n_params_total * e.tokens):
+    for e in sorted(runs, key=lambda e: -cost(e)):
         lightest = min(loads, key=lambda g: g[0])
-        lightest[0] += 6.0 * e.n_params_total * e.tokens
+        lightest[0] += cost(e)
         lightest[1].append(e)
     return [sorted(g, key=lambda e: order[e.run_id]) for _, g in loads if g]
 
@@ -2968,13 +3003,18 @@ class ParallelFailure(Exception):
     """A child of --parallel failed; main() prints this and exits with status 1."""
 
 
-def train_parallel(s: Session, k: int) -> dict:
+def train_parallel(s: Session, k: int, estimate: bool) -> dict:
     """--parallel K: train the runs not finished yet in K child processes of this same command (each
     given its runs with --only), forward SIGINT/SIGTERM to them, stop the others if one fails, then
-    assemble the records in plan order and fit them exactly as a sequential run would."""
+    assemble the records in plan order and fit them exactly as a sequential run would. On a CPU the
+    groups balance the plan's timed estimate (small models are slower per FLOP), elsewhere FLOPs."""
     t0 = time.time()
     todo = [e for e in s.todo if not e.branch_of]      # a branch trains with its stable run (one unit)
-    groups = balance_runs(todo, k)
+    seconds = None
+    if estimate and s.device.name == "cpu":
+        seconds = estimate_wall_time(Trainer(s.cfg, s.corpus, s.device), s.plan)
+    groups = balance_runs(todo, k, seconds and (lambda e: sum(seconds[r.name] for r in s.plan      # with its
+                                                                if (r.branch_of or r.name) == e.name)))  # branches
     announce_plan(s, None)
     log(f"parallel: {len(todo)} runs in {len(groups)} processes at once, each with 1/{k} of the "
         + ("GPU's memory" if s.device.name == "cuda" else "cores"))
@@ -2986,8 +3026,8 @@ def train_parallel(s: Session, k: int) -> dict:
                 "--only", ",".join(ids), "--parallel-child", str(k)]
         # a session of its own: a Ctrl-C in the terminal reaches the parent alone, which forwards it once
         children.append((ids, subprocess.Popen(argv, env=dict(os.environ, **{PARALLEL_ENV: str(k)}),
-                                               start_new_session=True)))
-    failed, received = wait_for_children(children)
+                                               start_new_session=True, preexec_fn=stop_with_parent)))
+    failed, received = wait_for_children(children, ChildProgress(s, t0))
     unfinished = {}                              # a stopped child's interrupted run lives only in its file
     for ids, _ in children:
         part = s.out_dir / RunScope(only=ids).results_name()
@@ -3014,9 +3054,42 @@ def train_parallel(s: Session, k: int) -> dict:
     return finish(s, t0, f" with {len(groups)} processes at once")
 
 
-def wait_for_children(children: list) -> tuple[tuple | None, list[int]]:
-    """Wait for every child, forwarding SIGINT/SIGTERM to them; if one fails, stop the others (they save
-    checkpoints). Returns (the failed child's (run ids, exit status) or None, the signals received)."""
+def stop_with_parent() -> None:
+    """In a --parallel child, before it starts (Linux): SIGTERM when the parent dies, even by SIGKILL, so
+    the child saves a checkpoint and stops instead of training on unwatched."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)     # 1 = PR_SET_PDEATHSIG
+
+
+class ChildProgress:
+    """What a sequential run says between runs, said by the --parallel parent as its children's records
+    appear under runs/: the plan's progress, and the interim figures after each stable run."""
+
+    def __init__(self, s: Session, t0: float):
+        self.s, self.t0, self.seen = s, t0, set(s.done)
+
+    def __call__(self) -> None:
+        s = self.s
+        new = [e for e in s.runs if e.run_id not in self.seen and s.store.path(e.run_id).exists()]
+        if not new:
+            return
+        self.seen.update(e.run_id for e in new)
+        records = []
+        for e in s.runs:
+            with contextlib.suppress(UserError):
+                rec = s.done.get(e.run_id) or (s.store.load(e.run_id) if e.run_id in self.seen else None)
+                if rec is not None:
+                    records.append(rec)
+        done_ids = {r["run_id"] for r in records if r.get("status") in FINAL_STATUSES}
+        if any(not e.branch_of for e in new) and any(e.run_id not in done_ids for e in s.runs):
+            draw_interim_figures({**s.results, "experiments": records}, s.out_dir, len(s.runs))
+        log(progress_line(plan_progress(s.runs, done_ids, set(), time.time() - self.t0, None)))
+
+
+def wait_for_children(children: list, between: Callable[[], None] = lambda: None) -> tuple[tuple | None, list[int]]:
+    """Wait for every child, forwarding SIGINT/SIGTERM to them and calling `between` every 0.2 s; if one
+    fails, stop the others (they save checkpoints). Returns (the failed child's (run ids, exit status) or
+    None, the signals received)."""
     received = []
 
     def forward(signum, frame):
@@ -3039,6 +3112,7 @@ def wait_for_children(children: list) -> tuple[tuple | None, list[int]]:
                     for _, q in children:
                         if q.poll() is None:
                             q.send_signal(signal.SIGTERM)
+            between()
             time.sleep(0.2)
     finally:
         for sig, h in previous.items():
@@ -3826,8 +3900,13 @@ def isoflop_agreement(iso: dict, joint: dict) -> dict:
 
 # --- runs -> points ---------------------------------------------------------------------------------
 
+def in_sweep(e: dict, sweep: str) -> bool:
+    """A run of this sweep: the data sweep also holds parameter-sweep runs marked `in_data_sweep`."""
+    return e.get("sweep") == sweep or (sweep == "data" and bool(e.get("in_data_sweep")))
+
+
 def usable_runs(experiments: list[dict], sweep: str) -> list[dict]:
-    return [e for e in experiments if e.get("sweep") == sweep and e.get("status") == "completed"
+    return [e for e in experiments if in_sweep(e, sweep) and e.get("status") == "completed"
             and e.get("final_val_loss") is not None]
 
 
@@ -3841,7 +3920,7 @@ def fit_sweeps(experiments: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: in
     fits = {}
     for sweep, key in SWEEP_X.items():
         runs = usable_runs(experiments, sweep)
-        skipped = [e for e in experiments if e.get("sweep") == sweep and e not in runs]
+        skipped = [e for e in experiments if in_sweep(e, sweep) and e not in runs]
         fit = fit_power_law([r[key] for r in runs], [r["final_val_loss"] for r in runs], n_bootstrap, seed)
         if skipped:
             msg = f"{len(skipped)} run(s) left out: " + ", ".join(f"{e.get('name')} ({e.get('status')})"
@@ -4344,7 +4423,7 @@ def draw_holdout(ax, holdout: dict, sweep: str, key: str) -> None:
 
 def draw_curves_panel(ax, experiments: list[dict], sweep: str, title: str, cmap) -> None:
     """Panels 3 and 4: validation (dots) and training (faint) curves of one sweep, one colour per size."""
-    runs = sorted([e for e in experiments if e.get("sweep") == sweep],
+    runs = sorted([e for e in experiments if in_sweep(e, sweep)],
                   key=lambda e: (e["n_params_nonembedding"], e["tokens"]))
     sizes = sorted({(e["n_params_nonembedding"], e["tokens"]) for e in runs})
     labelled = set()
@@ -4819,6 +4898,9 @@ def print_plan(plan: list[Experiment], cfg: RunConfig, estimates: dict[str, floa
             f"{format_count(e.tokens):>8} {e.steps:>6} {e.flops:>9.2e} {e.peak_lr:>8.2e} {est:>8}{branch}")
     for line in branch_savings_lines(plan):
         log(line)
+    if shared := [e for e in plan if e.in_data_sweep]:
+        log(f"  data sweep: the {format_count(shared[0].n_params_nonembedding)} model's runs above at "
+            f"{', '.join(format_count(e.tokens) for e in shared)} tokens (its horizons; nothing trains twice)")
     if estimates:
         log(f"  estimated training time: {format_duration(sum(estimates.values()))} on this device")
 
@@ -5100,7 +5182,10 @@ def run_holding_lock(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info:
         k = scope.parallel or (1 if scope.child else default_parallel(s.todo, cfg, s.device.name,
                                                                       gpu_memory_bytes(s.device.name)))
         if k > 1 and not scope.child and len(s.todo) > 1:
-            return validate_fits(s, preset, train_parallel(s, min(k, len(s.todo))))
+            if not scope.parallel and s.device.name == "cpu":
+                log(f"parallel: small models on {cpu_cores()} CPU cores train {k} at a time, one thread each "
+                    f"(faster than one run on every core: docs/speed.md); --parallel 1 trains one at a time")
+            return validate_fits(s, preset, train_parallel(s, min(k, len(s.todo)), estimate))
         return validate_fits(s, preset, train_sequential(s, estimate))
 
 
@@ -5171,7 +5256,7 @@ def prepare(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info: Distribu
         rec = store.load(exp.run_id)
         if rec is not None and rec["status"] in FINAL_STATUSES and \
                 rec["experiment_hash"] == definition_hash(experiment_definition(exp, cfg, corpus.record)):
-            done[exp.run_id] = rec
+            done[exp.run_id] = {**rec, "in_data_sweep": exp.in_data_sweep}   # this plan's data sweep
     for exp in runs:    # a stable run counts as finished only with its branches: they need its states
         if exp.branch_points and any(b.branch_of == exp.name and b.seed == exp.seed and b.run_id not in done
                                      for b in runs):
@@ -5350,7 +5435,8 @@ def after_run(s: Session, trained: set[str], elapsed_s: float, estimates: dict[s
     done_ids = {r["run_id"] for r in s.results["experiments"] if r.get("status") in FINAL_STATUSES}
     if redraw and not s.scope.partial and any(e.run_id not in done_ids for e in s.runs):
         draw_interim_figures(s.results, s.out_dir, len(s.runs))
-    log(progress_line(plan_progress(s.runs, done_ids, trained, elapsed_s, estimates)))
+    if not s.scope.child:                # a --parallel child's parent reports the whole plan's progress
+        log(progress_line(plan_progress(s.runs, done_ids, trained, elapsed_s, estimates)))
 
 
 def save_partial_results(s: Session) -> None:

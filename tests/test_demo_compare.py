@@ -262,13 +262,15 @@ def test_without_a_demo_the_comparison_simulates_the_real_runs_mode(real_run, tm
                     "kaplan law there (as `python quick_scaling_demo.py --mode tiny --law kaplan --output-dir "
                     "scaling_results_demo` would)"]
     sim = json.loads((tmp_path / "scaling_results_demo" / "results.json").read_text())
-    # tiny's own plan (a WSD grid: 4 sizes x 5 horizons and 5 data sizes), not the real run's reduced one,
-    # under Kaplan's law (Chinchilla's gives tiny's small models a loss above ln 512), fitted by the runner
+    # tiny's own plan (a WSD grid: 5 sizes x 5 horizons, the smallest's row also the data sweep), not the
+    # real run's reduced one, under Kaplan's law (Chinchilla's gives tiny's small models a loss above
+    # ln 512), fitted by the runner
     assert sim["simulated"] is True and sim["mode"] == "tiny" and sim["true_law"]["name"] == "kaplan"
     assert [e["n_params_nonembedding"] for e in sim["experiments"] if e["sweep"] == "params"] == [
-        rse.n_params_nonembedding(2, d) for d in (16, 32, 64, 96)]
-    assert sum(e["sweep"] == "horizons" for e in sim["experiments"]) == 16 and len(sim["experiments"]) == 25
-    assert sim["fits"]["params"]["available"] is True
+        rse.n_params_nonembedding(2, d) for d in (16, 32, 48, 64, 96)]
+    assert sum(e["sweep"] == "horizons" for e in sim["experiments"]) == 20 and len(sim["experiments"]) == 25
+    assert [e["tokens"] for e in sim["experiments"] if e["in_data_sweep"]] == [244 * 2**k * 2048 for k in range(5)]
+    assert sim["fits"]["params"]["available"] is True and sim["fits"]["data"]["n_points"] == 5
     assert (tmp_path / "scaling_results_demo" / "scaling_laws_complete.png").exists()
     report = json.loads((tmp_path / "cmp" / "comparison_report.json").read_text())
     assert report["same_mode"] is True and report["sim"]["simulated"] is True

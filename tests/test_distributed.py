@@ -5,6 +5,7 @@ Every run is the real CLI on a byte-level token file with models of 25K and 100K
 is pinned to its share of the cores so that every process trains with one thread: the thread count
 changes float sums in the last bits (measured: 3e-6 relative in a final loss), and on a loaded machine two
 threads per process were 50x slower than one."""
+import dataclasses
 import json
 import os
 import socket
@@ -206,12 +207,53 @@ def test_parallel_two_gives_the_sequential_results(tmp_path, byte_tokens, baseli
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "parallel: 4 runs in 2 processes at once, each with 1/2 of the cores" in r.stdout
     assert r.stdout.count("device: cpu (") == 3 and r.stdout.count("(1 threads)") == 2    # parent + 2 children
+    # the parent reports the whole plan as the children's records appear; the children say no progress
+    progress = [line for line in r.stdout.splitlines() if line.startswith("progress: ")]
+    assert progress and progress[-1].startswith("progress: 4/4 runs") and all("/4 runs" in p for p in progress)
     assert_same_runs(baseline, load(out))
     assert sorted(p.name for p in out.glob("results*.json")) == ["results.json"]   # children's parts merged
     print(f"--parallel 2: {wall:.1f}s wall")
 
 
-def test_default_parallel_rule_and_balance():
+def parallel_children(out: Path) -> list[int]:
+    """Pids of --parallel children training into `out`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--parallel-child" in cmd and str(out).encode() in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_parallel_children_stop_when_their_parent_is_killed(tmp_path, byte_tokens, baseline):
+    out = tmp_path / "orphans"
+    args = small_args(byte_tokens, out, "--parallel", "2", "--checkpoint-every", "2steps")
+    p = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                         preexec_fn=pinned(2))
+    for line in p.stdout:                      # kept open: a closed pipe would stop the children instead
+        if "] checkpoint at step 2" in line:
+            assert parallel_children(out)
+            p.kill()
+            break
+    p.wait(timeout=30)
+    deadline = time.time() + 60                # SIGTERM from the kernel: each saves a checkpoint and stops
+    while parallel_children(out) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not parallel_children(out)
+    assert list((out / "checkpoints").glob("*.pt"))
+    again = cli(args, tmp_path, n_cores=2)     # and the same command finishes them, bit for bit
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert "continuing" in again.stdout
+    assert_same_runs(baseline, load(out))
+    p.stdout.close()
+
+
+def test_default_parallel_rule_and_balance(monkeypatch):
     quick, full = rse.PRESETS["quick"], rse.PRESETS["full"]
 
     def plan(preset):
@@ -224,7 +266,26 @@ def test_default_parallel_rule_and_balance():
     runs, cfg = plan(quick)                                  # 7 runs, largest ~56M total parameters
     assert rse.default_parallel(runs, cfg, "cuda", 80 * 2**30) == 4
     assert rse.default_parallel(runs, cfg, "cuda", 8 * 2**30) == 1  # one run needs ~4.4 GiB by the estimate
-    assert rse.default_parallel(runs, cfg, "cpu", None) == 1
+    assert rse.default_parallel(runs, cfg, "cpu", None) == 1      # 20M+ models use both cores themselves
+    # on a CPU: tiny's own plan (models under 1M parameters, 2.35e13 FLOPs) trains two runs at a time
+    tiny_cfg, tiny = rse.config_from_args(rse.build_parser().parse_args(["--mode", "tiny"]))
+    tiny_runs = rse.build_plan(tiny_cfg, tiny)
+    monkeypatch.setattr(rse, "cpu_cores", lambda: 2)
+    assert rse.default_parallel(tiny_runs, tiny_cfg, "cpu", None) == 2
+    assert rse.default_parallel(tiny_runs[:5], tiny_cfg, "cpu", None) == 1     # one unit: a run and its branches
+    short = rse.build_plan(dataclasses.replace(tiny_cfg, steps=30, horizons=None, schedule="cosine"), tiny)
+    assert sum(e.flops for e in short) < rse.CPU_PARALLEL_MIN_FLOPS                 # a test-sized plan
+    assert rse.default_parallel(short, tiny_cfg, "cpu", None) == 1
+    monkeypatch.setattr(rse, "cpu_cores", lambda: 1)
+    assert rse.default_parallel(tiny_runs, tiny_cfg, "cpu", None) == 1
+    # tiny's five units: equal FLOPs leave the 224K model alone; its measured seconds (one thread each,
+    # branches included) pair it with 25K, the split a sequential estimate gives on a CPU
+    units = [e for e in tiny_runs if not e.branch_of]
+    names = [[e.name for e in g] for g in rse.balance_runs(units, 2)]
+    assert names == [["params-N220K"], ["params-N6.6K", "params-N25K", "params-N56K", "params-N100K"]]
+    seconds = dict(zip((e.name for e in units), (61, 99, 142, 193, 329)))
+    names = [[e.name for e in g] for g in rse.balance_runs(units, 2, lambda e: seconds[e.name])]
+    assert names == [["params-N25K", "params-N220K"], ["params-N6.6K", "params-N56K", "params-N100K"]]
     assert rse.default_parallel(*plan(full), "cuda", 80 * 2**30) == 1   # 500M: one at a time
     groups = rse.balance_runs(runs, 3)
     assert sorted(e.run_id for g in groups for e in g) == sorted(e.run_id for e in runs)

@@ -22,16 +22,25 @@ def test_parameter_counts_match_the_model(n_layer, d_model, vocab, ctx):
 def test_tiny_shapes_are_the_documented_ladder():
     p = rse.PRESETS["tiny"]
     shapes = [rse.choose_shape(n, p) for n in p.param_sizes]
-    assert shapes == [(2, 16, 1), (2, 32, 2), (2, 64, 4), (2, 96, 6)]
-    assert [rse.n_params_nonembedding(l, d) for l, d, _ in shapes] == [6592, 25472, 100096, 223872]
-    # and the grid: every size trained to 8M tokens with branches at 0.5M-4M, the smallest also on 0.5M-8M
+    assert shapes == [(2, 16, 1), (2, 32, 2), (2, 48, 3), (2, 64, 4), (2, 96, 6)]
+    assert [rse.n_params_nonembedding(l, d) for l, d, _ in shapes] == [6592, 25472, 56640, 100096, 223872]
+    # the grid: every size trained once to 8M tokens with branches at 0.5M-4M; the data sweep is the
+    # 6.6K model's row (its sizes are those horizons' token counts), so no run trains twice
     cfg, _ = rse.config_from_args(rse.build_parser().parse_args(["--mode", "tiny"]))
     plan = rse.build_plan(cfg, p)
     assert len(plan) == 25 and rse.plan_warmup_steps(cfg) == 39
-    runs = sorted((e.sweep, e.n_params_nonembedding, e.steps) for e in plan)
-    assert [s for sweep, n, s in runs if sweep == "data"] == [244, 488, 977, 1953, 3906]    # 0.5M-8M at 6.6K
-    for n in (6592, 25472, 100096, 223872):                 # 4 cooldown branches and the stable run to 8M
-        assert [s for sweep, m, s in runs if m == n and sweep != "data"] == [244, 488, 976, 1953, 3906]
+    assert not [e for e in plan if e.sweep == "data"]
+    assert [(e.n_params_nonembedding, e.steps) for e in plan if e.in_data_sweep] == \
+        [(6592, s) for s in (244, 488, 976, 1952, 3904)]
+    for n in (6592, 25472, 56640, 100096, 223872):          # 4 cooldown branches and the stable run to 8M
+        assert [e.steps for e in plan if e.n_params_nonembedding == n] == [244, 488, 976, 1952, 3904]
+    # data sizes that are not the horizons (or another model): the data sweep trains its own runs
+    cfg, _ = rse.config_from_args(rse.build_parser().parse_args(["--mode", "tiny", "--data-model-size", "100K"]))
+    assert {e.n_params_nonembedding for e in rse.build_plan(cfg, p) if e.in_data_sweep} == {100096}
+    for extra in (["--data-sizes", "0.5M,1M,2M"], ["--data-model-size", "400K"], ["--max-steps", "1000"]):
+        cfg, _ = rse.config_from_args(rse.build_parser().parse_args(["--mode", "tiny", *extra]))
+        plan = rse.build_plan(cfg, p)
+        assert not any(e.in_data_sweep for e in plan) and [e for e in plan if e.sweep == "data"]
 
 
 @pytest.mark.parametrize("mode", ["quick", "standard", "full"])

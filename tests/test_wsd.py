@@ -39,7 +39,7 @@ def test_four_doubling_horizons_cost_under_065_of_separate_runs():
     plan = plan_of("--schedule", "wsd", "--horizons", "0.125x,0.25x,0.5x,1x", "--warmup-steps", "20",
                    "--max-steps", "800")
     mains = [e for e in plan if e.branch_points]
-    assert len(mains) == 4 + 1                       # four sizes, and the data sweep's one run
+    assert len(mains) == 5 + 1                       # five sizes, and the data sweep's one run
     for main in mains:
         branches = [b for b in plan if b.branch_of == main.name]
         processed = main.steps + sum(b.trained_steps for b in branches)
@@ -119,6 +119,22 @@ def test_sigkill_inside_a_branch_then_the_same_command_gives_identical_losses(br
     assert again.returncode == 0, again.stderr[-2000:]
     assert "[params-N25K@15.4K-seed0] resuming its cooldown from its checkpoint at step 2" in again.stdout
     assert losses(out) == losses(reference)                                 # bit for bit on a CPU
+
+
+def test_a_data_sweep_of_a_ladder_size_at_its_horizons_is_that_sizes_runs(tmp_path, corpus_file, cache_dir):
+    out = tmp_path / "shared"
+    r = run([*ARGS[:ARGS.index("--data-sizes")], *ARGS[ARGS.index("--data-sizes") + 2:], "--data", corpus_file,
+             "--cache-dir", cache_dir, "--max-steps", "40", "--horizons", "0.25x,0.5x,1x", "--data-model-size",
+             "25K", "--data-sizes", "5120,10240,20480"], tmp_path, out)      # 10, 20 and 40 steps of 512 tokens
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "data sweep: the 25.5K model's runs above at 5.12K, 10.2K, 20.5K tokens" in r.stdout
+    res = json.loads((out / "results.json").read_text())
+    exps = res["experiments"]
+    assert [e["run_id"] for e in exps] == ["params-N25K@5.12K-seed0", "params-N25K@10.2K-seed0", "params-N25K-seed0"]
+    assert all(e["in_data_sweep"] for e in exps) and len(list((out / "runs").iterdir())) == 3
+    assert [p["tokens"] for p in rse.usable_runs(exps, "data")] == [5120, 10240, 20480]
+    assert res["fits"]["data"]["n_points"] == 3 and res["fits"]["joint"]["n_points"] == 3    # each run once
+    assert res["fits"]["params"]["n_points"] == 1
 
 
 def test_a_branchs_first_log_line_counts_only_the_steps_it_trained(monkeypatch):
