@@ -3011,8 +3011,13 @@ def train_parallel(s: Session, k: int, estimate: bool) -> dict:
     t0 = time.time()
     todo = [e for e in s.todo if not e.branch_of]      # a branch trains with its stable run (one unit)
     seconds = None
-    if estimate and s.device.name == "cpu":
-        seconds = estimate_wall_time(Trainer(s.cfg, s.corpus, s.device), s.plan)
+    if estimate and s.device.name == "cpu":       # timed with a child's threads: a 2-thread timing flatters
+        threads = torch.get_num_threads()        # the largest model, which gains most from a second core
+        torch.set_num_threads(max(1, threads // k))
+        try:
+            seconds = estimate_wall_time(Trainer(s.cfg, s.corpus, s.device), s.plan)
+        finally:
+            torch.set_num_threads(threads)
     groups = balance_runs(todo, k, seconds and (lambda e: sum(seconds[r.name] for r in s.plan      # with its
                                                                 if (r.branch_of or r.name) == e.name)))  # branches
     announce_plan(s, None)
