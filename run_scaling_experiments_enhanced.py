@@ -4404,11 +4404,14 @@ def draw_fit(ax, fit: dict, sweep: str, xs: np.ndarray, x_max: float, prediction
         x = p["N" if sweep == "params" else "D"]
         ci = p.get("predicted_loss_ci95")
         ax.plot([x], [p["predicted_loss"]], "*", color="darkred", ms=13, zorder=6)
-        # neighbours (GPT-3/GPT-4, LLaMA/Llama 2) sit close on a log axis: alternate above/below
+        # neighbours (GPT-3/GPT-4, LLaMA/Llama 2) sit close on a log axis: above, below, then further
+        # below (LLaMA's and Llama 3's labels are a decade apart, narrower than a label; above them is the
+        # legend); a label at the panel's right edge extends to the left
         ax.annotate(f"{p['name'].split(' (')[0]} {format_count(x)}\n{p['predicted_loss']:.2f}"
                     + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""),
                     (x, p["predicted_loss"]), textcoords="offset points",
-                    xytext=(0, 12) if i % 2 == 0 else (0, -30), fontsize=7.5, ha="center",
+                    xytext=((0, 12), (0, -30), (0, -56))[i % 3], fontsize=7.5,
+                    ha="right" if x > x_max / 3 else "center",
                     bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7})
 
 
