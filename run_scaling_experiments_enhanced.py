@@ -2795,6 +2795,17 @@ def default_parallel(runs: list[Experiment], cfg: RunConfig, device: str, memory
     return max(1, min(PARALLEL_MAX, units, fit))
 
 
+def runs_at_once(scope: RunScope, under_torchrun: bool, todo: list[Experiment], cfg: RunConfig,
+                 device: str) -> int:
+    """--parallel K, else 1 for a --parallel child and under torchrun (every rank is already one of a
+    run's processes), else default_parallel."""
+    if scope.parallel:
+        return scope.parallel
+    if scope.child or under_torchrun:
+        return 1
+    return default_parallel(todo, cfg, device, gpu_memory_bytes(device))
+
+
 def gpu_memory_bytes(device: str) -> int | None:
     """Total memory of the current GPU, read without creating a CUDA context."""
     if device != "cuda":
@@ -5187,8 +5198,7 @@ def run_holding_lock(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info:
             write_json_atomic(s.out_dir / "benchmark.json", report)
             log(f"benchmark: written to {s.out_dir / 'benchmark.json'}")
             return report
-        k = scope.parallel or (1 if scope.child else default_parallel(s.todo, cfg, s.device.name,
-                                                                      gpu_memory_bytes(s.device.name)))
+        k = runs_at_once(scope, dist_info.enabled, s.todo, cfg, s.device.name)
         if k > 1 and not scope.child and len(s.todo) > 1:
             if not scope.parallel and s.device.name == "cpu":
                 log(f"parallel: small models on {cpu_cores()} CPU cores train {k} at a time, one thread each "

@@ -272,6 +272,11 @@ def test_default_parallel_rule_and_balance(monkeypatch):
     tiny_runs = rse.build_plan(tiny_cfg, tiny)
     monkeypatch.setattr(rse, "cpu_cores", lambda: 2)
     assert rse.default_parallel(tiny_runs, tiny_cfg, "cpu", None) == 2
+    # the default applies to a plain command only: not under torchrun, not in a child; --parallel K wins
+    assert rse.runs_at_once(rse.RunScope(), False, tiny_runs, tiny_cfg, "cpu") == 2
+    assert rse.runs_at_once(rse.RunScope(), True, tiny_runs, tiny_cfg, "cpu") == 1
+    assert rse.runs_at_once(rse.RunScope(child=2), False, tiny_runs, tiny_cfg, "cpu") == 1
+    assert rse.runs_at_once(rse.RunScope(parallel=3), False, tiny_runs, tiny_cfg, "cpu") == 3
     assert rse.default_parallel(tiny_runs[:5], tiny_cfg, "cpu", None) == 1     # one unit: a run and its branches
     short = rse.build_plan(dataclasses.replace(tiny_cfg, steps=30, horizons=None, schedule="cosine"), tiny)
     assert sum(e.flops for e in short) < rse.CPU_PARALLEL_MIN_FLOPS                 # a test-sized plan
