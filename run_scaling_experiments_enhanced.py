@@ -3130,6 +3130,7 @@ def wait_for_children(children: list, between: Callable[[], None] = lambda: None
                             q.send_signal(signal.SIGTERM)
             between()
             time.sleep(0.2)
+        between()                                # the records of the children's last runs
     finally:
         for sig, h in previous.items():
             signal.signal(sig, h)
