@@ -1636,7 +1636,8 @@ class TrainState:
             "tokens": exp.tokens, "steps": exp.steps, "tokens_per_step": cfg.tokens_per_step,
             "tokens_processed": trained, "schedule": cfg.schedule, "warmup_steps": exp.warmup_steps,
             "branch_of": exp.branch_of, "branch_step": exp.branch_step if exp.branch_of else None,
-            "in_data_sweep": exp.in_data_sweep, "epochs": round(exp.tokens / len(trainer.corpus.train), 4), "peak_lr": exp.peak_lr,
+            "in_data_sweep": exp.in_data_sweep, "epochs": round(exp.tokens / len(trainer.corpus.train), 4),
+            "peak_lr": exp.peak_lr,
             "flops": exp.flops, "initial_loss": self.initial_loss,
             "final_val_loss": self.curve["val_loss"][-1] if status == "completed" else None,
             "status": status, "steps_done": steps_done,
@@ -3102,7 +3103,8 @@ class ChildProgress:
         log(progress_line(plan_progress(s.runs, done_ids, set(), time.time() - self.t0, None)))
 
 
-def wait_for_children(children: list, between: Callable[[], None] = lambda: None) -> tuple[tuple | None, list[int]]:
+def wait_for_children(children: list,
+                      between: Callable[[], None] = lambda: None) -> tuple[tuple | None, list[int]]:
     """Wait for every child, forwarding SIGINT/SIGTERM to them and calling `between` every 0.2 s; if one
     fails, stop the others (they save checkpoints). Returns (the failed child's (run ids, exit status) or
     None, the signals received)."""
