@@ -34,9 +34,10 @@ def test_tiny_shapes_are_the_documented_ladder():
         [(6592, s) for s in (244, 488, 976, 1952, 3904)]
     for n in (6592, 25472, 56640, 100096, 223872):          # 4 cooldown branches and the stable run to 8M
         assert [e.steps for e in plan if e.n_params_nonembedding == n] == [244, 488, 976, 1952, 3904]
-    # data sizes that are not the horizons (or another model): the data sweep trains its own runs
+    # another ladder size as the data model: its row is the data sweep
     cfg, _ = rse.config_from_args(rse.build_parser().parse_args(["--mode", "tiny", "--data-model-size", "100K"]))
     assert {e.n_params_nonembedding for e in rse.build_plan(cfg, p) if e.in_data_sweep} == {100096}
+    # data sizes that are not the horizons, a model not in the ladder, other horizons: its own runs
     for extra in (["--data-sizes", "0.5M,1M,2M"], ["--data-model-size", "400K"], ["--max-steps", "1000"]):
         cfg, _ = rse.config_from_args(rse.build_parser().parse_args(["--mode", "tiny", *extra]))
         plan = rse.build_plan(cfg, p)
