@@ -2814,17 +2814,14 @@ def gpu_memory_bytes(device: str) -> int | None:
     return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
 
 
-def balance_runs(runs: list[Experiment], k: int,
-                 cost: Callable[[Experiment], float] | None = None) -> list[list[Experiment]]:
-    """Split runs into k groups of similar total cost (largest first, each to the lightest group), each
-    group in plan order: `cost` of a run (e.g. its timed estimate), else its FLOPs. Which process trains a
-    run does not change its result."""
-    cost = cost or (lambda e: 6.0 * e.n_params_total * e.tokens)
+def balance_runs(runs: list[Experiment], k: int) -> list[list[Experiment]]:
+    """Split runs into k groups of similar total FLOPs (largest first, each to the lightest group), each
+    group in plan order. Which process trains a run does not change its result."""
     loads = [[0.0, []] for _ in range(k)]
     order = {e.run_id: i for i, e in enumerate(runs)}
-    for e in sorted(runs, key=lambda e: -cost(e)):
+    for e in sorted(runs, key=lambda e: -6.0 * e.n_params_total * e.tokens):
         lightest = min(loads, key=lambda g: g[0])
-        lightest[0] += cost(e)
+        lightest[0] += 6.0 * e.n_params_total * e.tokens
         lightest[1].append(e)
     return [sorted(g, key=lambda e: order[e.run_id]) for _, g in loads if g]
 
@@ -3015,23 +3012,13 @@ class ParallelFailure(Exception):
     """A child of --parallel failed; main() prints this and exits with status 1."""
 
 
-def train_parallel(s: Session, k: int, estimate: bool) -> dict:
+def train_parallel(s: Session, k: int) -> dict:
     """--parallel K: train the runs not finished yet in K child processes of this same command (each
     given its runs with --only), forward SIGINT/SIGTERM to them, stop the others if one fails, then
-    assemble the records in plan order and fit them exactly as a sequential run would. On a CPU the
-    groups balance the plan's timed estimate (small models are slower per FLOP), elsewhere FLOPs."""
+    assemble the records in plan order and fit them exactly as a sequential run would."""
     t0 = time.time()
     todo = [e for e in s.todo if not e.branch_of]      # a branch trains with its stable run (one unit)
-    seconds = None
-    if estimate and s.device.name == "cpu":       # timed with a child's threads: a 2-thread timing flatters
-        threads = torch.get_num_threads()        # the largest model, which gains most from a second core
-        torch.set_num_threads(max(1, threads // k))
-        try:
-            seconds = estimate_wall_time(Trainer(s.cfg, s.corpus, s.device), s.plan)
-        finally:
-            torch.set_num_threads(threads)
-    groups = balance_runs(todo, k, seconds and (lambda e: sum(seconds[r.name] for r in s.plan      # with its
-                                                                if (r.branch_of or r.name) == e.name)))  # branches
+    groups = balance_runs(todo, k)
     announce_plan(s, None)
     log(f"parallel: {len(todo)} runs in {len(groups)} processes at once, each with 1/{k} of the "
         + ("GPU's memory" if s.device.name == "cuda" else "cores"))
@@ -5206,7 +5193,7 @@ def run_holding_lock(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info:
             if not scope.parallel and s.device.name == "cpu":
                 log(f"parallel: small models on {cpu_cores()} CPU cores train {k} at a time, one thread each "
                     f"(faster than one run on every core: docs/speed.md); --parallel 1 trains one at a time")
-            return validate_fits(s, preset, train_parallel(s, min(k, len(s.todo)), estimate))
+            return validate_fits(s, preset, train_parallel(s, min(k, len(s.todo))))
         return validate_fits(s, preset, train_sequential(s, estimate))
 
 
