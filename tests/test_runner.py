@@ -19,6 +19,27 @@ def test_parameter_counts_match_the_model(n_layer, d_model, vocab, ctx):
     assert sum(p.numel() for p in model.parameters()) == total
 
 
+def test_initialisation_rule():
+    """Embeddings N(0, 0.02) (GPT-2's; tied to the output layer), qkv and the MLP's first layer
+    N(0, sqrt(2 / (5 d_model))), the residual projections zero, biases zero, LayerNorm gains one."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = rse.GPT(rse.GPTConfig(512, 32, 2, 96, 6))
+    assert rse.init_std(96) == pytest.approx(0.0645497, rel=1e-5) and rse.init_std(1000) == pytest.approx(0.02)
+    for name, p in model.named_parameters():
+        if name.endswith("proj.weight") or name.endswith("bias"):
+            assert torch.count_nonzero(p) == 0, name
+        elif name.endswith("emb.weight"):
+            assert p.std().item() == pytest.approx(0.02, rel=0.05), name
+        elif p.dim() == 2:
+            assert p.std().item() == pytest.approx(0.0645497, rel=0.05), name
+        else:
+            assert torch.all(p == 1), name                           # LayerNorm gains
+    # the untrained model predicts near-uniformly: its loss is about ln(vocabulary)
+    idx = torch.randint(0, 512, (8, 32))
+    assert abs(model(idx, idx).item() - math.log(512)) < 0.05
+
+
 def test_tiny_shapes_are_the_documented_ladder():
     p = rse.PRESETS["tiny"]
     shapes = [rse.choose_shape(n, p) for n in p.param_sizes]
