@@ -219,11 +219,13 @@ VALIDATE_LADDER = [a for a in SECONDS_SIZED] + ["--param-sizes", "25K,100K,200K"
 def test_validate_trains_the_predicted_compute_optimal_model_once(tmp_path, corpus_file, cache_dir, monkeypatch,
                                                                   capsys):
     # --validate trains only when the joint law's E is off its bound. On this generated corpus at these
-    # lengths it is with tiny's earlier shapes and rates (head_dim 32, min(1e-2, 0.4 / d_model), a warmup of
-    # 10% of the sweep's steps); tiny's own rates run E to 0 here. In-process, with those patched in.
+    # lengths (30 steps) it is with tiny's earlier shapes and rates (head_dim 32, min(1e-2, 0.4 / d_model), a
+    # warmup of 10% of the sweep's steps) and a fixed init std of 0.04 (E 0.14); tiny's own rates, or GPT-2's
+    # 0.02 with today's zero projections, run E to 0 here. In-process, with those patched in.
     monkeypatch.setitem(rse.PRESETS, "tiny", dataclasses.replace(rse.PRESETS["tiny"], head_dim=32, lr_width=0.4,
                                                                  warmup_frac=0.1))
     monkeypatch.setattr(rse, "default_peak_lr", lambda d_model, lr_width: min(1e-2, lr_width / d_model))
+    monkeypatch.setattr(rse, "init_std", lambda d_model: 0.04)
     out = tmp_path / "out"
     monkeypatch.chdir(tmp_path)
     args = [str(a) for a in VALIDATE_LADDER + ["--data", corpus_file, "--cache-dir", cache_dir, "--output-dir", out]]

@@ -36,8 +36,8 @@ def test_initialisation_rule():
         else:
             assert torch.all(p == 1), name                           # LayerNorm gains
     # the untrained model predicts near-uniformly: its loss is about ln(vocabulary)
-    idx = torch.randint(0, 512, (8, 32))
-    assert abs(model(idx, idx).item() - math.log(512)) < 0.05
+    idx, targets = torch.randint(0, 512, (2, 8, 32))
+    assert abs(model(idx, targets).item() - math.log(512)) < 0.05
 
 
 def test_tiny_shapes_are_the_documented_ladder():
