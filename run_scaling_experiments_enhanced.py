@@ -3136,15 +3136,17 @@ def wait_for_children(children: list,
 
 def leave_process_group(status: int) -> int:
     """Under torchrun: a failed rank leaves at once (os._exit) so torchrun sees the failure and stops the
-    other ranks, instead of hanging in the process group's teardown; a finished rank leaves cleanly."""
+    other ranks, instead of hanging in the process group's teardown. A finished rank destroys its process
+    groups, then leaves with os._exit too: the Distributed record still holds the control group, whose
+    gloo threads were otherwise torn down during interpreter shutdown, and once in a CI run that aborted
+    a finished rank ("terminate called without an active exception", SIGABRT) after every run was saved."""
     if dist is None or not (dist.is_available() and dist.is_initialized()):
         return status
     sys.stdout.flush()
     sys.stderr.flush()
-    if status != 0:
-        os._exit(status)
-    dist.destroy_process_group()
-    return status
+    if status == 0:
+        dist.destroy_process_group()
+    os._exit(status)
 
 def stdout_is_stderr() -> bool:
     try:
