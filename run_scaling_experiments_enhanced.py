@@ -1341,10 +1341,10 @@ class Block(_Module):
 def init_std(d_model: int) -> float:
     """Initial standard deviation of the attention's qkv and the MLP's first layer: sqrt(2 / (5 d_model)),
     the "small init" of Nguyen & Salazar 2019 that GPT-NeoX and Pythia use. It is GPT-2's 0.02 at d_model
-    1,000 and grows as 1/sqrt(d_model) below it. With GPT-2's fixed 0.02, tiny's narrow models sat on a plateau near the
-    unigram loss for a random 100-250 steps: three seeds of the 56K model ended 488 steps of English text
-    at 3.53, 3.28 and 3.27; with this rule (and zero residual projections) at 3.10, 3.10 and 3.10
-    (docs/schedules.md)."""
+    1,000 and grows as 1/sqrt(d_model) below it. With GPT-2's fixed 0.02, tiny's narrow models sat on a
+    plateau near the unigram loss for a random 100-250 steps: three seeds of the 56K model ended 488 steps
+    of English text at 3.53, 3.28 and 3.27; with this rule (and zero residual projections) at 3.10, 3.10
+    and 3.10 (docs/schedules.md)."""
     return math.sqrt(2.0 / (5.0 * d_model))
 
 
@@ -3147,6 +3147,7 @@ def leave_process_group(status: int) -> int:
     if status == 0:
         dist.destroy_process_group()
     os._exit(status)
+
 
 def stdout_is_stderr() -> bool:
     try:
