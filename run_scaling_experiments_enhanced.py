@@ -2823,11 +2823,13 @@ def gpu_memory_bytes(device: str) -> int | None:
 def balance_runs(runs: list[Experiment], k: int) -> list[list[Experiment]]:
     """Split runs into k groups of similar total FLOPs (largest first, each to the lightest group), each
     group in plan order. Which process trains a run does not change its result."""
+    def cost(e):        # total parameters: a small model's tied output layer is most of its work
+        return 6.0 * e.n_params_total * e.tokens
     loads = [[0.0, []] for _ in range(k)]
     order = {e.run_id: i for i, e in enumerate(runs)}
-    for e in sorted(runs, key=lambda e: -6.0 * e.n_params_total * e.tokens):
+    for e in sorted(runs, key=lambda e: -cost(e)):
         lightest = min(loads, key=lambda g: g[0])
-        lightest[0] += 6.0 * e.n_params_total * e.tokens
+        lightest[0] += cost(e)
         lightest[1].append(e)
     return [sorted(g, key=lambda e: order[e.run_id]) for _, g in loads if g]
 
@@ -3137,9 +3139,9 @@ def wait_for_children(children: list,
 def leave_process_group(status: int) -> int:
     """Under torchrun: a failed rank leaves at once (os._exit) so torchrun sees the failure and stops the
     other ranks, instead of hanging in the process group's teardown. A finished rank destroys its process
-    groups, then leaves with os._exit too: the Distributed record still holds the control group, whose
-    gloo threads were otherwise torn down during interpreter shutdown, and once in a CI run that aborted
-    a finished rank ("terminate called without an active exception", SIGABRT) after every run was saved."""
+    groups, then leaves with os._exit too, skipping interpreter shutdown: once in a CI run a finished rank
+    aborted there ("terminate called without an active exception", SIGABRT) after every run was saved,
+    most likely gloo threads of the control group, which the Distributed record still references."""
     if dist is None or not (dist.is_available() and dist.is_initialized()):
         return status
     sys.stdout.flush()
@@ -4369,6 +4371,8 @@ def draw_law_panel(ax, results: dict, sweep: str, key: str, marker: str, xlabel:
         if fit.get("band95"):       # show the band's lower edge too, within reason
             bottom = min(bottom, max(min(fit["band95"]["lo"]), bottom / 3))
     ax.set_ylim(max(0, bottom), (ys.max() * 1.05 if len(ys) else 10) * 1.1)
+    if fit.get("available"):
+        label_predictions(ax, results.get("predictions", []), sweep, x_max)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(f"{'1' if sweep == 'params' else '2'}. loss vs {xlabel}", fontsize=12)
@@ -4409,18 +4413,30 @@ def draw_fit(ax, fit: dict, sweep: str, xs: np.ndarray, x_max: float, prediction
                         label=f"95% band (bootstrap over {fit['n_points']} runs)")
     else:
         ax.plot([], [], " ", label="no 95% band: " + (fit.get("note") or "no bootstrap")[:60])
-    marked = [p for p in predictions if p["sweep"] == sweep and p["predicted_loss"] is not None]
-    for i, p in enumerate(marked):
-        x = p["N" if sweep == "params" else "D"]
+    for p in marked_predictions(predictions, sweep):
+        ax.plot([p["N" if sweep == "params" else "D"]], [p["predicted_loss"]], "*", color="darkred", ms=13,
+                zorder=6)
+
+
+def marked_predictions(predictions: list[dict], sweep: str) -> list[dict]:
+    """The reference models a law panel marks: this sweep's, with a predicted loss."""
+    return [p for p in predictions if p["sweep"] == sweep and p["predicted_loss"] is not None]
+
+
+def label_predictions(ax, predictions: list[dict], sweep: str, x_max: float) -> None:
+    """Each marked reference model's name, predicted loss and interval beside its star; called once the
+    y-limits are set. Neighbours (GPT-3/GPT-4, LLaMA/Llama 2) sit close on a log axis, so labels alternate
+    above, below, further below; stars in the upper 40% of the panel, where the legend is, are labelled
+    below only (on a high floor LLaMA's label went under the legend). A label at the right edge extends to
+    the left."""
+    lo, hi = ax.get_ylim()
+    for i, p in enumerate(marked_predictions(predictions, sweep)):
+        x, y = p["N" if sweep == "params" else "D"], p["predicted_loss"]
         ci = p.get("predicted_loss_ci95")
-        ax.plot([x], [p["predicted_loss"]], "*", color="darkred", ms=13, zorder=6)
-        # neighbours (GPT-3/GPT-4, LLaMA/Llama 2) sit close on a log axis: above, below, then further
-        # below (LLaMA's and Llama 3's labels are a decade apart, narrower than a label; above them is the
-        # legend); a label at the panel's right edge extends to the left
-        ax.annotate(f"{p['name'].split(' (')[0]} {format_count(x)}\n{p['predicted_loss']:.2f}"
+        offsets = ((0, -30), (0, -56), (0, -82)) if y > lo + 0.6 * (hi - lo) else ((0, 12), (0, -30), (0, -56))
+        ax.annotate(f"{p['name'].split(' (')[0]} {format_count(x)}\n{y:.2f}"
                     + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""),
-                    (x, p["predicted_loss"]), textcoords="offset points",
-                    xytext=((0, 12), (0, -30), (0, -56))[i % 3], fontsize=7.5,
+                    (x, y), textcoords="offset points", xytext=offsets[i % 3], fontsize=7.5,
                     ha="right" if x > x_max / 3 else "center",
                     bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7})
 

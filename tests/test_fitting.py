@@ -6,11 +6,15 @@ import json
 import math
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
 
 import run_scaling_experiments_enhanced as rse
 from conftest import run_cli
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 # Runs a script with torch made unimportable, then calls the CLI's main() with the given arguments.
@@ -268,3 +272,18 @@ def test_compute_optimal_figure_draws_a_band_with_budgets_no_draw_reaches():
     band = fig.axes[0].collections[-1].get_paths()[0].vertices
     assert np.isfinite(band).all() and band[:, 0].min() >= fr["flops"][5] * 0.999
     rse.plt.close(fig)
+
+
+def test_reference_labels_stay_clear_of_the_legend():
+    """Stars in the upper 40% of a law panel (under the legend) are labelled below only; lower ones
+    alternate above and below; a label near the right edge extends to the left."""
+    preds = [{"sweep": "data", "name": n, "D": d, "predicted_loss": y, "predicted_loss_ci95": [y - 0.1, y + 0.1]}
+             for n, d, y in (("LLaMA", 1.4e12, 3.39), ("Llama 2", 2e12, 3.39), ("Llama 3", 1.5e13, 3.39))]
+    for floor, first_above in ((3.39, False), (1.5, True)):
+        fig, ax = plt.subplots()
+        ax.set_ylim(1.0, 4.7)
+        rse.label_predictions(ax, [{**p, "predicted_loss": floor} for p in preds], "data", 1.5e13)
+        dy = [t.xyann[1] for t in ax.texts]
+        assert (dy[0] > 0) == first_above and all(d < 0 for d in dy[1:]) and len(set(dy)) == 3
+        assert [t.get_horizontalalignment() for t in ax.texts] == ["center", "center", "right"]
+        plt.close(fig)
