@@ -164,7 +164,7 @@ def simulate(cfg: rse.RunConfig, preset: rse.Preset, law: str, noise: float, see
     plan = rse.build_plan(cfg, preset)
     sweeps = {}
     for sweep in ("params", "data"):
-        runs = [e for e in plan if e.sweep == sweep or (sweep == "data" and e.in_data_sweep)]
+        runs = [e for e in plan if rse.in_sweep(dataclasses.asdict(e), sweep)]
         if not runs:
             continue
         fixed = {e.tokens if sweep == "params" else e.n_params_nonembedding for e in runs}
@@ -176,8 +176,9 @@ def simulate(cfg: rse.RunConfig, preset: rse.Preset, law: str, noise: float, see
     z_final = np.random.default_rng([seed, 0]).standard_normal(len(plan))   # one draw per run, plan order
     experiments = []
     for i, exp in enumerate(plan):
-        # a WSD branch of the parameter sweep: a point of the law at its own D
-        t = sweeps[exp.sweep] if exp.sweep in sweeps else sweep_truth(law, "params", exp.tokens)
+        # a run of the parameter sweep's rows (a WSD branch, or a row going on past the sweep's D): a
+        # point of the law at its own D
+        t = sweeps["data"] if exp.sweep == "data" else sweep_truth(law, "params", exp.tokens)
         x = exp.tokens if exp.sweep == "data" else exp.n_params_nonembedding
         true_loss = float(rse.power_law(x, t["a"], t["b"], t["c"]))
         final = true_loss * math.exp(noise * z_final[i])
@@ -194,7 +195,7 @@ def simulate(cfg: rse.RunConfig, preset: rse.Preset, law: str, noise: float, see
             "n_params_nonembedding": exp.n_params_nonembedding, "n_params_total": exp.n_params_total,
             "n_layer": exp.n_layer, "d_model": exp.d_model, "n_head": exp.n_head,
             "tokens": exp.tokens, "steps": exp.steps, "tokens_per_step": cfg.tokens_per_step,
-            "in_data_sweep": exp.in_data_sweep, "epochs": None, "peak_lr": exp.peak_lr, "flops": exp.flops,
+            "in_data_sweep": exp.in_data_sweep, "in_param_sweep": exp.in_param_sweep, "epochs": None, "peak_lr": exp.peak_lr, "flops": exp.flops,
             "seed": seed,
             "initial_loss": initial, "final_val_loss": final, "true_loss": true_loss, "status": "completed",
             "wall_time_s": 0.0, "tokens_per_s": None,

@@ -226,21 +226,30 @@ class Preset:
     schedule: str = "cosine"        # or "wsd" (warmup-stable-decay)
     horizons: str | None = None     # WSD cooldown branches of every parameter-sweep run (--horizons)
     warmup_frac: float = 0.1        # of the parameter sweep's steps: one warmup for every run of the plan
+    # a WSD grid whose rows end at different horizons: each size's stable-run steps, every one of them a
+    # horizon (None: `steps` for every size). Used only with the preset's sizes, steps and horizons.
+    row_steps: tuple[int, ...] | None = None
     lr_width: float = 0.4           # peak LR = min(5e-3, lr_width / d_model) unless --lr (default_peak_lr)
 
-# tiny: a WSD grid, not two lines. Depth-2 models of width 16, 32, 48, 64, 96 (N = 6.6K, 25K, 57K, 100K,
-# 224K), each trained once to 8M tokens (3,904 steps of 64 x 32) with cooldowns branched at 0.5M, 1M, 2M
-# and 4M: 25 points, 39% of the FLOPs of separate runs. The data sweep is the 6.6K model's row (its sizes
-# are exactly those horizons), so it costs nothing. A 32-token context and a 512-token BPE make these
-# sizes bend toward a floor within the budget: at context 128 the larger models still lost a constant or
-# growing amount per doubling of D, so no fit found E. Measured designs are in docs/schedules.md.
+# tiny: a WSD grid, not two lines. Depth-2 models of width 32, 48, 64, 96, 128 (N = 25K, 57K, 100K, 224K,
+# 397K). The three narrower train once to 8M tokens (3,904 steps of 64 x 32) with cooldowns branched at 1M,
+# 2M and 4M; the two wider to 4M, branched at 1M and 2M (row_steps): the rectangle's costliest corner is
+# left out. L(N) is the five sizes at 4M. The data sweep is the 25K model's row, branched also halfway
+# (in log D) between its horizons: seven sizes from 1M to 8M for a few seconds of cooldowns, so L(D)'s
+# hold-out refits c + a/D^b on six points (on four, a pure power law on three missed English text by
+# -3.3%). 21 points. Measured against the rectangle before it (widths 16-96 at 0.5M-8M): the width-16
+# row was flatter than E + A/N^alpha + B/D^beta allows (residuals -4.4% to +2.7%), and without a wider
+# model the tokens-per-parameter interval at 1e18 FLOPs spanned 300-375x on the built-in corpus; this
+# grid, 11x. A 32-token context and a 512-token BPE make these sizes bend toward a floor within the
+# budget: at context 128 the larger models still lost a constant or growing amount per doubling of D,
+# so no fit found E. Measured designs are in docs/schedules.md.
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset("tiny", (6_600, 25_000, 56_000, 100_000, 220_000),
-                   tuple(244 * 2**k * 2048 for k in range(5)),     # 0.5M-8M: the horizons' token counts
-                   steps=3904, data_model_size=6_600, batch_size=64, context_length=32, vocab_size=512,
+    "tiny": Preset("tiny", (25_000, 56_000, 100_000, 220_000, 400_000),
+                   tuple(s * 2048 for s in (488, 690, 976, 1380, 1952, 2760, 3904)),    # 1M-8M, the 25K row
+                   steps=3904, data_model_size=25_000, batch_size=64, context_length=32, vocab_size=512,
                    n_layer=2, head_dim=16, eval_interval=200, eval_batches=20, log_interval=50,
-                   schedule="wsd", horizons="0.0625x,0.125x,0.25x,0.5x,1x", warmup_frac=0.01,
-                   lr_width=0.3),
+                   schedule="wsd", horizons="0.125x,0.25x,0.5x,1x", warmup_frac=0.01,
+                   lr_width=0.3, row_steps=(3904, 3904, 3904, 1952, 1952)),
     "quick": Preset("quick", (5 * 10**6, 20 * 10**6, 50 * 10**6), (10 * 10**6, 50 * 10**6, 100 * 10**6),
                     steps=3000, data_model_size=20 * 10**6),
     "standard": Preset("standard", tuple(x * 10**6 for x in (5, 10, 20, 50, 100)),
@@ -323,6 +332,9 @@ class Experiment:
     branch_step: int = 0
     branch_points: tuple[int, ...] = ()    # a stable run: the steps where its branches leave it
     in_data_sweep: bool = False    # WSD: a parameter-sweep run that is also a point of the data sweep
+    # rows that end at different D (row_steps): True for the runs at the D every row reaches, the 1-D
+    # L(N)'s points; False for the row's other runs. None: the parameter sweep is the stable runs.
+    in_param_sweep: bool | None = None
 
     @property
     def trained_steps(self) -> int:
@@ -392,6 +404,7 @@ class RunConfig:
     cooldown_frac: float = 0.2
     cooldown_shape: str = "1-sqrt"
     horizons: str | None = None
+    row_steps: list[int] | None = None       # each size's stable-run steps (Preset.row_steps); None: steps
     warmup_steps: int | None = None          # None: warmup_frac x steps, the same for every run
     validate: float | None = None  # --validate: train the compute-optimal model at this x the largest compute
 
@@ -426,14 +439,32 @@ def horizon_steps(cfg: RunConfig) -> list[int]:
     return sorted(steps)
 
 
+def row_horizons(cfg: RunConfig, horizons: list[int]) -> list[list[int]]:
+    """Each parameter-sweep size's horizons in steps, ascending, the last its stable run's: every
+    horizon up to the size's row_steps (cfg.row_steps, which needs horizons), or all of them."""
+    if not cfg.row_steps or not cfg.horizons:
+        return [horizons] * len(cfg.param_sizes)
+    if len(cfg.row_steps) != len(cfg.param_sizes) or not set(cfg.row_steps) <= set(horizons):
+        raise UserError(f"row steps {cfg.row_steps} must give one horizon of {horizons} per size "
+                        f"({len(cfg.param_sizes)} sizes)")
+    return [[h for h in horizons if h <= last] for last in cfg.row_steps]
+
+
+def data_steps(cfg: RunConfig) -> list[int]:
+    """The data sweep's lengths in steps, ascending."""
+    return sorted({max(1, round(d / cfg.tokens_per_step)) for d in cfg.data_sizes})
+
+
 def shared_data_model(cfg: RunConfig, preset: Preset, horizons: list[int]) -> int | None:
     """The parameter-sweep size whose WSD runs are also the data sweep, or None: the data sweep's model
-    has that size's shape and its lengths in steps are exactly that size's horizons."""
-    data_steps = sorted({max(1, round(d / cfg.tokens_per_step)) for d in cfg.data_sizes})
-    if cfg.schedule != "wsd" or not cfg.data_sizes or data_steps != horizons:
+    has that size's shape, its largest length is that size's stable run and every horizon of that size
+    is one of its lengths. Lengths that are not horizons become extra branches of that size's row."""
+    if cfg.schedule != "wsd" or not cfg.data_sizes:
         return None
-    shape = choose_shape(cfg.data_model_size, preset)
-    return next((n for n in cfg.param_sizes if choose_shape(n, preset) == shape), None)
+    shape, lengths = choose_shape(cfg.data_model_size, preset), data_steps(cfg)
+    return next((n for n, row in zip(cfg.param_sizes, row_horizons(cfg, horizons))
+                 if choose_shape(n, preset) == shape and lengths[-1] == row[-1] and set(row) <= set(lengths)),
+                None)
 
 
 def build_plan(cfg: RunConfig, preset: Preset) -> list[Experiment]:
@@ -469,10 +500,16 @@ def build_plan(cfg: RunConfig, preset: Preset) -> list[Experiment]:
 
     plan, horizons = [], horizon_steps(cfg)
     shared = shared_data_model(cfg, preset, horizons)
-    for n in cfg.param_sizes:
-        main = make(f"params-N{format_count(n)}", "params", n, n, horizons[-1])
+    rows = [data_steps(cfg) if n == shared else row             # the data sweep's row: its lengths
+            for n, row in zip(cfg.param_sizes, row_horizons(cfg, horizons))]
+    common = min(row[-1] for row in rows)       # the steps every row reaches: the 1-D L(N)'s D
+    ragged = len({row[-1] for row in rows}) > 1
+    for n, steps in zip(cfg.param_sizes, rows):
+        main = make(f"params-N{format_count(n)}", "params", n, n, steps[-1])
         row = with_branches(main, [make(f"{main.name}@{format_count(h * tps)}", "horizons", n, n, h, main.name)
-                                   for h in horizons[:-1]])
+                                   for h in steps[:-1]])
+        if ragged:
+            row = [dataclasses.replace(e, in_param_sweep=e.steps == common) for e in row]
         plan += [dataclasses.replace(e, in_data_sweep=True) for e in row] if n == shared else row
     if cfg.data_sizes and shared is None:
         sizes = sorted(cfg.data_sizes)
@@ -1642,7 +1679,7 @@ class TrainState:
             "tokens": exp.tokens, "steps": exp.steps, "tokens_per_step": cfg.tokens_per_step,
             "tokens_processed": trained, "schedule": cfg.schedule, "warmup_steps": exp.warmup_steps,
             "branch_of": exp.branch_of, "branch_step": exp.branch_step if exp.branch_of else None,
-            "in_data_sweep": exp.in_data_sweep, "epochs": round(exp.tokens / len(trainer.corpus.train), 4),
+            "in_data_sweep": exp.in_data_sweep, "in_param_sweep": exp.in_param_sweep, "epochs": round(exp.tokens / len(trainer.corpus.train), 4),
             "peak_lr": exp.peak_lr,
             "flops": exp.flops, "initial_loss": self.initial_loss,
             "final_val_loss": self.curve["val_loss"][-1] if status == "completed" else None,
@@ -2964,7 +3001,8 @@ def check_mergeable(records: list[dict]) -> None:
     for key in MERGE_KEYS + tuple(k for ks in MERGE_KEYS_PER_SWEEP.values() for k in ks):
         groups: dict[str, list[str]] = {}
         for r in defined:
-            if key in MERGE_KEYS or key in MERGE_KEYS_PER_SWEEP.get(r.get("sweep"), ()):
+            if key in MERGE_KEYS or any(key in keys and in_sweep(r, sweep)
+                                        for sweep, keys in MERGE_KEYS_PER_SWEEP.items()):
                 groups.setdefault(json.dumps(r["definition"].get(key)), []).append(r["run_id"])
         if len(groups) > 1:
             sides = "; ".join(f"{key} {v} in {', '.join(ids[:3])}" + (" ..." if len(ids) > 3 else "")
@@ -3918,7 +3956,10 @@ def isoflop_agreement(iso: dict, joint: dict) -> dict:
 # --- runs -> points ---------------------------------------------------------------------------------
 
 def in_sweep(e: dict, sweep: str) -> bool:
-    """A run of this sweep: the data sweep also holds parameter-sweep runs marked `in_data_sweep`."""
+    """A run of this sweep: the data sweep also holds parameter-sweep runs marked `in_data_sweep`; in a
+    grid whose rows end at different D, the parameter sweep is the runs marked `in_param_sweep`."""
+    if sweep == "params" and e.get("in_param_sweep") is not None:
+        return bool(e["in_param_sweep"])
     return e.get("sweep") == sweep or (sweep == "data" and bool(e.get("in_data_sweep")))
 
 
@@ -4915,6 +4956,8 @@ def config_from_args(args) -> tuple[RunConfig, Preset]:
         keep_checkpoints=args.keep_checkpoints, validate=args.validate, schedule=schedule,
         cooldown_frac=args.cooldown_frac, cooldown_shape=args.cooldown_shape,
         horizons=args.horizons if args.horizons is not None else preset_horizons,
+        row_steps=(list(preset.row_steps) if preset.row_steps and not args.param_sizes and not args.max_steps
+                   and args.horizons is None and preset_horizons else None),
         warmup_frac=preset.warmup_frac, warmup_steps=args.warmup_steps,
     ), preset
 
@@ -4932,6 +4975,11 @@ def print_plan(plan: list[Experiment], cfg: RunConfig, estimates: dict[str, floa
             f"{format_count(e.tokens):>8} {e.steps:>6} {e.flops:>9.2e} {e.peak_lr:>8.2e} {est:>8}{branch}")
     for line in branch_savings_lines(plan):
         log(line)
+    if longer := [e for e in plan if e.in_param_sweep is False and not e.branch_of]:
+        at = next(e for e in plan if e.in_param_sweep)
+        log(f"  parameter sweep: every size at {format_count(at.tokens)} tokens (L(N)); "
+            f"{', '.join(e.name for e in longer)} go on to {format_count(max(e.tokens for e in longer))} "
+            f"for the joint law")
     if shared := [e for e in plan if e.in_data_sweep]:
         log(f"  data sweep: the {format_count(shared[0].n_params_nonembedding)} model's runs above at "
             f"{', '.join(format_count(e.tokens) for e in shared)} tokens (its horizons; nothing trains twice)")
@@ -5289,7 +5337,8 @@ def prepare(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info: Distribu
         rec = store.load(exp.run_id)
         if rec is not None and rec["status"] in FINAL_STATUSES and \
                 rec["experiment_hash"] == definition_hash(experiment_definition(exp, cfg, corpus.record)):
-            done[exp.run_id] = {**rec, "in_data_sweep": exp.in_data_sweep}   # this plan's data sweep
+            done[exp.run_id] = {**rec, "in_data_sweep": exp.in_data_sweep,   # this plan's sweeps
+                                "in_param_sweep": exp.in_param_sweep}
     for exp in runs:    # a stable run counts as finished only with its branches: they need its states
         if exp.branch_points and any(b.branch_of == exp.name and b.seed == exp.seed and b.run_id not in done
                                      for b in runs):

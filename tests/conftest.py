@@ -14,7 +14,7 @@ SCRIPT = ROOT / "run_scaling_experiments_enhanced.py"
 # Arguments that make a real end-to-end run take seconds on a 2-core CPU: tiny's machinery on two cosine
 # sweeps (the seed's design; tests/test_wsd.py covers tiny's own WSD grid and its branches).
 SECONDS_SIZED = ["--mode", "tiny", "--schedule", "cosine", "--vocab-size", "512", "--param-sizes", "25K,100K",
-                 "--data-sizes", "16K,32K", "--max-steps", "30", "--batch-size", "8",
+                 "--data-sizes", "16K,32K", "--data-model-size", "6.6K", "--max-steps", "30", "--batch-size", "8",
                  "--context-length", "64", "--eval-interval", "15", "--eval-batches", "2",
                  "--log-interval", "10", "--no-estimate"]
 

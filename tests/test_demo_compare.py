@@ -262,15 +262,18 @@ def test_without_a_demo_the_comparison_simulates_the_real_runs_mode(real_run, tm
                     "kaplan law there (as `python quick_scaling_demo.py --mode tiny --law kaplan --output-dir "
                     "scaling_results_demo` would)"]
     sim = json.loads((tmp_path / "scaling_results_demo" / "results.json").read_text())
-    # tiny's own plan (a WSD grid: 5 sizes x 5 horizons, the smallest's row also the data sweep), not the
-    # real run's reduced one, under Kaplan's law (Chinchilla's gives tiny's small models a loss above
-    # ln 512), fitted by the runner
+    # tiny's own plan (a WSD grid: 5 sizes, 3 of them to 8M tokens and 2 to 4M, the 25K model's row also
+    # the data sweep), not the real run's reduced one, under Kaplan's law (Chinchilla's gives tiny's small
+    # models a loss above ln 512), fitted by the runner
     assert sim["simulated"] is True and sim["mode"] == "tiny" and sim["true_law"]["name"] == "kaplan"
     assert [e["n_params_nonembedding"] for e in sim["experiments"] if e["sweep"] == "params"] == [
-        rse.n_params_nonembedding(2, d) for d in (16, 32, 48, 64, 96)]
-    assert sum(e["sweep"] == "horizons" for e in sim["experiments"]) == 20 and len(sim["experiments"]) == 25
-    assert [e["tokens"] for e in sim["experiments"] if e["in_data_sweep"]] == [244 * 2**k * 2048 for k in range(5)]
-    assert sim["fits"]["params"]["available"] is True and sim["fits"]["data"]["n_points"] == 5
+        rse.n_params_nonembedding(2, d) for d in (32, 48, 64, 96, 128)]
+    assert sum(e["sweep"] == "horizons" for e in sim["experiments"]) == 16 and len(sim["experiments"]) == 21
+    assert [e["tokens"] for e in sim["experiments"] if e["in_data_sweep"]] == [
+        s * 2048 for s in (488, 690, 976, 1380, 1952, 2760, 3904)]
+    # L(N) is every size at 4M tokens: the branches of the longer rows and the stable runs of the others
+    assert [e["tokens"] for e in sim["experiments"] if e["in_param_sweep"]] == [1952 * 2048] * 5
+    assert sim["fits"]["params"]["n_points"] == 5 and sim["fits"]["data"]["n_points"] == 7
     assert (tmp_path / "scaling_results_demo" / "scaling_laws_complete.png").exists()
     report = json.loads((tmp_path / "cmp" / "comparison_report.json").read_text())
     assert report["same_mode"] is True and report["sim"]["simulated"] is True

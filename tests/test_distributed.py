@@ -267,7 +267,7 @@ def test_default_parallel_rule_and_balance(monkeypatch):
     assert rse.default_parallel(runs, cfg, "cuda", 80 * 2**30) == 4
     assert rse.default_parallel(runs, cfg, "cuda", 8 * 2**30) == 1  # one run needs ~4.4 GiB by the estimate
     assert rse.default_parallel(runs, cfg, "cpu", None) == 1      # 20M+ models use both cores themselves
-    # on a CPU: tiny's own plan (models under 1M parameters, 2.35e13 FLOPs) trains two runs at a time
+    # on a CPU: tiny's own plan (models under 1M parameters, 2.74e13 FLOPs) trains two runs at a time
     tiny_cfg, tiny = rse.config_from_args(rse.build_parser().parse_args(["--mode", "tiny"]))
     tiny_runs = rse.build_plan(tiny_cfg, tiny)
     monkeypatch.setattr(rse, "cpu_cores", lambda: 2)
@@ -277,16 +277,18 @@ def test_default_parallel_rule_and_balance(monkeypatch):
     assert rse.runs_at_once(rse.RunScope(), True, tiny_runs, tiny_cfg, "cpu") == 1
     assert rse.runs_at_once(rse.RunScope(child=2), False, tiny_runs, tiny_cfg, "cpu") == 1
     assert rse.runs_at_once(rse.RunScope(parallel=3), False, tiny_runs, tiny_cfg, "cpu") == 3
-    assert rse.default_parallel(tiny_runs[:5], tiny_cfg, "cpu", None) == 1     # one unit: a run and its branches
-    short = rse.build_plan(dataclasses.replace(tiny_cfg, steps=30, horizons=None, schedule="cosine"), tiny)
+    assert rse.default_parallel(tiny_runs[:7], tiny_cfg, "cpu", None) == 1     # one unit: a run and its branches
+    short = rse.build_plan(dataclasses.replace(tiny_cfg, steps=30, horizons=None, schedule="cosine",
+                                               data_sizes=[16_000, 32_000]), tiny)
     assert sum(e.flops for e in short) < rse.CPU_PARALLEL_MIN_FLOPS                 # a test-sized plan
     assert rse.default_parallel(short, tiny_cfg, "cpu", None) == 1
     monkeypatch.setattr(rse, "cpu_cores", lambda: 1)
     assert rse.default_parallel(tiny_runs, tiny_cfg, "cpu", None) == 1
-    # tiny's five units in groups of equal FLOPs: the 224K model alone against the four others
+    # tiny's five units in groups of equal FLOPs (counting total parameters): the 397K model (to 4M
+    # tokens) with the 57K (to 8M), against the 25K, 100K (to 8M) and 224K (to 4M)
     units = [e for e in tiny_runs if not e.branch_of]
     names = [[e.name for e in g] for g in rse.balance_runs(units, 2)]
-    assert names == [["params-N220K"], ["params-N6.6K", "params-N25K", "params-N56K", "params-N100K"]]
+    assert names == [["params-N56K", "params-N400K"], ["params-N25K", "params-N100K", "params-N220K"]]
     assert rse.default_parallel(*plan(full), "cuda", 80 * 2**30) == 1   # 500M: one at a time
     groups = rse.balance_runs(runs, 3)
     assert sorted(e.run_id for g in groups for e in g) == sorted(e.run_id for e in runs)

@@ -1,4 +1,5 @@
 """The runner (issue 2): parameter counts, shapes, LR schedule, data split and cache, the real CLI."""
+import dataclasses
 import json
 import math
 
@@ -43,26 +44,51 @@ def test_initialisation_rule():
 def test_tiny_shapes_are_the_documented_ladder():
     p = rse.PRESETS["tiny"]
     shapes = [rse.choose_shape(n, p) for n in p.param_sizes]
-    assert shapes == [(2, 16, 1), (2, 32, 2), (2, 48, 3), (2, 64, 4), (2, 96, 6)]
-    assert [rse.n_params_nonembedding(l, d) for l, d, _ in shapes] == [6592, 25472, 56640, 100096, 223872]
-    # the grid: every size trained once to 8M tokens with branches at 0.5M-4M; the data sweep is the
-    # 6.6K model's row (its sizes are those horizons' token counts), so no run trains twice
+    assert shapes == [(2, 32, 2), (2, 48, 3), (2, 64, 4), (2, 96, 6), (2, 128, 8)]
+    assert [rse.n_params_nonembedding(l, d) for l, d, _ in shapes] == [25472, 56640, 100096, 223872, 396800]
+    # the grid: the three narrower sizes trained once to 8M tokens with branches at 1M-4M, the two wider
+    # to 4M with branches at 1M and 2M; the data sweep is the 25K model's row, which branches at its
+    # seven sizes (the horizons and the points halfway between them), so no run trains twice
     cfg, _ = rse.config_from_args(rse.build_parser().parse_args(["--mode", "tiny"]))
     plan = rse.build_plan(cfg, p)
-    assert len(plan) == 25 and rse.plan_warmup_steps(cfg) == 39
+    assert len(plan) == 21 and rse.plan_warmup_steps(cfg) == 39
     assert not [e for e in plan if e.sweep == "data"]
-    assert [(e.n_params_nonembedding, e.steps) for e in plan if e.in_data_sweep] == \
-        [(6592, s) for s in (244, 488, 976, 1952, 3904)]
-    for n in (6592, 25472, 56640, 100096, 223872):          # 4 cooldown branches and the stable run to 8M
-        assert [e.steps for e in plan if e.n_params_nonembedding == n] == [244, 488, 976, 1952, 3904]
-    # another ladder size as the data model: its row is the data sweep
+    data_steps = [488, 690, 976, 1380, 1952, 2760, 3904]
+    assert [(e.n_params_nonembedding, e.steps) for e in plan if e.in_data_sweep] == [(25472, s) for s in data_steps]
+    for n, steps in ((25472, 3904), (56640, 3904), (100096, 3904), (223872, 1952), (396800, 1952)):
+        row = [e for e in plan if e.n_params_nonembedding == n]
+        assert [e.steps for e in row] == (data_steps if n == 25472 else
+                                          [s for s in (488, 976, 1952, 3904) if s <= steps])
+        assert [e.name for e in row if not e.branch_of] == [row[-1].name] and row[-1].steps == steps
+        # L(N) is every size at the D all rows reach (4M); a row's other runs feed the joint law only
+        assert [e.steps for e in row if e.in_param_sweep] == [1952]
+        assert all(e.in_param_sweep is False for e in row if e.steps != 1952)
+    records = [{"sweep": e.sweep, "in_data_sweep": e.in_data_sweep, "in_param_sweep": e.in_param_sweep,
+                "n_params_nonembedding": e.n_params_nonembedding, "tokens": e.tokens, "status": "completed",
+                "final_val_loss": 3.0} for e in plan]
+    assert [r["tokens"] for r in rse.usable_runs(records, "params")] == [1952 * 2048] * 5
+    assert rse.sweep_fixed_values(records) == {"params": 1952 * 2048, "data": 25472}
+    assert len(rse.usable_runs(records, "data")) == 7
+    # another ladder size as the data model: its row is the data sweep, branched at every data size
     cfg, _ = rse.config_from_args(rse.build_parser().parse_args(["--mode", "tiny", "--data-model-size", "100K"]))
-    assert {e.n_params_nonembedding for e in rse.build_plan(cfg, p) if e.in_data_sweep} == {100096}
-    # data sizes that are not the horizons, a model not in the ladder, other horizons: its own runs
-    for extra in (["--data-sizes", "0.5M,1M,2M"], ["--data-model-size", "400K"], ["--max-steps", "1000"]):
+    plan = rse.build_plan(cfg, p)
+    assert [e.steps for e in plan if e.in_data_sweep] == data_steps and len(plan) == 21
+    assert {e.n_params_nonembedding for e in plan if e.in_data_sweep} == {100096}
+    # a wider size's row is shorter than the data sweep's sizes: its own runs, as are other data sizes
+    # and a model not in the ladder
+    for extra in (["--data-model-size", "220K"], ["--data-sizes", "0.5M,1M,2M"], ["--data-model-size", "6.6K"]):
         cfg, _ = rse.config_from_args(rse.build_parser().parse_args(["--mode", "tiny", *extra]))
         plan = rse.build_plan(cfg, p)
         assert not any(e.in_data_sweep for e in plan) and [e for e in plan if e.sweep == "data"]
+    # other sizes, steps or horizons: every row to the same length, the stable runs are the parameter sweep
+    for extra in (["--max-steps", "1000"], ["--param-sizes", "25K,100K"], ["--horizons", "0.5x,1x"]):
+        cfg, _ = rse.config_from_args(rse.build_parser().parse_args(["--mode", "tiny", *extra]))
+        plan = rse.build_plan(cfg, p)
+        assert cfg.row_steps is None and {e.steps for e in plan if e.sweep == "params"} == {cfg.steps}
+        assert all(e.in_param_sweep is None for e in plan)
+    cfg, _ = rse.config_from_args(rse.build_parser().parse_args(["--mode", "tiny"]))
+    with pytest.raises(rse.UserError, match="one horizon of"):
+        rse.build_plan(dataclasses.replace(cfg, row_steps=[3904, 3904, 3904, 1952, 1000]), p)
 
 
 @pytest.mark.parametrize("mode", ["quick", "standard", "full"])

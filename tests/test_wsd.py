@@ -48,8 +48,8 @@ def test_four_doubling_horizons_cost_under_065_of_separate_runs():
         if main.sweep == "params":
             assert [b.steps for b in branches] == [100, 200, 400] and main.steps == 800
             assert processed / separate == pytest.approx((800 + 0.2 * 700) / 1500) and processed / separate < 0.65
-    assert [e.name for e in plan if e.sweep == "horizons"][:3] == ["params-N6.6K@205K", "params-N6.6K@410K",
-                                                                   "params-N6.6K@819K"]
+    assert [e.name for e in plan if e.sweep == "horizons"][:3] == ["params-N25K@205K", "params-N25K@410K",
+                                                                   "params-N25K@819K"]
     with pytest.raises(rse.UserError, match="add --schedule wsd"):
         plan_of("--schedule", "cosine", "--horizons", "0.5x,1x")
     with pytest.raises(rse.UserError, match="inside the 80-step warmup"):
