@@ -240,7 +240,7 @@ class Preset:
 # -3.3%). 21 points. Measured against the rectangle before it (widths 16-96 at 0.5M-8M): the width-16
 # row was flatter than E + A/N^alpha + B/D^beta allows (residuals -4.4% to +2.7%), and without a wider
 # model the tokens-per-parameter interval at 1e18 FLOPs spanned 300-375x on the built-in corpus; this
-# grid, 11x. A 32-token context and a 512-token BPE make these sizes bend toward a floor within the
+# grid, 14x. A 32-token context and a 512-token BPE make these sizes bend toward a floor within the
 # budget: at context 128 the larger models still lost a constant or growing amount per doubling of D,
 # so no fit found E. Measured designs are in docs/schedules.md.
 PRESETS: dict[str, Preset] = {
@@ -3041,12 +3041,13 @@ def merge_saved_runs(folder: Path) -> dict:
     results = dict(bases[0][1]) if bases else {"schema_version": SCHEMA_VERSION, "config": {}}
     results.pop("scope", None)
     seeds = (results.get("config") or {}).get("seeds") or []
-    sweep_rank = {"params": 0, "data": 1}
+    sweep_rank = {"params": 0, "horizons": 0, "data": 1}
 
-    def plan_order(e):
+    def plan_order(e):      # build_plan's: each row's branches, shortest first, then its stable run
         seed = e.get("seed", 0)
         return (seeds.index(seed) if seed in seeds else len(seeds) + (seed or 0),
-                sweep_rank.get(e.get("sweep"), 2), e.get("target") or 0, str(e.get("run_id", e.get("name"))))
+                sweep_rank.get(e.get("sweep"), 2), e.get("target") or 0, e.get("tokens") or 0,
+                str(e.get("run_id", e.get("name"))))
 
     results["experiments"] = sorted(experiments, key=plan_order)
     results["merged_from"] = {"runs_folder": str(store.folder), "run_records": len(records),
@@ -4222,7 +4223,11 @@ def analyse_runs(experiments: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: 
     """Everything results.json says about the fits of a set of training runs: `fits` (params, data,
     joint), `predictions`, `holdout`, `compute_optimal`. Pure; never raises on degenerate runs. The
     --validate run, a check of these fits, is left out of them."""
-    experiments = fitted_runs(experiments)
+    # a fixed order, so that the bootstrap's draws do not depend on the order the runs finished in (a
+    # run's results.json and --fit-only on its folder list them differently)
+    experiments = sorted(fitted_runs(experiments), key=lambda e: (
+        str(e.get("sweep")), e.get("n_params_nonembedding") or 0, e.get("tokens") or 0, e.get("seed") or 0,
+        str(e.get("name"))))
     fits = fit_sweeps(experiments, n_bootstrap, seed)
     holdout = {}
     for sweep, key in SWEEP_X.items():

@@ -163,6 +163,17 @@ def fake_experiments(n_sweep=4, law=(40.0, 0.3, 2.0), noise=0.01, seed=0):
     return exps
 
 
+def test_fits_do_not_depend_on_the_order_of_the_runs():
+    # a run's results.json lists its runs as they finished, --fit-only in plan order: the bootstrap must
+    # draw the same resamples either way
+    exps = fake_experiments(n_sweep=5, noise=0.02, seed=4)
+    a, b = rse.analyse_runs(exps, 200), rse.analyse_runs(exps[::-1], 200)
+    assert a["fits"]["joint"]["ci95"] == b["fits"]["joint"]["ci95"]
+    assert a["fits"]["params"]["ci95"] == b["fits"]["params"]["ci95"]
+    assert a["compute_optimal"] == b["compute_optimal"] and a["holdout"] == b["holdout"]
+    assert a["fits"]["joint"]["ci95"]["alpha"][0] < a["fits"]["joint"]["ci95"]["alpha"][1]   # real intervals
+
+
 def test_fit_only_without_torch_recomputes_fits_holdout_and_bands(tmp_path):
     folder = tmp_path / "saved"
     folder.mkdir()

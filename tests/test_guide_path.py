@@ -176,17 +176,17 @@ def test_one_writer_per_folder_and_a_killed_run_does_not_block(tmp_path, byte_to
 
 
 def test_a_run_that_cannot_fit_in_memory_is_refused(tmp_path, byte_tokens):
-    # tiny's own sizes (up to 224K parameters, vocabulary 512) at 100K tokens per sequence: ~69 GB (cosine:
+    # tiny's own sizes (up to 397K parameters, vocabulary 512) at 100K tokens per sequence: ~83 GB (cosine:
     # under WSD, 6.4M tokens per step leave the shortest horizon a 1-step branch, refused in its own words)
     r = run_cli(["--mode", "tiny", "--context-length", "100000", "--output-dir", tmp_path / "out"], tmp_path)
     assert r.returncode == 2 and r.stderr.strip() == (
-        "error: data-D500K: a WSD branch of 1 steps would start its cooldown at step 0, inside the 39-step warmup; "
+        "error: data-D999K: a WSD branch of 1 steps would start its cooldown at step 0, inside the 39-step warmup; "
         "choose longer horizons (or fewer tokens per step)")
     r = run_cli(["--mode", "tiny", "--schedule", "cosine", "--context-length", "100000", "--output-dir",
                  tmp_path / "out"], tmp_path)
     assert r.returncode == 2
     line = r.stderr.strip()
-    assert len(line.splitlines()) == 1 and line.startswith("error: params-N220K would need about 69")
+    assert len(line.splitlines()) == 1 and line.startswith("error: params-N400K would need about 83")
     assert "at batch 64 x context 100000, more than this machine's RAM" in line and "--context-length" in line
     assert "data:" not in r.stdout                                 # refused before the corpus is read
     # a context longer than the corpus: one line too, not a traceback
