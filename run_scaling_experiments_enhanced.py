@@ -407,6 +407,7 @@ class RunConfig:
     row_steps: list[int] | None = None       # each size's stable-run steps (Preset.row_steps); None: steps
     warmup_steps: int | None = None          # None: warmup_frac x steps, the same for every run
     validate: float | None = None  # --validate: train the compute-optimal model at this x the largest compute
+    n_count: str | None = None     # --n-count: the N of the joint law (None: DEFAULT_N_COUNT)
 
     @property
     def tokens_per_step(self) -> int:
@@ -3209,6 +3210,12 @@ REFERENCE_MODELS = {
     "params": [("GPT-2", 1.5e9), ("GPT-3", 175e9), ("GPT-4 (~1.8T, rumoured MoE)", 1.8e12)],
     "data": [("LLaMA", 1.4e12), ("Llama 2", 2e12), ("Llama 3", 15e12)],
 }
+# The stars of the figure: published models at their published (total N, training tokens D); the joint
+# law's loss there is what "a model like that" means to the field. Our predictions are for this corpus
+# and tokenizer, not these models' own losses.
+REFERENCE_POINTS = [("GPT-3 175B", 175e9, 300e9), ("Chinchilla 70B", 70e9, 1.4e12), ("LLaMA 65B", 65.2e9, 1.4e12),
+                    ("Llama 2 70B", 70e9, 2e12), ("Llama 3 8B", 8e9, 15e12), ("Llama 3 70B", 70e9, 15e12),
+                    ("Llama 3 405B", 405e9, 15.6e12)]
 # Kaplan et al. 2020, nats on WebText2 with the GPT-2 tokenizer.
 KAPLAN = {"params": (8.8e13, 0.076), "data": (5.4e13, 0.095)}
 # Right edge of panels 1 and 2 (and of their 95% bands): GPT-4's rumoured N, Llama 3's D.
@@ -3232,10 +3239,21 @@ ROLLOUT_BOOTSTRAP = 200
 ROLLOUT_MAX_CUTOFFS = 6
 # IsoFLOP profiles (Approach 2): a budget needs this many distinct sizes, the fit this many budgets.
 ISOFLOP_MIN_SIZES = 3
+ISOFLOP_INTERVAL_MIN_SIZES = 4     # a budget's own N_opt interval: a parabola through 3 sizes fits exactly
 ISOFLOP_MIN_BUDGETS = 3
 ISOFLOP_SPAN = 1.1                 # a binned budget's runs lie within this factor of its cheapest run's C
 ISOFLOP_INTERPOLATED_BUDGETS = 5   # budgets placed when the runs' compute does not bin
 ONE_VAR_REFINED = 12
+# The joint law's bootstrap (_row_bootstrap): a row's shared noise is at least this times the
+# within-row scatter when one seed per size cannot measure it, and a D column's own scatter is shrunk
+# toward the pooled one with this many pseudo-points. Measured coverage: docs/fits.md.
+ROW_NOISE_FLOOR = 1.0
+ROW_COLUMN_PRIOR = 2.0
+OPEN_SHARE = 0.025                 # more draws than this beyond a side of an interval: that side is open
+# The N of the joint law: every parameter (Chinchilla's count) or all but the embeddings (Kaplan's). The
+# default, and the measurement behind it: docs/fits.md.
+N_COUNTS = {"non-embedding": "n_params_nonembedding", "total": "n_params_total"}
+DEFAULT_N_COUNT = "total"
 
 
 def power_law(x, a, b, c=0.0):
@@ -3405,30 +3423,105 @@ def _bootstrap(theta_hat, logx, logy, with_e, n_boot, seed, min_distinct):
     return theta[good], None
 
 
-def _residual_bootstrap(theta_hat, logx, logy, with_e, n_boot, seed):
-    """Refit on n_boot synthetic data sets at the runs' own (N, D): the fitted log-loss plus residuals
-    drawn with replacement, each refit started from the full-data optimum. Returns the parameter rows
-    (S, p), or None with a reason.
+def row_index(rows, n: int) -> np.ndarray:
+    """Each point's row as an integer 0..R-1 (first-seen order); None: every point its own row."""
+    if rows is None:
+        return np.arange(n)
+    labels: dict = {}
+    return np.array([labels.setdefault(r, len(labels)) for r in rows], dtype=int)
 
-    The design stays fixed, as it is in a sweep: resampling the runs themselves (pairs) varies how many
-    runs sit at each size, which on a 6 x 5 grid gave 99.5% coverage for a nominal 95%. The residuals are
-    scaled by sqrt(n / (n - p)) because a fit with p parameters leaves them smaller than the noise;
-    unscaled, 30 runs and 5 parameters under-cover. They are not centred: the Huber fit is closer to a
-    median than a mean fit, so their median, not their mean, is about 0. Noise-free runs leave zero
-    residuals, and every resample then refits to the same point."""
+
+def noise_components(theta_hat, logx, logy, row, with_e: bool = True) -> dict:
+    """The log-loss noise of a fit, split into a part shared by a row's points and a part of each point.
+
+    A WSD row (a stable run and its cooldown branches) shares one initialisation and data order, so
+    one seed's luck moves the whole row. Method of moments on the residuals r = M y, M = I - H the
+    annihilator of the fit's linearisation (H = J J^+): with noise covariance sb^2 ZZ' + sw^2 I (Z the
+    row indicators), E[r'r] = sb^2 tr(M ZZ') + sw^2 tr(M) and E[r'ZZ'r] = sb^2 tr(ZZ'M ZZ'M) +
+    sw^2 tr(ZZ'M). M accounts for what the fit absorbs: a row at its own N is mostly absorbed by the
+    N term, which is why one seed can hardly see sb (`row_noise_measured` False) and a floor is used.
+    Each point's own sd is its D column's (r^2 / M_jj over the column, shrunk toward the pooled
+    within-row value with ROW_COLUMN_PRIOR pseudo-points) where that is larger, so early (short, noisy)
+    horizons keep their larger scatter."""
+    fitted, share = _log_law(theta_hat, logx, with_e)
+    r = logy - fitted[0]
+    n = len(r)
+    J = _jacobian(share, logx, with_e)[0]                                    # (n, p)
+    M = np.eye(n) - J @ np.linalg.pinv(J)
+    Z = (row[:, None] == np.arange(row.max() + 1)[None]).astype(float)       # (n, R)
+    ZZ = Z @ Z.T
+    tr_m = max(np.trace(M), 1e-12)
+    pooled = float(r @ r / tr_m)
+    grouped = np.bincount(row).max() > 1
+    sb2, sw2 = 0.0, pooled
+    if grouped:
+        lhs = np.array([[np.trace(M @ ZZ), tr_m], [np.trace(ZZ @ M @ ZZ @ M), np.trace(ZZ @ M)]])
+        rhs = np.array([r @ r, r @ ZZ @ r])
+        try:
+            sb2, sw2 = np.linalg.solve(lhs, rhs)
+        except np.linalg.LinAlgError:
+            sb2, sw2 = 0.0, pooled
+        if sw2 <= 0:                       # everything looks shared: the first equation alone gives sb
+            sb2, sw2 = pooled * tr_m / max(np.trace(M @ ZZ), 1e-12), 0.0
+        sb2, sw2 = max(float(sb2), 0.0), max(float(sw2), 0.0)
+        if sw2 == 0.0:
+            sw2 = pooled
+    # one seed per size: a row's offset and the law's N term are the same direction, so sb is floored
+    n_of_row = np.exp(logx[0])[np.unique(row, return_index=True)[1]]
+    measured = bool(grouped and len(np.unique(n_of_row)) < row.max() + 1)
+    floor2 = ROW_NOISE_FLOOR ** 2 * sw2 if grouped and not measured else 0.0
+    col = np.unique(np.round(logx[-1], 6), return_inverse=True)[1]
+    m_jj = np.maximum(np.diag(M), 1e-6)
+    k = np.bincount(col).astype(float)
+    col_var = np.bincount(col, r * r / m_jj) / k
+    shrunk = (k * col_var + ROW_COLUMN_PRIOR * sw2) / (k + ROW_COLUMN_PRIOR)
+    point_sd = np.sqrt(np.maximum(shrunk[col], sw2))
+    return {"row_sd_log": float(np.sqrt(max(sb2, floor2))), "row_sd_log_estimated": float(np.sqrt(sb2)),
+            "row_noise_measured": measured, "row_noise_floored": bool(floor2 > sb2),
+            "point_sd_log": point_sd, "within_sd_log": float(np.sqrt(sw2)), "n_rows": int(row.max() + 1),
+            "grouped": bool(grouped)}
+
+
+def _row_bootstrap(theta_hat, logx, logy, row, with_e, n_boot, seed):
+    """Refit on n_boot synthetic data sets at the runs' own (N, D): the fitted log-loss plus a normal
+    offset per row (sd noise_components' row_sd_log, shared by a stable run and its branches) plus a
+    normal offset per point (its column's sd), each refit started from the full-data optimum. Returns
+    the parameter rows (S, p) (non-finite refits kept as NaN rows, so a caller can count them), the
+    noise components, and None or a reason."""
     if n_boot < 1:
-        return None, "no bootstrap resamples asked for"
+        return None, None, "no bootstrap resamples asked for"
     theta_hat = np.asarray(theta_hat, dtype=float)
     n, p = len(logy), len(theta_hat)
     if n <= p:
-        return None, f"{n} points leave no degree of freedom for {p} parameters"
-    fitted = _log_law(theta_hat, logx, with_e)[0][0]                       # (n,)
-    residuals = (logy - fitted) * np.sqrt(n / (n - p))
-    draws = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    theta, f = _refine_batch(np.repeat(theta_hat[None], n_boot, 0), logx, fitted + residuals[draws],
+        return None, None, f"{n} points leave no degree of freedom for {p} parameters"
+    noise = noise_components(theta_hat, logx, logy, row, with_e)
+    fitted = _log_law(theta_hat, logx, with_e)[0][0]
+    rng = np.random.default_rng(seed)
+    shared = rng.standard_normal((n_boot, row.max() + 1))[:, row] * noise["row_sd_log"]
+    own = rng.standard_normal((n_boot, n)) * noise["point_sd_log"]
+    theta, f = _refine_batch(np.repeat(theta_hat[None], n_boot, 0), logx, fitted + shared + own,
                              np.ones(n), with_e)
-    good = np.all(np.isfinite(theta), axis=1) & np.isfinite(f)
-    return theta[good], None
+    theta[~(np.all(np.isfinite(theta), axis=1) & np.isfinite(f))] = np.nan
+    return theta, noise, None
+
+
+def _interval(samples, n_missing: int = 0) -> list[float | None] | None:
+    """2.5th and 97.5th percentiles over every draw, none dropped: a draw without a value (NaN: no
+    optimum, a failed refit; `n_missing` more of them) counts as beyond both ends, +-inf beyond its
+    own. A side with more than 2.5% of draws beyond it is None ("unbounded"): the interval is open
+    there. None without draws."""
+    x = np.concatenate([np.asarray(samples, dtype=float).ravel(), np.full(int(n_missing), np.nan)])
+    if x.size == 0 or np.isnan(x).all():
+        return None
+    with np.errstate(invalid="ignore"):
+        lo = np.percentile(np.where(np.isnan(x), -np.inf, x), 2.5)
+        hi = np.percentile(np.where(np.isnan(x), np.inf, x), 97.5)
+    return [float(lo) if np.isfinite(lo) else None, float(hi) if np.isfinite(hi) else None]
+
+
+def is_open(ci) -> bool:
+    """An interval with a side reported unbounded (None)."""
+    return bool(ci) and (ci[0] is None or ci[1] is None)
 
 
 def _percentiles(samples) -> list[float] | None:
@@ -3582,13 +3675,17 @@ def band95(fit: dict, x) -> dict | None:
     return {"x": [float(v) for v in x], "lo": lo.tolist(), "hi": hi.tolist()}
 
 
-def fit_joint_law(n_params, tokens, loss, n_bootstrap: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> dict:
+def fit_joint_law(n_params, tokens, loss, n_bootstrap: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED,
+                  rows=None) -> dict:
     """Chinchilla Approach 3 as the replication does it: log L = logsumexp(a - alpha log N,
     b - beta log D, e), summed Huber (delta 1e-3) on log-loss residuals, L-BFGS-B from the grid of
-    starts (JOINT_GRID), lowest objective kept; a residual bootstrap (_residual_bootstrap) for the
-    intervals.
+    starts (JOINT_GRID), lowest objective kept; intervals from _row_bootstrap, which draws noise
+    shared by each row (`rows`: one label per point, the stable run a point belongs to; None: every
+    point its own row, independent noise). `_samples` holds the finite parameter draws (a, alpha, b,
+    beta, e), `n_bootstrap_failed` the refits that gave none (counted as open in every interval).
     Unavailable, with the reason, when the runs cannot identify five parameters."""
-    cols, ys, _, notes = clean_points({"N": n_params, "D": tokens}, loss)
+    cols, ys, kept, notes = clean_points({"N": n_params, "D": tokens}, loss)
+    row = row_index(None if rows is None else [r for r, k in zip(rows, kept) if k], int(kept.sum()))
     N, D = cols["N"], cols["D"]
     n = int(len(ys))
     n_distinct = (len(np.unique(N)), len(np.unique(D)))
@@ -3618,45 +3715,100 @@ def fit_joint_law(n_params, tokens, loss, n_bootstrap: int = N_BOOTSTRAP, seed: 
            "huber_objective": best[1], "n_bootstrap": 0,
            "method": f"log-sum-exp form, Huber (delta {HUBER_DELTA:g}, summed) on log-loss residuals, "
                      f"L-BFGS-B from the best {JOINT_REFINED} of a {len(grid)}-start grid (Besiroglu et al. "
-                     f"2024); 95% CI: percentile residual bootstrap (log-loss residuals scaled by "
-                     f"sqrt(n/(n-5)), added to the fitted log-loss at the runs' own N and D), seed {seed}, "
-                     f"refits started from the full-data optimum",
+                     f"2024); 95% CI: percentile parametric bootstrap at the runs' own N and D, seed {seed}, "
+                     f"refits started from the full-data optimum; " + (
+                         "noise drawn per row (a stable run and its cooldown branches share one normal "
+                         "offset) plus per point (its D column's scatter)" if rows is not None else
+                         "points taken as independent (no rows given), each with its D column's scatter"),
            "ci95": {k: None for k in ("E", "A", "B", "alpha", "beta")}}
     fit["E_at_bound"] = bool(E[0] < 1e-3 * ys.min())
     if fit["E_at_bound"]:
         notes.append("E fell to its bound 0: these runs do not identify an irreducible loss, so the "
                      "compute-optimal allocation and far predictions are not trustworthy")
-    samples, why = _residual_bootstrap(theta, logx, logy, True, n_bootstrap, seed)
+    samples, noise, why = _row_bootstrap(theta, logx, logy, row, True, n_bootstrap, seed)
     if samples is None:
         notes.append(f"no interval: {why}")
     else:
+        good = np.all(np.isfinite(samples), axis=1)
+        failed = int((~good).sum())
+        samples = samples[good]
         cols = dict(zip(("E", "A", "B", "alpha", "beta"), _joint_params(samples)))
-        fit["ci95"] = {k: _percentiles(v) for k, v in cols.items()}
-        fit["N_opt_exponent_ci95"] = _percentiles(cols["beta"] / (cols["alpha"] + cols["beta"]))
+        fit["ci95"] = {k: _interval(v, failed) for k, v in cols.items()}
+        fit["N_opt_exponent_ci95"] = _interval(cols["beta"] / (cols["alpha"] + cols["beta"]), failed)
         fit["n_bootstrap"] = int(len(samples))
+        fit["n_bootstrap_failed"] = failed
         fit["_samples"] = samples
+        fit["noise"] = {k: v for k, v in noise.items() if k != "point_sd_log"} | {
+            "point_sd_log_range": [float(noise["point_sd_log"].min()), float(noise["point_sd_log"].max())]}
+        fit["conditional_on"] = intervals_conditional_on(noise)
+        # E at its bound in many draws: the runs cannot place the floor, so neither the exponents
+        unidentified = float(np.mean(cols["E"] < 1e-3 * ys.min())) if len(samples) else 1.0
+        fit["draws_E_at_bound"] = unidentified
+        if unidentified > OPEN_SHARE:
+            fit["unidentified"] = ["E", "alpha", "beta", "N_opt_exponent"]
+            for k in ("E", "alpha", "beta"):
+                fit["ci95"][k] = _open(fit["ci95"][k])
+            fit["N_opt_exponent_ci95"] = _open(fit["N_opt_exponent_ci95"])
+            notes.append(f"{unidentified:.0%} of the bootstrap draws put E at its bound 0: the runs do not "
+                         f"identify the floor, so E, alpha, beta and the allocation are reported open")
     fit["note"] = "; ".join(notes) or None
     return fit
 
 
-def interval_coverage(truth: dict, n_params, tokens, noise_sd: float, n_sets: int,
-                      n_bootstrap: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> dict:
-    """How often the joint fit's nominal 95% intervals of alpha, beta and a = beta/(alpha+beta) hold
-    the truth, over n_sets synthetic data sets loss = L(N, D) * exp(noise_sd * z) at the points
-    (n_params, tokens); set i draws its noise and its bootstrap from seed + i."""
+def _open(ci):
+    """An interval reported unidentified: both sides unbounded."""
+    return [None, None]
+
+
+def intervals_conditional_on(noise: dict) -> str:
+    """What the joint law's intervals assume, in one sentence for the log and results.json."""
+    if not noise["grouped"]:
+        return ("the fitted form, and independent noise per run (no rows of shared seeds given), with each "
+                "D column's own scatter")
+    row = (f"a row-shared noise of {noise['row_sd_log']:.2%} measured across seeds" if noise["row_noise_measured"]
+           else f"a row-shared noise of {noise['row_sd_log']:.2%} (one seed per size cannot measure it; "
+                f"{'floored at ' + format(ROW_NOISE_FLOOR, 'g') + 'x the within-row scatter' if noise['row_noise_floored'] else 'estimated from the residuals'})")
+    return (f"the fitted form, {row}, and per-run noise of {noise['within_sd_log']:.2%} or its D column's "
+            f"larger scatter")
+
+
+def interval_coverage(truth: dict, n_params, tokens, noise_sd: float | None, n_sets: int,
+                      n_bootstrap: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED, rows=None, noise=None,
+                      flops: float = 1e18) -> dict:
+    """How often the joint fit's nominal 95% intervals of alpha, beta, a = beta/(alpha+beta) and tokens
+    per parameter at `flops` (C = 6 N D) hold the truth, over n_sets synthetic data sets
+    loss = L(N, D) * exp(noise) at the points (n_params, tokens). The noise is noise_sd z per point, or
+    noise(rng) (a log-noise vector, e.g. shared by `rows`); `rows` is passed to the fit. An interval
+    with an open side counts as covering on that side; `open` counts the sets that reported one.
+    Set i draws its noise and its bootstrap from seed + i."""
     n_params, tokens = np.asarray(n_params, dtype=float), np.asarray(tokens, dtype=float)
     clean = joint_law(n_params, tokens, **truth)
+    n_opt, d_opt, _ = compute_optimal_allocation(**truth, flops=flops)
     true = {"alpha": truth["alpha"], "beta": truth["beta"],
-            "N_opt_exponent": truth["beta"] / (truth["alpha"] + truth["beta"])}
-    covered = dict.fromkeys(true, 0)
+            "N_opt_exponent": truth["beta"] / (truth["alpha"] + truth["beta"]),
+            "tokens_per_parameter": float(d_opt.item() / n_opt.item())}
+    covered, opened, widths = dict.fromkeys(true, 0), dict.fromkeys(true, 0), {k: [] for k in true}
     for i in range(n_sets):
-        loss = clean * np.exp(np.random.default_rng(seed + i).normal(0, noise_sd, len(clean)))
-        fit = fit_joint_law(n_params, tokens, loss, n_bootstrap, seed + i)
-        intervals = {**fit["ci95"], "N_opt_exponent": fit.get("N_opt_exponent_ci95")}
+        rng = np.random.default_rng(seed + i)
+        loss = clean * np.exp(noise(rng) if noise else rng.normal(0, noise_sd, len(clean)))
+        fit = fit_joint_law(n_params, tokens, loss, n_bootstrap, seed + i, rows=rows)
+        intervals = {**fit["ci95"], "N_opt_exponent": fit.get("N_opt_exponent_ci95"),
+                     "tokens_per_parameter": None}
+        if fit.get("_samples") is not None:
+            E, A, B, al, be = _joint_params(fit["_samples"])
+            nd = compute_optimal_allocation(E, A, B, al, be, flops)
+            intervals["tokens_per_parameter"] = _interval(nd[1][:, 0] / nd[0][:, 0], fit["n_bootstrap_failed"])
+            if "N_opt_exponent" in fit.get("unidentified", []):
+                intervals["tokens_per_parameter"] = [None, None]
         for k, v in true.items():
-            covered[k] += bool(intervals[k] and intervals[k][0] <= v <= intervals[k][1])
+            ci = intervals[k]
+            covered[k] += bool(ci and (ci[0] is None or ci[0] <= v) and (ci[1] is None or v <= ci[1]))
+            opened[k] += is_open(ci)
+            if ci and not is_open(ci):
+                widths[k].append(ci[1] / ci[0] if k == "tokens_per_parameter" else ci[1] - ci[0])
     return {"n_sets": n_sets, "noise_sd": noise_sd, "n_points": len(clean), "covered": covered,
-            "coverage": {k: c / n_sets for k, c in covered.items()}}
+            "coverage": {k: c / n_sets for k, c in covered.items()}, "open": opened,
+            "median_width": {k: float(np.median(w)) if w else None for k, w in widths.items()}}
 
 
 def _joint_params(theta):
@@ -3674,12 +3826,13 @@ def joint_samples(fit: dict, n_params, tokens) -> np.ndarray | None:
         return np.exp(_log_law(fit["_samples"], logx, True)[0])
 
 
-def compute_optimal_allocation(E, A, B, alpha, beta, flops):
-    """Minimise E + A/N^alpha + B/D^beta subject to C = 6 N D. Setting the derivative along the
-    constraint to zero gives N_opt = G (C/6)^(beta/(alpha+beta)), D_opt = G^-1 (C/6)^(alpha/(alpha+beta))
+def compute_optimal_allocation(E, A, B, alpha, beta, flops, flops_per_nd: float = 6.0):
+    """Minimise E + A/N^alpha + B/D^beta subject to C = k N D (k = flops_per_nd: 6 in the textbook
+    count, the runs' measured FLOPs per token and parameter otherwise). Setting the derivative along
+    the constraint to zero gives N_opt = G (C/k)^(beta/(alpha+beta)), D_opt = G^-1 (C/k)^(alpha/(alpha+beta))
     with G = (alpha A / (beta B))^(1/(alpha+beta)). Returns (N_opt, D_opt, loss at the optimum)."""
     E, A, B, alpha, beta = (np.asarray(v, dtype=float)[..., None] for v in (E, A, B, alpha, beta))
-    c6 = np.asarray(flops, dtype=float) / 6.0
+    c6 = np.asarray(flops, dtype=float) / flops_per_nd
     # a bootstrap draw with an exponent at its bound of 0 has no interior optimum: NaN, left out of intervals
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         G = np.power(alpha * A / (beta * B), 1.0 / (alpha + beta))
@@ -3700,57 +3853,77 @@ def compute_budgets(run_flops) -> list[tuple[str, float]]:
     return sorted(budgets, key=lambda t: t[1])
 
 
-def compute_optimal(joint: dict, run_flops) -> dict:
-    """N_opt(C), D_opt(C), tokens per parameter and the loss at the optimum, with 95% intervals from the
-    joint law's bootstrap, for the budgets of compute_budgets."""
+def flops_per_nd(points: list[dict]) -> float:
+    """The runs' training FLOPs per token and parameter (k in C = k N D, N the fitted count): the
+    geometric mean over the points of C / (N D); 6 without points."""
+    k = [point_flops(p) / (p["N"] * p["D"]) for p in points]
+    return float(np.exp(np.mean(np.log(k)))) if k else 6.0
+
+
+def compute_optimal(joint: dict, run_flops, k_flops: float = 6.0) -> dict:
+    """N_opt(C), D_opt(C), tokens per parameter and the loss at the optimum under C = k N D, with 95%
+    intervals from the joint law's bootstrap, for the budgets of compute_budgets. A draw without an
+    optimum is kept as NaN: past 2.5% of draws the interval is open on that side (_interval)."""
     if not joint.get("available"):
         return {"available": False, "reason": f"needs the joint law L(N, D), which is unavailable: "
                                               f"{joint.get('reason')}"}
     budgets = compute_budgets(run_flops)
     flops = np.array([c for _, c in budgets])
     n_opt, d_opt, l_opt = (v.reshape(-1) for v in compute_optimal_allocation(
-        joint["E"], joint["A"], joint["B"], joint["alpha"], joint["beta"], flops))
+        joint["E"], joint["A"], joint["B"], joint["alpha"], joint["beta"], flops, k_flops))
     draws = None
+    failed = joint.get("n_bootstrap_failed", 0)
+    unidentified = "N_opt_exponent" in joint.get("unidentified", [])
     if joint.get("_samples") is not None:
         E, A, B, al, be = _joint_params(joint["_samples"])
-        draws = compute_optimal_allocation(E, A, B, al, be, flops)           # each (S, n_budgets)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            draws = compute_optimal_allocation(E, A, B, al, be, flops, k_flops)           # each (S, n_budgets)
     # one new run trained at the optimum: the loss draws with the joint fit's residual scatter
     noisy_loss = with_noise(draws[2], joint.get("residual_std_log")) if draws is not None else None
+
+    def interval(v):
+        return None if draws is None else [None, None] if unidentified else _interval(v, failed)
+
     rows = []
     for i, (label, c) in enumerate(budgets):
         row = {"label": label, "flops": c, "N_opt": float(n_opt[i]), "D_opt": float(d_opt[i]),
                "tokens_per_parameter": float(d_opt[i] / n_opt[i]), "loss": float(l_opt[i])}
         for key, k in (("N_opt", 0), ("D_opt", 1), ("loss", 2)):
-            row[f"{key}_ci95"] = _percentiles(draws[k][:, i]) if draws is not None else None
-        row["tokens_per_parameter_ci95"] = (_percentiles(draws[1][:, i] / draws[0][:, i])
-                                            if draws is not None else None)
+            row[f"{key}_ci95"] = interval(draws[k][:, i]) if draws is not None else None
+        with np.errstate(invalid="ignore", divide="ignore"):
+            row["tokens_per_parameter_ci95"] = interval(draws[1][:, i] / draws[0][:, i]) if draws is not None else None
         row["loss_pi95"] = _percentiles(noisy_loss[:, i]) if noisy_loss is not None else None
-        if draws is not None:        # draws without an interior optimum are left out of the intervals
-            row["draws_without_optimum"] = int(np.sum(~np.isfinite(draws[0][:, i])))
+        if draws is not None:        # counted as beyond both ends of every interval (_interval)
+            row["draws_without_optimum"] = int(np.sum(~np.isfinite(draws[0][:, i]))) + failed
+            row["open"] = is_open(row["tokens_per_parameter_ci95"]) or is_open(row["N_opt_ci95"])
         rows.append(row)
     a_exp = joint["beta"] / (joint["alpha"] + joint["beta"])
     positive = [f for f in run_flops if f and np.isfinite(f) and f > 0]
     grid = np.logspace(np.log10(min(positive) / 3 if positive else 1e15), 25, 40)
-    curve = compute_optimal_allocation(joint["E"], joint["A"], joint["B"], joint["alpha"], joint["beta"], grid)
+    curve = compute_optimal_allocation(joint["E"], joint["A"], joint["B"], joint["alpha"], joint["beta"], grid,
+                                       k_flops)
     frontier = {"flops": grid.tolist(), "N_opt": curve[0].reshape(-1).tolist(),
                 "D_opt": curve[1].reshape(-1).tolist(), "loss": curve[2].reshape(-1).tolist()}
     if joint.get("_samples") is not None:
         E, A, B, al, be = _joint_params(joint["_samples"])
-        for key, draw in zip(("N_opt", "D_opt", "loss"), compute_optimal_allocation(E, A, B, al, be, grid)):
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            allocation = compute_optimal_allocation(E, A, B, al, be, grid, k_flops)
+        for key, draw in zip(("N_opt", "D_opt", "loss"), allocation):
             with warnings.catch_warnings():       # an all-NaN column gives NaN, written as null below
                 warnings.simplefilter("ignore", RuntimeWarning)
                 lo, hi = np.nanpercentile(draw, [2.5, 97.5], axis=0)
             frontier[f"{key}_lo"] = [float(v) if np.isfinite(v) else None for v in lo]
             frontier[f"{key}_hi"] = [float(v) if np.isfinite(v) else None for v in hi]
-    out = {"available": True, "constraint": "C = 6 N D",
+    out = {"available": True, "constraint": f"C = {k_flops:.3g} N D", "flops_per_nd": k_flops,
+           "n_count": joint.get("n_count"),
            "N_opt_exponent": a_exp, "D_opt_exponent": 1 - a_exp,
            "note": "N_opt grows as C^(beta/(alpha+beta)), D_opt as C^(alpha/(alpha+beta)); far beyond the "
                    "runs' compute these are extrapolations of the joint law",
            "budgets": rows, "frontier": frontier}
     if draws is not None:
         E, A, B, al, be = _joint_params(joint["_samples"])
-        out["N_opt_exponent_ci95"] = _percentiles(be / (al + be))
-        out["D_opt_exponent_ci95"] = _percentiles(al / (al + be))
+        out["N_opt_exponent_ci95"] = [None, None] if unidentified else _interval(be / (al + be), failed)
+        out["D_opt_exponent_ci95"] = [None, None] if unidentified else _interval(al / (al + be), failed)
     return out
 
 
@@ -3810,31 +3983,35 @@ def score_validation(prediction: dict, measured: float | None) -> dict:
 # --- IsoFLOP profiles (Chinchilla Approach 2) ------------------------------------------------------
 
 def isoflop_slices(points: list[dict], span: float = ISOFLOP_SPAN) -> tuple[list[dict], str]:
-    """Group points {'N', 'D', 'loss'} into compute budgets.
+    """Group points {'N', 'D', 'loss'[, 'C', 'row']} into compute budgets, C the runs' real FLOPs
+    (point_flops).
 
-    Binned: sorted by C = 6 N D, a budget opens at the cheapest point not yet grouped and takes every
-    point whose C is within a factor `span` of it; its C is the geometric mean of its points'.
+    Binned: sorted by C, a budget opens at the cheapest point not yet grouped and takes every point
+    whose C is within a factor `span` of it; its C is the geometric mean of its points'.
     Interpolated (when binning gives fewer than 3 budgets of 3 sizes, as on a grid of sizes x token
     horizons whose products do not line up): budgets evenly spaced in log C over the range that 3 or
     more sizes reach, and at each size the loss interpolated linearly in log D between its measured
-    horizons, never extrapolated. Returns the budgets [{'flops', 'N' (n,), 'loss' (n,)}] and the rule."""
-    pts = sorted(points, key=lambda p: p["N"] * p["D"])
+    horizons, never extrapolated. Returns the budgets [{'flops', 'N' (n,), 'loss' (n,), 'row' (n,)}]
+    and the rule; a budget's `row` names the seed row each loss comes from (its size, interpolated)."""
+    pts = sorted(points, key=point_flops)
     bins, i = [], 0
     while i < len(pts):
-        c0 = 6 * pts[i]["N"] * pts[i]["D"]
-        group = [p for p in pts[i:] if 6 * p["N"] * p["D"] <= span * c0]
+        c0 = point_flops(pts[i])
+        group = [p for p in pts[i:] if point_flops(p) <= span * c0]
         i += len(group)
-        C = np.exp(np.mean([np.log(6 * p["N"] * p["D"]) for p in group]))
+        C = np.exp(np.mean([np.log(point_flops(p)) for p in group]))
         bins.append({"flops": float(C), "N": np.array([p["N"] for p in group]),
-                     "loss": np.array([p["loss"] for p in group])})
+                     "loss": np.array([p["loss"] for p in group]),
+                     "row": [p.get("row", p.get("name", j)) for j, p in enumerate(group)]})
     rule = f"binned by compute: each budget's runs within a factor {span:g} of its cheapest run"
     if sum(len(np.unique(b["N"])) >= ISOFLOP_MIN_SIZES for b in bins) >= ISOFLOP_MIN_BUDGETS:
         return bins, rule
-    curves = {}
+    curves, k_of = {}, {}
     for p in points:
         curves.setdefault(p["N"], []).append((np.log(p["D"]), p["loss"]))
+        k_of[p["N"]] = point_flops(p) / (p["N"] * p["D"])           # FLOPs per token and parameter
     curves = {n: np.array(sorted(c)) for n, c in curves.items() if len({d for d, _ in c}) >= 2}
-    reach = np.array([[np.log(6 * n) + c[0, 0], np.log(6 * n) + c[-1, 0]] for n, c in curves.items()])
+    reach = np.array([[np.log(k_of[n] * n) + c[0, 0], np.log(k_of[n] * n) + c[-1, 0]] for n, c in curves.items()])
     if len(reach) < ISOFLOP_MIN_SIZES:
         return bins, rule
     lo, hi = np.sort(reach[:, 0])[ISOFLOP_MIN_SIZES - 1], np.sort(reach[:, 1])[-ISOFLOP_MIN_SIZES]
@@ -3842,53 +4019,70 @@ def isoflop_slices(points: list[dict], span: float = ISOFLOP_SPAN) -> tuple[list
         return bins, rule
     slices = []
     for logc in np.linspace(lo, hi, ISOFLOP_INTERPOLATED_BUDGETS):
-        inside = [(n, np.interp(logc - np.log(6 * n), c[:, 0], c[:, 1]))
-                  for n, c in curves.items() if c[0, 0] <= logc - np.log(6 * n) <= c[-1, 0]]
+        inside = [(n, np.interp(logc - np.log(k_of[n] * n), c[:, 0], c[:, 1]))
+                  for n, c in curves.items() if c[0, 0] <= logc - np.log(k_of[n] * n) <= c[-1, 0]]
         slices.append({"flops": float(np.exp(logc)), "N": np.array([n for n, _ in inside]),
-                       "loss": np.array([v for _, v in inside])})
+                       "loss": np.array([v for _, v in inside]), "row": [("size", n) for n, _ in inside]})
     return slices, ("interpolated: budgets evenly spaced in log C where 3 or more sizes reach; each "
                     "size's loss interpolated linearly in log D between its measured token horizons")
 
 
 def _parabola_vertices(log_n, loss, weights) -> tuple[np.ndarray, np.ndarray]:
     """Weighted least-squares parabolas loss = q u^2 + r u + s in u = log N - mean, one per weight
-    row (S, n): the vertex log N (S,) and the loss there (S,), NaN where the parabola opens downward
-    or the row weights fewer than 3 distinct sizes."""
+    row (S, n) (and per loss row, when loss is (S, n)): the vertex log N (S,) and the loss there (S,),
+    NaN where the parabola opens downward or the row weights fewer than 3 distinct sizes."""
     centre = log_n.mean()
     u = log_n - centre
     X = np.stack([u * u, u, np.ones_like(u)], axis=1)                       # (n, 3)
+    loss = np.broadcast_to(loss, weights.shape)
     distinct = (weights[:, None, :] * (log_n[None, None, :] == np.unique(log_n)[None, :, None]) > 0)
     ok = distinct.any(axis=2).sum(axis=1) >= 3
     coef = np.full((len(weights), 3), np.nan)
     if ok.any():
         XtWX = np.einsum("sn,ni,nj->sij", weights[ok], X, X)
-        coef[ok] = np.linalg.solve(XtWX, np.einsum("sn,ni,n->si", weights[ok], X, loss)[:, :, None])[:, :, 0]
+        coef[ok] = np.linalg.solve(XtWX, np.einsum("sn,ni,sn->si", weights[ok], X, loss[ok])[:, :, None])[:, :, 0]
     q, r, s = coef.T
     with np.errstate(invalid="ignore", divide="ignore"):
         u_min = np.where(q > 0, -r / (2 * q), np.nan)
     return u_min + centre, s + u_min * (r + q * u_min)
 
 
-def _isoflop_budget(s: dict, n_bootstrap: int, rng) -> tuple[dict, np.ndarray | None]:
-    """One budget's parabola: its row for results.json and the bootstrap draws of log N_opt (over
-    the budget's points), or None where the budget is refused (minimum at the edge of its sizes)."""
+def _isoflop_budget(s: dict, k_flops: float) -> dict:
+    """One budget's parabola: its row for results.json, `refused` where the minimum is at the edge of
+    its sizes or the parabola opens downward."""
     log_n, loss, C = np.log(s["N"]), np.asarray(s["loss"], dtype=float), s["flops"]
     v, l_opt = (float(t[0]) for t in _parabola_vertices(log_n, loss, np.ones((1, len(loss)))))
     row = {"label": f"{C:.3g} FLOPs", "flops": C, "n_runs": int(len(loss)), "n_sizes": int(len(np.unique(log_n))),
            "N_range": [float(s["N"].min()), float(s["N"].max())], "N_opt": float(np.exp(v)),
-           "D_opt": float(C / (6 * np.exp(v))), "loss_at_opt": l_opt, "used": False}
+           "D_opt": float(C / (k_flops * np.exp(v))), "loss_at_opt": l_opt, "used": False, "N_opt_ci95": None}
     lowest = log_n[np.argmin(loss)]
     if not np.isfinite(v):
         row["refused"] = "the parabola opens downward: no minimum"
     elif lowest in (log_n.min(), log_n.max()) or not log_n.min() < v < log_n.max():
         end = "smallest" if v <= np.median(log_n) else "largest"
         row["refused"] = f"minimum at the edge of its sizes (the {end}, {format_count(np.exp(log_n.min() if end == 'smallest' else log_n.max()))})"
-    if "refused" in row:
-        return row, None
-    counts = rng.multinomial(len(loss), np.full(len(loss), 1 / len(loss)), size=n_bootstrap).astype(float)
-    draws, _ = _parabola_vertices(log_n, loss, counts)
-    row.update(used=True, N_opt_ci95=_percentiles(np.exp(draws)))
-    return row, draws
+    if "refused" not in row:
+        row["used"] = True
+    return row
+
+
+def isoflop_draws(budgets: list[dict], joint: dict | None, n_bootstrap: int, rng) -> tuple[list, str | None]:
+    """Bootstrap draws of every budget's vertex log N (S,) from one set of perturbed losses: each loss
+    times exp(row offset + own offset), the row offset shared by every budget's entries from the same
+    seed row, the sds the joint law's noise components (its row-shared and within-row sd). All budgets
+    are drawn together, so a seed's luck moves them together. None with a reason without a noise estimate."""
+    noise = (joint or {}).get("noise")
+    if not noise or not (noise["row_sd_log"] > 0 or noise["within_sd_log"] > 0):
+        return [None] * len(budgets), "no noise estimate (the joint law's residuals) to resample"
+    keys = {k: i for i, k in enumerate(dict.fromkeys(r for b in budgets for r in b["row"]))}
+    shared = rng.standard_normal((n_bootstrap, len(keys))) * noise["row_sd_log"]
+    out = []
+    for b in budgets:
+        idx = np.array([keys[r] for r in b["row"]])
+        own = rng.standard_normal((n_bootstrap, len(idx))) * noise["within_sd_log"]
+        loss = np.asarray(b["loss"], dtype=float)[None] * np.exp(shared[:, idx] + own)
+        out.append(_parabola_vertices(np.log(b["N"]), loss, np.ones_like(loss))[0])
+    return out, None
 
 
 def _slope_draws(x, Y) -> np.ndarray:
@@ -3904,12 +4098,19 @@ def _slope_draws(x, Y) -> np.ndarray:
     return np.where(k >= ISOFLOP_MIN_BUDGETS, slope, np.nan)
 
 
+def _nonzero(ci):
+    """An interval, or None where it has zero width (every draw the same: nothing was resampled)."""
+    return ci if ci and (is_open(ci) or ci[1] > ci[0]) else None
+
+
 def fit_isoflop(points: list[dict], joint: dict | None = None, n_bootstrap: int = N_BOOTSTRAP,
                 seed: int = BOOTSTRAP_SEED) -> dict:
     """Chinchilla Approach 2: per compute budget (isoflop_slices) a parabola of loss in log N, its
     vertex N_opt (refused at the edge of the budget's sizes), then N_opt ~ C^a and D_opt ~ C^b by
-    least squares in log-log. Intervals: percentile bootstrap over each budget's points, the line
-    refitted per draw. With the joint law, `a` is set beside its beta/(alpha+beta) and a warning is
+    least squares in log-log. Intervals: every budget redrawn together from the joint law's noise
+    (isoflop_draws), the line refitted per draw; a budget's own N_opt interval only with
+    ISOFLOP_INTERVAL_MIN_SIZES sizes or more (with 3 the parabola fits exactly and its spread is the
+    noise model's alone). With the joint law, `a` is set beside its beta/(alpha+beta) and a warning is
     given when the two 95% intervals do not overlap."""
     slices, rule = isoflop_slices(points)
     usable = [s for s in slices if len(np.unique(s["N"])) >= ISOFLOP_MIN_SIZES]
@@ -3917,25 +4118,37 @@ def fit_isoflop(points: list[dict], joint: dict | None = None, n_bootstrap: int 
         return {"available": False, "grouping": rule,
                 "reason": f"needs at least {ISOFLOP_MIN_BUDGETS} compute budgets with {ISOFLOP_MIN_SIZES} or more "
                           f"sizes each; found {len(usable)} ({len(slices)} budgets in all)"}
-    rng = np.random.default_rng(seed)
-    rows, draws = zip(*(_isoflop_budget(s, n_bootstrap, rng) for s in usable))
-    used = [(r, d) for r, d in zip(rows, draws) if d is not None]
+    k_flops = flops_per_nd(points)
+    rows = [_isoflop_budget(s, k_flops) for s in usable]
+    vertex_draws, why = isoflop_draws(usable, joint, n_bootstrap, np.random.default_rng(seed))
+    for r, d in zip(rows, vertex_draws):
+        if r["used"] and d is not None and r["n_sizes"] >= ISOFLOP_INTERVAL_MIN_SIZES:
+            r["N_opt_ci95"] = _nonzero(_interval(np.exp(d)))
+    used = [(r, d) for r, d in zip(rows, vertex_draws) if r["used"]]
     out = {"available": False, "method": "Chinchilla Approach 2: a parabola of loss in log N per compute budget; "
-                                         "N_opt ~ C^a, D_opt ~ C^b by least squares in log-log; 95% CI: "
-                                         f"percentile bootstrap over each budget's runs, seed {seed}",
-           "grouping": rule, "budgets": list(rows),
+                                         "N_opt ~ C^a, D_opt ~ C^b by least squares in log-log, C the runs' real "
+                                         "FLOPs; 95% CI: every budget redrawn together with the joint law's "
+                                         f"row-shared and per-run noise, seed {seed}; a budget's own interval "
+                                         f"only with {ISOFLOP_INTERVAL_MIN_SIZES}+ sizes",
+           "grouping": rule, "budgets": rows,
            "refused_budgets": [f"{r['label']}: {r['refused']}" for r in rows if not r["used"]]}
     if len(used) < ISOFLOP_MIN_BUDGETS:
         return {**out, "reason": f"only {len(used)} of {len(rows)} budgets have an interior minimum; "
                                  f"needs {ISOFLOP_MIN_BUDGETS}"}
     log_c = np.log([r["flops"] for r, _ in used])
     log_n = np.log([r["N_opt"] for r, _ in used])
-    a_draws = _slope_draws(log_c, np.array([d for _, d in used]))
-    b_draws = _slope_draws(log_c, log_c[:, None] - np.log(6) - np.array([d for _, d in used]))
-    out.update(available=True, n_budgets_used=len(used), n_bootstrap=int(np.isfinite(a_draws).sum()),
-               N_opt_exponent=float(np.polyfit(log_c, log_n, 1)[0]), N_opt_exponent_ci95=_percentiles(a_draws),
-               D_opt_exponent=float(np.polyfit(log_c, log_c - np.log(6) - log_n, 1)[0]),
-               D_opt_exponent_ci95=_percentiles(b_draws))
+    out.update(available=True, n_budgets_used=len(used),
+               N_opt_exponent=float(np.polyfit(log_c, log_n, 1)[0]), N_opt_exponent_ci95=None,
+               D_opt_exponent=float(np.polyfit(log_c, log_c - np.log(k_flops) - log_n, 1)[0]),
+               D_opt_exponent_ci95=None, n_bootstrap=0)
+    if why is None:
+        Y = np.array([d for _, d in used])
+        a_draws = _slope_draws(log_c, Y)
+        b_draws = _slope_draws(log_c, log_c[:, None] - np.log(k_flops) - Y)
+        out.update(n_bootstrap=int(np.isfinite(a_draws).sum()), N_opt_exponent_ci95=_nonzero(_interval(a_draws)),
+                   D_opt_exponent_ci95=_nonzero(_interval(b_draws)))
+    if out["N_opt_exponent_ci95"] is None:
+        out["no_interval"] = why or "every draw gave the same exponent"
     return {**out, **isoflop_agreement(out, joint or {})}
 
 
@@ -3944,8 +4157,11 @@ def isoflop_agreement(iso: dict, joint: dict) -> dict:
     do not overlap."""
     if not joint.get("available"):
         return {"joint_N_opt_exponent": None, "intervals_overlap": None, "warning": None}
-    mine, theirs = iso.get("N_opt_exponent_ci95"), joint.get("N_opt_exponent_ci95")
-    overlap = bool(mine[0] <= theirs[1] and theirs[0] <= mine[1]) if mine and theirs else None
+    mine, theirs = _nonzero(iso.get("N_opt_exponent_ci95")), _nonzero(joint.get("N_opt_exponent_ci95"))
+    inf = float("inf")
+    overlap = (bool((mine[0] if mine[0] is not None else -inf) <= (theirs[1] if theirs[1] is not None else inf)
+                    and (theirs[0] if theirs[0] is not None else -inf) <= (mine[1] if mine[1] is not None else inf))
+               if mine and theirs else None)     # None: a side without an interval is not compared
     warning = None
     if overlap is False:
         warning = (f"IsoFLOP a = {iso['N_opt_exponent']:.3f} {_fmt_ci(mine)} and the joint law's "
@@ -3973,10 +4189,12 @@ def usable_runs(experiments: list[dict], sweep: str) -> list[dict]:
 SWEEP_X = {"params": "n_params_nonembedding", "data": "tokens"}
 
 
-def fit_sweeps(experiments: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> dict:
+def fit_sweeps(experiments: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED,
+               n_count: str = DEFAULT_N_COUNT) -> dict:
     """Fits of both sweeps (x is non-embedding N for the parameter sweep, tokens D for the data sweep),
     each with its 95% band from the smallest run to the right edge of its figure panel, and the joint
-    L(N, D) over every completed run of both sweeps (all seeds)."""
+    L(N, D) over every completed run of both sweeps (all seeds), N counted as `n_count`, its bootstrap
+    drawing noise per row (run_row)."""
     fits = {}
     for sweep, key in SWEEP_X.items():
         runs = usable_runs(experiments, sweep)
@@ -3994,9 +4212,11 @@ def fit_sweeps(experiments: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: in
             fit["band95"] = band95(fit, grid)
         fits[sweep] = fit
     done = [e for e in experiments if e.get("status") == "completed" and e.get("final_val_loss") is not None]
-    fits["joint"] = fit_joint_law([e.get("n_params_nonembedding") for e in done],
+    fits["joint"] = fit_joint_law([e.get(N_COUNTS[n_count]) or e.get("n_params_nonembedding") for e in done],
                                   [e.get("tokens") for e in done],
-                                  [e.get("final_val_loss") for e in done], n_bootstrap, seed)
+                                  [e.get("final_val_loss") for e in done], n_bootstrap, seed,
+                                  rows=[run_row(e) for e in done])
+    fits["joint"]["n_count"] = n_count
     return fits
 
 
@@ -4019,6 +4239,29 @@ def predictions_from_fits(fits: dict, fixed: dict | None = None) -> list[dict]:
                         "predicted_loss_pi95": _percentiles(noisy[:, i]) if noisy is not None else None,
                         "kaplan_loss": float(kaplan_law(x, sweep)), **joint[i]})
     return out
+
+
+def reference_predictions(joint: dict, corpus: dict | None = None) -> list[dict]:
+    """The joint law's loss at every REFERENCE_POINTS model's published (N, D), with its 95% confidence
+    interval (the law) and prediction interval (one new run), for this corpus and tokenizer. Empty
+    without a joint law."""
+    if not joint.get("available"):
+        return []
+    N, D = (np.array([m[i] for m in REFERENCE_POINTS]) for i in (1, 2))
+    pred = joint_law(N, D, *(joint[k] for k in ("E", "A", "B", "alpha", "beta")))
+    draws = joint_samples(joint, N, D)
+    noisy = with_noise(draws, joint.get("residual_std_log"))
+    unidentified = bool(joint.get("unidentified"))
+    failed = joint.get("n_bootstrap_failed", 0)
+    corpus = corpus or {}
+    return [{"name": name, "N": float(n), "D": float(d), "predicted_loss": float(pred[i]),
+             "predicted_loss_ci95": (None if draws is None else [None, None] if unidentified
+                                     else _interval(draws[:, i], failed)),
+             "predicted_loss_pi95": (None if noisy is None else [None, None] if unidentified
+                                     else _interval(noisy[:, i], failed)),
+             "law": "joint", "n_count": joint.get("n_count"), "corpus": corpus.get("name"),
+             "tokenizer": corpus.get("tokenizer")}
+            for i, (name, n, d) in enumerate(REFERENCE_POINTS)]
 
 
 def sweep_fixed_values(experiments: list[dict]) -> dict:
@@ -4089,7 +4332,7 @@ def holdout_joint(points: list[dict], axis: str, n_bootstrap: int, seed: int) ->
     rest = [p for p, t in zip(points, top) if not t]
     held = [p for p, t in zip(points, top) if t]
     fit = fit_joint_law([p["N"] for p in rest], [p["D"] for p in rest], [p["loss"] for p in rest],
-                        n_bootstrap, seed)
+                        n_bootstrap, seed, rows=point_rows(rest))
     if not fit.get("available"):
         return {"available": False, "reason": f"refit without the largest {axis}: {fit['reason']}"}
     summary = _predict_held_out(fit, held, seed)
@@ -4175,24 +4418,48 @@ def rollout_one_variable(runs: list[dict], key: str, n_bootstrap: int = ROLLOUT_
 
 
 def rollout_joint(points: list[dict], n_bootstrap: int = ROLLOUT_BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> dict:
-    """Rollout of the joint law, points ordered by compute C = 6 N D: fit the 6 cheapest runs or
-    more, predict every costlier one."""
-    pts = [{**p, "C": 6 * p["N"] * p["D"]} for p in points]
+    """Rollout of the joint law, points ordered by compute C (the runs' real FLOPs): fit the 6 cheapest
+    runs or more, predict every costlier one."""
+    pts = [{**p, "C": point_flops(p)} for p in points]
     out = rollout(pts, "C", 6, lambda ps, nb, s: fit_joint_law([p["N"] for p in ps], [p["D"] for p in ps],
-                                                               [p["loss"] for p in ps], nb, s), n_bootstrap, seed)
-    return {**out, "order": "compute C = 6 N D, ascending (runs at equal C enter together)"}
+                                                               [p["loss"] for p in ps], nb, s,
+                                                               rows=point_rows(ps)), n_bootstrap, seed)
+    return {**out, "order": "compute C (FLOPs per token x D), ascending (runs at equal C enter together)"}
 
 
-def runs_as_points(experiments: list[dict]) -> list[dict]:
-    """Completed runs but the --validate one as {'name', 'N', 'D', 'loss'} (non-embedding N, tokens D)."""
+def run_row(e: dict) -> tuple:
+    """The row a run's loss shares its noise with: its stable run (itself, or the run it branched
+    from) and its seed. A WSD branch starts from its stable run's weights and data order."""
+    return (e.get("branch_of") or e.get("name"), e.get("seed") or 0)
+
+
+def runs_as_points(experiments: list[dict], n_count: str = DEFAULT_N_COUNT) -> list[dict]:
+    """Completed runs but the --validate one as {'name', 'row', 'N', 'D', 'C', 'loss', 'N_nonembedding',
+    'N_total'}: N counted as `n_count` (a record without a total count falls back to non-embedding),
+    tokens D, and C the run's real training FLOPs (its FLOPs per token times D; 6 N D for a record
+    without them)."""
     pts = []
     for e in fitted_runs(experiments):
         if e.get("status") != "completed" or e.get("final_val_loss") is None:
             continue
-        vals = (e.get("n_params_nonembedding"), e.get("tokens"), e.get("final_val_loss"))
+        n = e.get(N_COUNTS[n_count]) or e.get("n_params_nonembedding")
+        vals = (n, e.get("tokens"), e.get("final_val_loss"))
         if all(v is not None and np.isfinite(v) and v > 0 for v in vals):
-            pts.append({"name": e.get("name"), "N": float(vals[0]), "D": float(vals[1]), "loss": float(vals[2])})
+            fpt = e.get("flops_per_token")
+            pts.append({"name": e.get("name"), "row": run_row(e), "N": float(vals[0]), "D": float(vals[1]),
+                        "C": float(fpt * vals[1]) if fpt else 6.0 * float(vals[0]) * float(vals[1]),
+                        "loss": float(vals[2]), "N_nonembedding": e.get("n_params_nonembedding"),
+                        "N_total": e.get("n_params_total")})
     return pts
+
+
+def point_rows(points: list[dict]):
+    """The points' rows for fit_joint_law, or None (independent) when the points carry none."""
+    return [p["row"] for p in points] if points and all(p.get("row") is not None for p in points) else None
+
+
+def point_flops(p: dict) -> float:
+    return p.get("C") or 6.0 * p["N"] * p["D"]
 
 
 def analyse_points(points: list[dict], fits: dict, n_bootstrap: int, seed: int) -> dict:
@@ -4205,9 +4472,34 @@ def analyse_points(points: list[dict], fits: dict, n_bootstrap: int, seed: int) 
     else:
         for key in ("joint_largest_N", "joint_largest_D", "rollout_joint"):
             holdout[key] = {"available": False, "reason": f"the joint law is unavailable: {fits['joint']['reason']}"}
-    co = compute_optimal(fits["joint"], [6 * p["N"] * p["D"] for p in points])
+    co = compute_optimal(fits["joint"], [point_flops(p) for p in points], flops_per_nd(points))
     return {"holdout": holdout, "compute_optimal": co,
             "isoflop": fit_isoflop(points, fits["joint"], n_bootstrap, seed)}
+
+
+def tokens_per_parameter_by_count(experiments: list[dict], fits: dict, n_bootstrap: int, seed: int) -> dict:
+    """Tokens per parameter at the compute-optimal point under both N counts, each from its own joint
+    law (the fitted count's is compute_optimal's; the other is refitted here), at the largest run's
+    compute and at 1e18 FLOPs, each with its interval; and the largest run's own D / N under both."""
+    out = {}
+    for count in N_COUNTS:
+        points = runs_as_points(experiments, count)
+        if not points:
+            continue
+        joint = fits["joint"] if fits["joint"].get("n_count") == count else fit_joint_law(
+            [p["N"] for p in points], [p["D"] for p in points], [p["loss"] for p in points], n_bootstrap, seed,
+            rows=point_rows(points)) | {"n_count": count}
+        largest = max(points, key=point_flops)
+        row = {"largest_run": largest["name"], "largest_run_tokens_per_parameter": largest["D"] / largest["N"],
+               "alpha": joint.get("alpha"), "alpha_ci95": (joint.get("ci95") or {}).get("alpha")}
+        co = compute_optimal(joint, [point_flops(largest)], flops_per_nd(points))
+        for b in co.get("budgets", []):
+            if b["label"].startswith("runs:") or b["label"] == "1e18 FLOPs":
+                key = "at_largest_run_compute" if b["label"].startswith("runs:") else "at_1e18_flops"
+                row[key] = {"flops": b["flops"], "tokens_per_parameter": b["tokens_per_parameter"],
+                            "tokens_per_parameter_ci95": b["tokens_per_parameter_ci95"]}
+        out[count] = row
+    return out
 
 
 def strip_private(obj):
@@ -4219,7 +4511,8 @@ def strip_private(obj):
     return obj
 
 
-def analyse_runs(experiments: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> dict:
+def analyse_runs(experiments: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED,
+                 n_count: str = DEFAULT_N_COUNT, corpus: dict | None = None) -> dict:
     """Everything results.json says about the fits of a set of training runs: `fits` (params, data,
     joint), `predictions`, `holdout`, `compute_optimal`. Pure; never raises on degenerate runs. The
     --validate run, a check of these fits, is left out of them."""
@@ -4228,25 +4521,31 @@ def analyse_runs(experiments: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: 
     experiments = sorted(fitted_runs(experiments), key=lambda e: (
         str(e.get("sweep")), e.get("n_params_nonembedding") or 0, e.get("tokens") or 0, e.get("seed") or 0,
         str(e.get("name"))))
-    fits = fit_sweeps(experiments, n_bootstrap, seed)
+    fits = fit_sweeps(experiments, n_bootstrap, seed, n_count)
     holdout = {}
     for sweep, key in SWEEP_X.items():
         runs = usable_runs(experiments, sweep)
         holdout[sweep] = holdout_one_variable(runs, key, n_bootstrap, seed)
         holdout[f"rollout_{sweep}"] = rollout_one_variable(runs, key, min(n_bootstrap, ROLLOUT_BOOTSTRAP), seed)
-    extra = analyse_points(runs_as_points(experiments), fits, n_bootstrap, seed)
+    extra = analyse_points(runs_as_points(experiments, n_count), fits, n_bootstrap, seed)
     holdout.update(extra["holdout"])
     out = {"fits": fits, "predictions": predictions_from_fits(fits, sweep_fixed_values(experiments)),
            "holdout": holdout,
            "compute_optimal": extra["compute_optimal"], "isoflop": extra["isoflop"]}
+    if fits["joint"].get("available"):
+        out["compute_optimal"]["tokens_per_parameter_by_count"] = tokens_per_parameter_by_count(
+            experiments, fits, n_bootstrap, seed)
+    out["reference_models"] = reference_predictions(fits["joint"], corpus)
     return strip_private(out)
 
 
 # --- a table of runs (--fit-csv) --------------------------------------------------------------------
 
 def read_runs_csv(path: Path) -> list[dict]:
-    """Rows of a CSV with columns N, D, loss (optional name) as points. A malformed file raises
-    UserError naming the line."""
+    """Rows of a CSV with columns N, D, loss (optional name and branch_of, as the runner writes them:
+    a run and the stable run it branched from) as points; with branch_of each point carries its row
+    (the stable run's name), whose points share their noise. A malformed file raises UserError naming
+    the line."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -4263,6 +4562,9 @@ def read_runs_csv(path: Path) -> list[dict]:
                         f"name N, D and loss (optionally name), found {', '.join(header) or 'nothing'}")
     idx = {c: header.index(c) for c in ("N", "D", "loss")}
     name_i = header.index("name") if "name" in header else None
+    branch_i = header.index("branch_of") if "branch_of" in header else None
+    if branch_i is not None and name_i is None:
+        raise UserError(f"--fit-csv {path} line 1: a branch_of column needs a name column (the runs it names)")
     points = []
     for line_no, row in enumerate(reader, start=2):
         if not any(cell.strip() for cell in row):
@@ -4270,6 +4572,8 @@ def read_runs_csv(path: Path) -> list[dict]:
         if len(row) < len(header):
             raise UserError(f"--fit-csv {path} line {line_no}: {len(row)} field(s), the header has {len(header)}")
         p = {"name": row[name_i].strip() if name_i is not None else f"line {line_no}", "line": line_no}
+        if branch_i is not None:
+            p["row"] = row[branch_i].strip() or p["name"]
         for col, i in idx.items():
             try:
                 p[col] = float(row[i])
@@ -4285,7 +4589,7 @@ def read_runs_csv(path: Path) -> list[dict]:
 def analyse_table(points: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> dict:
     """Joint law, hold-out checks and compute-optimal allocation of a table of runs."""
     fits = {"joint": fit_joint_law([p["N"] for p in points], [p["D"] for p in points],
-                                   [p["loss"] for p in points], n_bootstrap, seed)}
+                                   [p["loss"] for p in points], n_bootstrap, seed, rows=point_rows(points))}
     _, _, ok, notes = clean_points({"N": [p["N"] for p in points], "D": [p["D"] for p in points]},
                                    [p["loss"] for p in points])
     usable = [p for p, k in zip(points, ok) if k]
@@ -4400,7 +4704,8 @@ def draw_law_panel(ax, results: dict, sweep: str, key: str, marker: str, xlabel:
             label=f"Kaplan et al. 2020: ({xc:.1e}/{'N' if sweep == 'params' else 'D'})^{alpha}"
                   f" (WebText2, GPT-2 tokenizer)")
     if fit.get("available"):
-        draw_fit(ax, fit, sweep, xs, x_max, results.get("predictions", []))
+        draw_fit(ax, fit, sweep, xs, x_max, reference_marks(results, sweep),
+                 sweep_fixed_values(results["experiments"]).get(sweep))
     else:
         ax.text(0.5, 0.5, f"fit unavailable:\n{_wrap(fit.get('reason', 'no runs'))}",
                 transform=ax.transAxes, ha="center", va="center", color="darkred", fontsize=11)
@@ -4418,8 +4723,12 @@ def draw_law_panel(ax, results: dict, sweep: str, key: str, marker: str, xlabel:
         if fit.get("band95"):       # show the band's lower edge too, within reason
             bottom = min(bottom, max(min(fit["band95"]["lo"]), bottom / 3))
     ax.set_ylim(max(0, bottom), (ys.max() * 1.05 if len(ys) else 10) * 1.1)
+    marks = reference_marks(results, sweep)
+    if marks:
+        bottom = min(bottom, *(p["predicted_loss"] * 0.9 for p in marks))
+        ax.set_ylim(max(0, bottom), (ys.max() * 1.05 if len(ys) else 10) * 1.1)
     if fit.get("available"):
-        label_predictions(ax, results.get("predictions", []), sweep, x_max)
+        label_predictions(ax, marks, sweep, x_max)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(f"{'1' if sweep == 'params' else '2'}. loss vs {xlabel}", fontsize=12)
@@ -4440,9 +4749,11 @@ def draw_measured(ax, xs: np.ndarray, ys: np.ndarray, marker: str) -> None:
         ax.scatter(xs, ys, c="tab:blue", marker=marker, s=60, zorder=5, label="measured (final val loss)")
 
 
-def draw_fit(ax, fit: dict, sweep: str, xs: np.ndarray, x_max: float, predictions: list[dict]) -> None:
-    """The fitted law over the runs (solid), its extrapolation (dashed) and 95% band, and a star at
-    every reference model with its predicted loss and interval."""
+def draw_fit(ax, fit: dict, sweep: str, xs: np.ndarray, x_max: float, predictions: list[dict],
+             fixed: float | None = None) -> None:
+    """The fitted law over the runs (solid, labelled with the D or N it holds fixed), its extrapolation
+    (dashed) and 95% band, and a star at every reference model (reference_marks: the joint law at the
+    model's own N and D) with its predicted loss and interval."""
     a, b, c = fit["a"], fit["b"], fit["c"]
     inside = np.logspace(np.log10(xs.min()), np.log10(xs.max()), 100)
     beyond = np.logspace(np.log10(xs.max()), np.log10(x_max), 200)
@@ -4450,6 +4761,8 @@ def draw_fit(ax, fit: dict, sweep: str, xs: np.ndarray, x_max: float, prediction
     ax.plot(inside, power_law(inside, a, b, c), "-", color="red", lw=2,
             label=f"fit: L = {floor_text(c, fit.get('c_at_bound'), '{:.3g}')} + "
                   f"{power_term(f'{a:.3g}', var, b, 3)}  (R² = {fit['r2']:.3f})"
+                  + (f"\n  at {'D' if sweep == 'params' else 'N'} = {format_count(fixed)}"
+                     f"{' tokens' if sweep == 'params' else ' parameters'} (held fixed)" if fixed else "")
                   + ("\n  c at its bound 0: no floor identified, far predictions likely too low"
                      if fit.get("c_at_bound") else "")
                   + (f"\n  {rising_note(var)}" if b < 0 else ""))
@@ -4460,9 +4773,16 @@ def draw_fit(ax, fit: dict, sweep: str, xs: np.ndarray, x_max: float, prediction
                         label=f"95% band (bootstrap over {fit['n_points']} runs)")
     else:
         ax.plot([], [], " ", label="no 95% band: " + (fit.get("note") or "no bootstrap")[:60])
-    for p in marked_predictions(predictions, sweep):
+    for i, p in enumerate(marked_predictions(predictions, sweep)):
         ax.plot([p["N" if sweep == "params" else "D"]], [p["predicted_loss"]], "*", color="darkred", ms=13,
-                zorder=6)
+                zorder=6, label="joint law L(N, D) at each model's own N and D" if i == 0 else None)
+
+
+def reference_marks(results: dict, sweep: str) -> list[dict]:
+    """The reference stars of panel 1 (at N) or 2 (at D): results.json's reference_models, each the
+    joint law at the model's published N and D, labelled with both."""
+    return [{**p, "sweep": sweep, "name": f"{p['name']}, {format_count(p['D'])} tokens"}
+            for p in results.get("reference_models") or [] if p.get("predicted_loss") is not None]
 
 
 def marked_predictions(predictions: list[dict], sweep: str) -> list[dict]:
@@ -4480,8 +4800,9 @@ def label_predictions(ax, predictions: list[dict], sweep: str, x_max: float) -> 
     for i, p in enumerate(marked_predictions(predictions, sweep)):
         x, y = p["N" if sweep == "params" else "D"], p["predicted_loss"]
         ci = p.get("predicted_loss_ci95")
+        ci = ci if ci and not is_open(ci) else None
         offsets = ((0, -30), (0, -56), (0, -82)) if y > lo + 0.6 * (hi - lo) else ((0, 12), (0, -30), (0, -56))
-        ax.annotate(f"{p['name'].split(' (')[0]} {format_count(x)}\n{y:.2f}"
+        ax.annotate(f"{p['name'].split(' (')[0]}{'' if p.get('law') == 'joint' else ' ' + format_count(x)}\n{y:.2f}"
                     + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""),
                     (x, y), textcoords="offset points", xytext=offsets[i % 3], fontsize=7.5,
                     ha="right" if x > x_max / 3 else "center",
@@ -4589,11 +4910,17 @@ def _wrap(text: str, width: int = 60) -> str:
 
 
 def _fmt_ci(ci, fmt="{:.3f}") -> str:
-    return f"[{fmt.format(ci[0])}, {fmt.format(ci[1])}]" if ci else "(no interval)"
+    """[lo, hi]; a side reported unbounded (None) reads "unbounded" and the interval is marked open."""
+    if not ci:
+        return "(no interval)"
+    if ci[0] is None and ci[1] is None:
+        return "(open: not identified by these runs)"
+    text = f"[{'unbounded' if ci[0] is None else fmt.format(ci[0])}, {'unbounded' if ci[1] is None else fmt.format(ci[1])}]"
+    return text + (" (open)" if is_open(ci) else "")
 
 
 def _fmt_pct(ci) -> str:
-    return _fmt_ci(ci and [100 * v for v in ci], "{:+.1f}%")
+    return _fmt_ci(ci and [None if v is None else 100 * v for v in ci], "{:+.1f}%")
 
 
 def holdout_text(ho: dict, var: str, rollout: dict | None = None) -> str:
@@ -4853,6 +5180,10 @@ def add_long_run_options(p: argparse.ArgumentParser) -> None:
                           "and compute_optimal.png to --output-dir (default fit_results_<file name>)")
     fit.add_argument("--bootstrap", type=positive_int, default=N_BOOTSTRAP,
                      help=f"bootstrap resamples behind every 95%% interval (default {N_BOOTSTRAP})")
+    fit.add_argument("--n-count", choices=list(N_COUNTS), default=None,
+                     help=f"the N of the joint law and the allocation: every parameter (total, Chinchilla's "
+                          f"count) or all but the embeddings (non-embedding, Kaplan's); default "
+                          f"{DEFAULT_N_COUNT}, or what the results folder was fitted with")
     # data preparation: Hugging Face datasets, large corpora, repetition
     g = p.add_argument_group("data preparation")
     g.add_argument("--text-column", default="text", help="column holding the text of a dataset (default text)")
@@ -4959,7 +5290,7 @@ def config_from_args(args) -> tuple[RunConfig, Preset]:
         text_column=args.text_column, split=args.split, num_proc=args.num_proc,
         bpe_sample_chars=args.bpe_sample_chars, no_repeat=args.no_repeat, max_tokens=args.max_tokens,
         seeds=parse_seeds(args.seeds, args.seed), checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints, validate=args.validate, schedule=schedule,
+        keep_checkpoints=args.keep_checkpoints, validate=args.validate, n_count=args.n_count, schedule=schedule,
         cooldown_frac=args.cooldown_frac, cooldown_shape=args.cooldown_shape,
         horizons=args.horizons if args.horizons is not None else preset_horizons,
         row_steps=(list(preset.row_steps) if preset.row_steps and not args.param_sizes and not args.max_steps
@@ -5018,9 +5349,12 @@ def environment_record(device: DeviceInfo, corpus: Corpus) -> dict:
             "platform": platform.platform(), "corpus": corpus.record}
 
 
-def finish_results(results: dict, out_dir: Path, n_bootstrap: int = N_BOOTSTRAP, figure: bool = True) -> None:
+def finish_results(results: dict, out_dir: Path, n_bootstrap: int = N_BOOTSTRAP, figure: bool = True,
+                   n_count: str | None = None) -> None:
     """Fit, predict, write results.json, then draw the figures: a fit or plotting error never loses
-    results. figure=False (an interrupted run) writes results.json only."""
+    results. figure=False (an interrupted run) writes results.json only. N is counted as n_count, else
+    as the run's config says, else DEFAULT_N_COUNT."""
+    n_count = n_count or (results.get("config") or {}).get("n_count") or DEFAULT_N_COUNT
     t0 = time.time()
     results["excluded_from_fits"] = [
         {"run_id": e.get("run_id", e.get("name")), "name": e.get("name"), "seed": e.get("seed"),
@@ -5029,7 +5363,9 @@ def finish_results(results: dict, out_dir: Path, n_bootstrap: int = N_BOOTSTRAP,
             if e.get("status") == "diverged" else {})}
         for e in results["experiments"] if e.get("status") != "completed"]
     try:
-        results.update(analyse_runs(results["experiments"], n_bootstrap))
+        results.update(analyse_runs(results["experiments"], n_bootstrap, n_count=n_count,
+                                    corpus=(results.get("environment") or {}).get("corpus")))
+        results["n_count"] = n_count
         flag_rising_losses(results["fits"])
     except Exception as e:       # a bug in a fit must not lose the runs: record it and write them
         reason = f"the fit failed ({type(e).__name__}: {e})"
@@ -5066,6 +5402,8 @@ def log_fit_summary(results: dict) -> None:
             f"{joint['n_points']} runs; 95% CI "
             f"E {_fmt_ci(ci.get('E'), '{:.4g}')}, alpha {_fmt_ci(ci.get('alpha'), '{:.4f}')}, "
             f"beta {_fmt_ci(ci.get('beta'), '{:.4f}')}" + (f" ({joint['note']})" if joint.get("note") else ""))
+        log(f"  joint fit: N counts {'every parameter (total)' if joint.get('n_count') == 'total' else 'non-embedding parameters' if joint.get('n_count') else 'as given'}; "
+            f"intervals conditional on {joint.get('conditional_on') or 'the fitted form'}")
     else:
         log(f"  joint fit: unavailable ({joint.get('reason')})")
     for name, ho in results.get("holdout", {}).items():
@@ -5078,22 +5416,34 @@ def log_fit_summary(results: dict) -> None:
         log(f"  {law} " + holdout_text(ho, var).replace("\n", ", "))
     co = results.get("compute_optimal", {})
     if co.get("available"):
+        log(f"  compute-optimal allocation under {co.get('constraint', 'C = 6 N D')} (C the runs' real FLOPs: "
+            f"FLOPs per token x D), N counted as {co.get('n_count') or 'given'}:")
         for b in co["budgets"]:
             log(f"  compute-optimal at {b['label']}: N {format_count(b['N_opt'])} "
-                f"{_fmt_ci(b['N_opt_ci95'] and [format_count(v) for v in b['N_opt_ci95']], '{}')}, "
+                f"{_fmt_ci(b['N_opt_ci95'] and [v and format_count(v) for v in b['N_opt_ci95']], '{}')}, "
                 f"D {format_count(b['D_opt'])}, {b['tokens_per_parameter']:.3g} tokens/parameter "
                 f"{_fmt_ci(b['tokens_per_parameter_ci95'], '{:.3g}')}, loss {b['loss']:.3f}")
+        for count, row in (co.get("tokens_per_parameter_by_count") or {}).items():
+            parts = [f"largest run {row['largest_run_tokens_per_parameter']:.3g}"]
+            for key, where in (("at_largest_run_compute", "at its compute"), ("at_1e18_flops", "at 1e18 FLOPs")):
+                if row.get(key):
+                    parts.append(f"{where} {row[key]['tokens_per_parameter']:.3g} "
+                                 f"{_fmt_ci(row[key]['tokens_per_parameter_ci95'], '{:.3g}')}")
+            log(f"  tokens per parameter, N = {count} parameters (its own joint law, alpha {row['alpha']:.3f}): "
+                + ", ".join(parts))
     else:
         log(f"  compute-optimal allocation: unavailable ({co.get('reason')})")
     log_isoflop(results.get("isoflop"))
     log_validation(results.get("validation"))
-    for p in results.get("predictions", []):
-        if p["predicted_loss"] is not None:
-            x = p.get("N", p.get("D"))
-            log(f"  predicted loss at {p['name']} ({format_count(x)}): {p['predicted_loss']:.4g} "
-                f"{_fmt_ci(p.get('predicted_loss_ci95'), '{:.4g}')}, one new run "
-                f"{_fmt_ci(p.get('predicted_loss_pi95'), '{:.4g}')} (this corpus and tokenizer; an extrapolation, "
-                f"not that model's loss)")
+    refs = results.get("reference_models") or []
+    if refs:
+        corpus = f"{refs[0].get('corpus') or 'this corpus'} with {refs[0].get('tokenizer') or 'its tokenizer'}"
+        log(f"  the joint law at published models' own N and D, on {corpus} (an extrapolation, not those "
+            f"models' own losses):")
+    for p in refs:
+        log(f"  predicted loss at {p['name']}, {format_count(p['D'])} tokens: {p['predicted_loss']:.4g} "
+            f"{_fmt_ci(p.get('predicted_loss_ci95'), '{:.4g}')}, one new run "
+            f"{_fmt_ci(p.get('predicted_loss_pi95'), '{:.4g}')}")
     if "fit_wall_time_s" in results:
         log(f"  fits took {format_duration(results['fit_wall_time_s'])} "
             f"({results.get('n_bootstrap', N_BOOTSTRAP)} bootstrap resamples each)")
@@ -5142,7 +5492,7 @@ def print_summary(results: dict, out_dir: Path) -> None:
     log(f"  figures: {out_dir / 'scaling_laws_complete.png'}, {out_dir / 'compute_optimal.png'}")
 
 
-def refit_saved_runs(path: str, output_dir: str | None, n_bootstrap: int) -> dict:
+def refit_saved_runs(path: str, output_dir: str | None, n_bootstrap: int, n_count: str | None = None) -> dict:
     """--fit-only: recompute fits, predictions and figures from a results folder or results.json."""
     src = Path(path).expanduser()
     if src.is_dir() and any((src / "runs").glob("*.json")):
@@ -5153,7 +5503,7 @@ def refit_saved_runs(path: str, output_dir: str | None, n_bootstrap: int) -> dic
         log(f"fit-only: {len(results['experiments'])} runs merged from {m['run_records']} records in "
             f"{m['runs_folder']}" + (f" and {', '.join(m['results_files'])}" if m["results_files"] else "")
             + f", {n_bootstrap} bootstrap resamples")
-        finish_results(results, out_dir, n_bootstrap)
+        finish_results(results, out_dir, n_bootstrap, n_count=n_count)
         print_summary(results, out_dir)
         return results
     file = src / "results.json" if src.is_dir() else src
@@ -5165,7 +5515,7 @@ def refit_saved_runs(path: str, output_dir: str | None, n_bootstrap: int) -> dic
     out_dir = Path(output_dir) if output_dir else file.parent
     prepare_output_dir(out_dir)
     log(f"fit-only: {len(results['experiments'])} saved runs from {file}, {n_bootstrap} bootstrap resamples")
-    finish_results(results, out_dir, n_bootstrap)
+    finish_results(results, out_dir, n_bootstrap, n_count=n_count)
     print_summary(results, out_dir)
     return results
 
@@ -5176,6 +5526,12 @@ def fit_table(path: str, output_dir: str | None, n_bootstrap: int) -> dict:
     out_dir = Path(output_dir or f"fit_results_{Path(path).stem}")
     prepare_output_dir(out_dir)
     log(f"fit-csv: {len(points)} runs from {path}, {n_bootstrap} bootstrap resamples")
+    if point_rows(points) is None:
+        log("fit-csv: no branch_of column, so every run is taken as its own seed (independent noise); add "
+            "name and branch_of columns for WSD branches, which share their stable run's noise")
+    else:
+        log(f"fit-csv: {len({p['row'] for p in points})} rows (a stable run and the runs branched from it, "
+            f"from branch_of) share their noise in the bootstrap")
     t0 = time.time()
     results = {"schema_version": SCHEMA_VERSION, "mode": "fit-csv", "source": str(path),
                "experiments": [{"name": p["name"], "sweep": "table", "line": p["line"],
@@ -5711,7 +6067,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.fit_only and args.fit_csv:
             raise UserError("give --fit-only or --fit-csv, not both")
         if args.fit_only:
-            refit_saved_runs(args.fit_only, args.output_dir, args.bootstrap)
+            refit_saved_runs(args.fit_only, args.output_dir, args.bootstrap, args.n_count)
             return 0
         if args.fit_csv:
             fit_table(args.fit_csv, args.output_dir, args.bootstrap)

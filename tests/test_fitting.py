@@ -167,7 +167,8 @@ def test_fits_do_not_depend_on_the_order_of_the_runs():
     assert a["fits"]["joint"]["ci95"] == b["fits"]["joint"]["ci95"]
     assert a["fits"]["params"]["ci95"] == b["fits"]["params"]["ci95"]
     assert a["compute_optimal"] == b["compute_optimal"] and a["holdout"] == b["holdout"]
-    assert a["fits"]["joint"]["ci95"]["alpha"][0] < a["fits"]["joint"]["ci95"]["alpha"][1]   # real intervals
+    # real intervals (this 10-run cross cannot place E at 2% noise, so alpha's is reported open; A's is not)
+    assert a["fits"]["joint"]["ci95"]["A"][0] < a["fits"]["joint"]["ci95"]["A"][1]
 
 
 def test_fit_only_without_torch_recomputes_fits_holdout_and_bands(tmp_path):
