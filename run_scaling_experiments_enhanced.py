@@ -3436,7 +3436,7 @@ def noise_components(theta_hat, logx, logy, row, with_e: bool = True) -> dict:
 
     A WSD row (a stable run and its cooldown branches) shares one initialisation and data order, so
     one seed's luck moves the whole row. Method of moments on the residuals r = M y, M = I - H the
-    annihilator of the fit's linearisation (H = J J^+): with noise covariance sb^2 ZZ' + sw^2 I (Z the
+    annihilator of the fit's linearisation (H = J J^+), r the least-squares residuals: with noise covariance sb^2 ZZ' + sw^2 I (Z the
     row indicators), E[r'r] = sb^2 tr(M ZZ') + sw^2 tr(M) and E[r'ZZ'r] = sb^2 tr(ZZ'M ZZ'M) +
     sw^2 tr(ZZ'M). M accounts for what the fit absorbs: a row at its own N is mostly absorbed by the
     N term, which is why one seed can hardly see sb (`row_noise_measured` False) and a floor is used.
@@ -3444,10 +3444,12 @@ def noise_components(theta_hat, logx, logy, row, with_e: bool = True) -> dict:
     within-row value with ROW_COLUMN_PRIOR pseudo-points) where that is larger, so early (short, noisy)
     horizons keep their larger scatter."""
     fitted, share = _log_law(theta_hat, logx, with_e)
-    r = logy - fitted[0]
-    n = len(r)
+    n = len(logy)
     J = _jacobian(share, logx, with_e)[0]                                    # (n, p)
     M = np.eye(n) - J @ np.linalg.pinv(J)
+    # the least-squares residuals of the linearised law: a Huber fit leaves some residuals at 0 and
+    # others large, which the moment equations (written for r = M y) would misread
+    r = M @ (logy - fitted[0])
     Z = (row[:, None] == np.arange(row.max() + 1)[None]).astype(float)       # (n, R)
     ZZ = Z @ Z.T
     tr_m = max(np.trace(M), 1e-12)
@@ -3894,7 +3896,9 @@ def compute_optimal(joint: dict, run_flops, k_flops: float = 6.0) -> dict:
             row["tokens_per_parameter_ci95"] = interval(draws[1][:, i] / draws[0][:, i]) if draws is not None else None
         row["loss_pi95"] = _percentiles(noisy_loss[:, i]) if noisy_loss is not None else None
         if draws is not None:        # counted as beyond both ends of every interval (_interval)
-            row["draws_without_optimum"] = int(np.sum(~np.isfinite(draws[0][:, i]))) + failed
+            n_d = draws[0][:, i], draws[1][:, i]
+            row["draws_without_optimum"] = int(np.sum(~(np.isfinite(n_d[0]) & np.isfinite(n_d[1])
+                                                        & (n_d[0] > 0) & (n_d[1] > 0)))) + failed
             row["open"] = is_open(row["tokens_per_parameter_ci95"]) or is_open(row["N_opt_ci95"])
         rows.append(row)
     a_exp = joint["beta"] / (joint["alpha"] + joint["beta"])
