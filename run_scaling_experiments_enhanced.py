@@ -4997,15 +4997,16 @@ def as_floats(values) -> np.ndarray:
 
 
 def build_compute_optimal_figure(results: dict):
-    """(1) loss vs compute C = 6ND: the runs and the joint law's compute-optimal frontier with its 95%
-    band; (2) N_opt(C) and D_opt(C); (3) measured vs joint-law loss, hold-out predictions marked."""
-    pts = runs_as_points(results.get("experiments", []))
+    """(1) loss vs compute C (the runs' real FLOPs): the runs and the joint law's compute-optimal frontier
+    with its 95% band; (2) N_opt(C) and D_opt(C), tokens per parameter under both N counts; (3) measured
+    vs joint-law loss, hold-out predictions marked."""
     joint = results.get("fits", {}).get("joint", {})
+    pts = runs_as_points(results.get("experiments", []), joint.get("n_count") or DEFAULT_N_COUNT)
     co = results.get("compute_optimal", {})
     fig, axes = plt.subplots(1, 3, figsize=(19, 6))
     ax = axes[0]
     if pts:
-        C = np.array([6 * p["N"] * p["D"] for p in pts])
+        C = np.array([point_flops(p) for p in pts])
         sc = ax.scatter(C, [p["loss"] for p in pts], c=np.log10([p["N"] for p in pts]), cmap="viridis", s=25,
                         zorder=5, label="runs (colour: log10 N)")
         fig.colorbar(sc, ax=ax, label="log10 N")
@@ -5025,9 +5026,20 @@ def build_compute_optimal_figure(results: dict):
                 ax2.fill_between(fr["flops"], as_floats(fr[f"{key}_lo"]), as_floats(fr[f"{key}_hi"]), color=color,
                                  alpha=0.15, lw=0)
         last = co["budgets"][-1]
-        ax2.set_title(f"2. compute-optimal allocation (C = 6ND)\nat {last['flops']:.3g} FLOPs: "
+        ax2.set_title(f"2. compute-optimal allocation ({co.get('constraint', 'C = 6 N D')}, N {co.get('n_count') or 'as given'})"
+                      f"\nat {last['flops']:.3g} FLOPs: "
                       f"{last['tokens_per_parameter']:.3g} tokens/parameter "        # 1e25's can be 1e-4
                       f"{_fmt_ci(last.get('tokens_per_parameter_ci95'), '{:.3g}')}", fontsize=10)
+        by_count = co.get("tokens_per_parameter_by_count") or {}
+        lines = [f"tokens/parameter, N = {count} parameters: largest run {row['largest_run_tokens_per_parameter']:.3g}"
+                 + "".join(f"; {where} {row[key]['tokens_per_parameter']:.3g} "
+                           f"{_fmt_ci(row[key]['tokens_per_parameter_ci95'], '{:.3g}')}"
+                           for key, where in (("at_largest_run_compute", "optimum at its C"),
+                                              ("at_1e18_flops", "at 1e18")) if row.get(key))
+                 for count, row in by_count.items()]
+        if lines:
+            ax2.text(0.02, 0.02, "\n".join(_wrap(t, 70) for t in lines), transform=ax2.transAxes, fontsize=7,
+                     va="bottom", bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"})
         ax2.set_xscale("log")
         ax2.set_yscale("log")
         ax2.legend(fontsize=8)
@@ -5035,10 +5047,10 @@ def build_compute_optimal_figure(results: dict):
         for a in axes[:2]:
             a.text(0.5, 0.5, _wrap(f"compute-optimal allocation unavailable: {co.get('reason', 'no joint fit')}"),
                    transform=a.transAxes, ha="center", va="center", color="darkred", fontsize=10)
-        axes[1].set_title("2. compute-optimal allocation (C = 6ND)", fontsize=10)
+        axes[1].set_title("2. compute-optimal allocation", fontsize=10)
     if pts and not co.get("available"):
         ax.set_xscale("log")
-    ax.set_xlabel("training compute C = 6 N D (FLOPs)")
+    ax.set_xlabel("training compute C = FLOPs per token x D")
     ax.set_ylabel("loss (nats/token)")
     draw_validation(ax, results.get("validation"), "flops")
     ax.set_title("1. loss vs compute, compute-optimal frontier of the joint law", fontsize=10)
@@ -5955,10 +5967,10 @@ def validate_fits(s: Session, preset: Preset, results: dict) -> dict:
 def plan_validation(s: Session, preset: Preset, results: dict) -> Experiment | None:
     """The validation run and its prediction, written to results.json before it trains; None (said in
     one line, and recorded) when the joint law cannot place it."""
-    points = runs_as_points(results["experiments"])
-    # the joint fit of results.json again (same runs, same seed), now with its bootstrap draws
+    # non-embedding N: the shape rule builds a model from a non-embedding target (choose_shape)
+    points = runs_as_points(results["experiments"], "non-embedding")
     joint = fit_joint_law([p["N"] for p in points], [p["D"] for p in points], [p["loss"] for p in points],
-                          s.n_bootstrap)
+                          s.n_bootstrap, rows=point_rows(points))
     target = validation_target(joint, [6 * p["N"] * p["D"] for p in points] or [0.0], s.cfg.validate)
     exp = None
     if target["available"]:
