@@ -219,7 +219,9 @@ def simulated_study(runner_argv: list[str], law: str, noise: float, seed: int, o
     """The runner's plan for these runner arguments (e.g. ['--mode', 'quick']) simulated under `law`:
     a results dict whose fits are still to be made (rse.finish_results), the range note in true_law."""
     cfg, preset = rse.config_from_args(rse.build_parser().parse_args(runner_argv))
-    cfg = dataclasses.replace(cfg, data="simulated", device="none", cache_dir="", seed=seed, output_dir=str(out_dir))
+    # the laws below are written in non-embedding N, so the joint law is fitted in that count
+    cfg = dataclasses.replace(cfg, data="simulated", device="none", cache_dir="", seed=seed, output_dir=str(out_dir),
+                              n_count="non-embedding")
     results = simulate(cfg, preset, law, noise, seed)
     note = out_of_range_note(results)
     if note:

@@ -3213,9 +3213,8 @@ REFERENCE_MODELS = {
 # The stars of the figure: published models at their published (total N, training tokens D); the joint
 # law's loss there is what "a model like that" means to the field. Our predictions are for this corpus
 # and tokenizer, not these models' own losses.
-REFERENCE_POINTS = [("GPT-3 175B", 175e9, 300e9), ("Chinchilla 70B", 70e9, 1.4e12), ("LLaMA 65B", 65.2e9, 1.4e12),
-                    ("Llama 2 70B", 70e9, 2e12), ("Llama 3 8B", 8e9, 15e12), ("Llama 3 70B", 70e9, 15e12),
-                    ("Llama 3 405B", 405e9, 15.6e12)]
+REFERENCE_POINTS = [("GPT-3 175B", 175e9, 300e9), ("Chinchilla 70B", 70e9, 1.4e12), ("Llama 3 8B", 8e9, 15e12),
+                    ("Llama 3 70B", 70e9, 15e12), ("Llama 3 405B", 405e9, 15.6e12)]
 # Kaplan et al. 2020, nats on WebText2 with the GPT-2 tokenizer.
 KAPLAN = {"params": (8.8e13, 0.076), "data": (5.4e13, 0.095)}
 # Right edge of panels 1 and 2 (and of their 95% bands): GPT-4's rumoured N, Llama 3's D.
