@@ -3249,6 +3249,7 @@ ONE_VAR_REFINED = 12
 ROW_NOISE_FLOOR = 1.0
 ROW_COLUMN_PRIOR = 2.0
 OPEN_SHARE = 0.025                 # more draws than this beyond a side of an interval: that side is open
+UNIDENTIFIED = [None, None]        # the interval of a quantity the runs do not identify: both sides open
 # The N of the joint law: every parameter (Chinchilla's count) or all but the embeddings (Kaplan's). The
 # default, and the measurement behind it: docs/fits.md.
 N_COUNTS = {"non-embedding": "n_params_nonembedding", "total": "n_params_total"}
@@ -3747,18 +3748,12 @@ def fit_joint_law(n_params, tokens, loss, n_bootstrap: int = N_BOOTSTRAP, seed: 
         fit["draws_E_at_bound"] = unidentified
         if unidentified > OPEN_SHARE:
             fit["unidentified"] = ["E", "alpha", "beta", "N_opt_exponent"]
-            for k in ("E", "alpha", "beta"):
-                fit["ci95"][k] = _open(fit["ci95"][k])
-            fit["N_opt_exponent_ci95"] = _open(fit["N_opt_exponent_ci95"])
+            fit["ci95"].update(E=UNIDENTIFIED, alpha=UNIDENTIFIED, beta=UNIDENTIFIED)
+            fit["N_opt_exponent_ci95"] = UNIDENTIFIED
             notes.append(f"{unidentified:.0%} of the bootstrap draws put E at its bound 0: the runs do not "
                          f"identify the floor, so E, alpha, beta and the allocation are reported open")
     fit["note"] = "; ".join(notes) or None
     return fit
-
-
-def _open(ci):
-    """An interval reported unidentified: both sides unbounded."""
-    return [None, None]
 
 
 def intervals_conditional_on(noise: dict) -> str:
