@@ -4638,7 +4638,9 @@ def draw_interim_figures(results: dict, out_dir: Path, n_runs_total: int,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            interim.update(analyse_runs(done, n_bootstrap))
+            interim.update(analyse_runs(done, n_bootstrap,
+                                        n_count=(results.get("config") or {}).get("n_count") or DEFAULT_N_COUNT,
+                                        corpus=(results.get("environment") or {}).get("corpus")))
             flag_rising_losses(interim["fits"])
     except Exception as e:
         log(f"figure: the interim fits failed ({type(e).__name__}: {e}); the figures wait for the next run")
