@@ -3759,8 +3759,8 @@ def fit_joint_law(n_params, tokens, loss, n_bootstrap: int = N_BOOTSTRAP, seed: 
 def intervals_conditional_on(noise: dict) -> str:
     """What the joint law's intervals assume, in one sentence for the log and results.json."""
     if not noise["grouped"]:
-        return ("the fitted form, and independent noise per run (no rows of shared seeds given), with each "
-                "D column's own scatter")
+        return ("the fitted form, and independent noise per run (no run shares a seed row with another), "
+                "with each D column's own scatter")
     row = (f"a row-shared noise of {noise['row_sd_log']:.2%} measured across seeds" if noise["row_noise_measured"]
            else f"a row-shared noise of {noise['row_sd_log']:.2%} (one seed per size cannot measure it; "
                 f"{'floored at ' + format(ROW_NOISE_FLOOR, 'g') + 'x the within-row scatter' if noise['row_noise_floored'] else 'estimated from the residuals'})")
