@@ -364,6 +364,7 @@ FRONTIER_LOG_N = np.arange(math.log(10.0), math.log(1e16), 0.1)
 INVERSE_LOG_C = np.linspace(math.log(1e4), math.log(1e30), 131)
 # multiplier curve drawn and saved: from a decade below the runs to the largest far budget
 N_CURVE = 60
+K_AXIS_MIN, K_AXIS_MAX = 1e-3, 1e3     # the figure's k axis at most; beyond, k is a number in the report
 
 
 @dataclass
@@ -764,22 +765,35 @@ def build_recipe_figure(report: dict, a: Study, b: Study):
     cur = report["multiplier_curve"]
     nan = lambda xs: np.array([np.nan if v is None else v for v in xs], float)   # noqa: E731
     ax_k.plot(grid, nan(cur["k"]), color="black", lw=1.8, label="k(C), fitted")
-    ax_k.fill_between(grid, nan(cur["lo"]), nan(cur["hi"]), color="gray", alpha=0.3, label="95% band (paired draws)")
+    hi_band = np.array([K_AXIS_MAX * 10 if v is None else v for v in cur["hi"]], float)    # None: unbounded
+    ax_k.fill_between(grid, nan(cur["lo"]), hi_band, color="gray", alpha=0.3, label="95% band (paired draws)")
     lo_c, hi_c = report["measured_common_range"]
     ax_k.axvspan(lo_c, hi_c, color="tab:green", alpha=0.15, label="both studies measured")
     ax_k.axhline(1.0, color="tab:red", ls=":", lw=1.2, label="k = 1: no difference")
+    unbounded = []
     for key, m in report["multiplier"].items():
         if m["k"] is not None:
             ax_k.plot(m["flops"], m["k"], "o", color="black", mfc="white" if m["extrapolation"] else "black")
+        elif m["k_unbounded"]:
+            unbounded.append(f"{m['flops']:.0e}")
+    if unbounded:
+        ax_k.text(0.98, 0.97, f"k unbounded at {', '.join(unbounded)} FLOPs: the variant's frontier falls below "
+                  f"the baseline's floor E", transform=ax_k.transAxes, ha="right", va="top", fontsize=8)
+    shown = [v for v in nan(cur["k"])[(grid >= lo_c / 10) & (grid <= max(hi_c * 1e3, 1e18))] if np.isfinite(v)]
+    if shown:
+        ax_k.set_ylim(max(K_AXIS_MIN, min(min(shown), 1.0) / 3), min(K_AXIS_MAX, max(max(shown), 1.0) * 3))
     ax_k.set_xscale("log")
     ax_k.set_yscale("log")
+    ax_k.set_xlim(grid[0], grid[-1])
     ax_k.set_xlabel("compute C of the variant (FLOPs)")
     ax_k.set_ylabel("effective-compute multiplier k(C)")
     near = report["multiplier"]["at_largest_common_budget"]
     ax_k.set_title(f"k = {k_text(near)} at {near['flops']:.3g} FLOPs (open: extrapolations)", fontsize=11)
     ax_k.grid(True, which="both", alpha=0.3)
     ax_k.legend(fontsize=8)
-    fig.suptitle(f"does the variant scale? {report['variant']['path']} vs {report['baseline']['path']}", fontsize=12)
+    fig.suptitle(f"does the variant scale? {Path(report['variant']['path']).parent.name} "
+                 f"({report['variant']['arch']}) vs baseline {Path(report['baseline']['path']).parent.name} "
+                 f"({report['baseline']['arch']})", fontsize=12)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     return fig
 
