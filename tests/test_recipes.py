@@ -305,3 +305,18 @@ def test_unequal_exponents_rate_over_100_sets(monkeypatch):
                for rep, lo, hi in recs)
     print(f"unequal exponents: interval holds the laws' k at the largest common budget in {held}/{N_SETS}")
     assert held >= 88
+
+
+def test_real_flops_per_token_are_modelled_and_used_by_the_frontier():
+    """Where records carry FLOPs per token (the runner's), the frontier minimises L at C = fpt(N) x D."""
+    pts = [{"N": rse.n_params_nonembedding(2, d), "flops_per_token": rse.flops_per_token(2, d, 512, 32)}
+           for d in (32, 48, 64, 96, 128)]
+    ov = cmp.flops_overhead(pts)
+    for p in pts:
+        assert cmp.flops_per_token_of(p["N"], ov) == pytest.approx(p["flops_per_token"], rel=0.01)
+    law = [np.array([v]) for v in (E, A, B, ALPHA, BETA)]
+    loss, n_opt = cmp.frontier(law, np.log([1e13]), ov)
+    n = np.exp(np.linspace(np.log(1e3), np.log(1e9), 200001))
+    brute = E + A / n**ALPHA + B / (1e13 / cmp.flops_per_token_of(n, ov)) ** BETA
+    assert loss[0, 0] == pytest.approx(brute.min(), rel=1e-6)
+    assert n_opt[0, 0] == pytest.approx(n[brute.argmin()], rel=0.01)
