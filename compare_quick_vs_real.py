@@ -367,7 +367,7 @@ N_CURVE = 60
 K_AXIS_MIN, K_AXIS_MAX = 1e-3, 1e3     # the figure's k axis at most; beyond, k is a number in the report
 
 
-@dataclass
+@dataclass(frozen=True)
 class Study:
     """One recipe's finished study: its runs as points, its joint law refitted here (with bootstrap
     draws), and its FLOPs-per-token model."""
@@ -446,7 +446,7 @@ def study_from_results(results: dict, path: Path, label: str, n_bootstrap: int, 
     if not joint.get("available") or joint.get("_samples") is None:
         raise rse.UserError(f"{flag}: {path}: its joint law cannot be refitted with bootstrap draws "
                             f"({joint.get('reason') or joint.get('note')})")
-    return Study(label, path, results, points, joint, None)
+    return Study(label, path, results, points, joint, flops_overhead(points))
 
 
 def flops_overhead(points: list[dict]) -> tuple[float, float] | None:
@@ -562,8 +562,8 @@ def compare_recipes(a: Study, b: Study) -> dict:
             raise rse.UserError(f"the studies used different {what} ({ia[key]} vs {ib[key]}): their losses are "
                                 f"not comparable; compare recipes trained on the same data and tokenizer")
     real = all(p["flops_per_token"] is not None for p in a.points + b.points)
-    for s in (a, b):
-        s.overhead = flops_overhead(s.points) if real else None
+    if not real:                # one study without FLOPs per token: both count C = 6 N D
+        a, b = (dataclasses.replace(s, overhead=None) for s in (a, b))
     fa, fb = study_flops(a, real), study_flops(b, real)
     lo, hi = max(fa.min(), fb.min()), min(fa.max(), fb.max())
     if lo > hi:
@@ -745,8 +745,9 @@ def build_recipe_figure(report: dict, a: Study, b: Study):
     real = report["compute"].startswith("FLOPs per token")
     for s, color, role in ((a, "tab:blue", "baseline"), (b, "tab:orange", "variant")):
         params = law_params(s.joint)
-        loss, _ = frontier(params, np.log(grid), s.overhead)
-        draws, _ = frontier(rse._joint_params(s.joint["_samples"]), np.log(grid), s.overhead)
+        overhead = report[role]["flops_per_token_overhead"]
+        loss, _ = frontier(params, np.log(grid), overhead)
+        draws, _ = frontier(rse._joint_params(s.joint["_samples"]), np.log(grid), overhead)
         with np.errstate(invalid="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             lo, hi = np.nanpercentile(draws, [2.5, 97.5], axis=0)
