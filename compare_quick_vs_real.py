@@ -655,6 +655,7 @@ def exponent_report(a: Study, b: Study, pa, pb, multiplier: dict) -> dict:
 def crossover(grid_c: np.ndarray, k: np.ndarray, lo: float, hi: float) -> dict | None:
     """The budget where the fitted frontiers cross (k = 1), if they do on the curve's span."""
     lk = np.log(np.where(np.isfinite(k) & (k > 0), k, np.nan))
+    lk = np.where(np.abs(lk) < 1e-6, 0.0, lk)           # equal frontiers (k = 1 to round-off) never cross
     for j in range(len(grid_c) - 1):
         if np.isfinite(lk[j]) and np.isfinite(lk[j + 1]) and lk[j] * lk[j + 1] < 0:
             t = lk[j] / (lk[j] - lk[j + 1])
@@ -683,7 +684,8 @@ def rung_report(a: Study, b: Study, multiplier: dict) -> dict:
     extrapolated = None if np.isnan(k_far) else ("variant" if k_far > 1 else "baseline")
     small = rows[: max(1, len(rows) // 3)]                  # the cheapest third of the common rungs
     small_mean = float(np.mean([r["difference"] for r in small])) if small else None
-    small_winner = None if small_mean is None else ("variant" if small_mean < 0 else "baseline")
+    small_winner = None if small_mean is None else (
+        "variant" if small_mean < 0 else "baseline" if small_mean > 0 else "tie")
     for r in rows:
         r["agrees_with_extrapolated"] = r["winner"] == extrapolated
     return {"rows": rows, "n_common": len(rows), "small_rungs": [r["name"] for r in small],
