@@ -1,6 +1,5 @@
 """Two recipes (issue 26): --arch llama, the demo's --compute-multiplier, and the effective-compute
 multiplier of compare_quick_vs_real.py --a/--b checked against known answers."""
-import copy
 import json
 import math
 from pathlib import Path
