@@ -18,10 +18,13 @@ overlap is "unknown".
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
 import sys
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -350,6 +353,479 @@ def build_comparison_figure(sim: dict, real: dict, report: dict):
 
 
 # ----------------------------------------------------------------------------------------------------
+# two recipes: each study's joint law and frontier, the effective-compute multiplier k(C) with paired draws
+# ----------------------------------------------------------------------------------------------------
+
+# Budgets the multiplier is reported at beyond the runs (FLOPs), always marked as extrapolations.
+FAR_BUDGETS = (1e18, 1e21)
+# ln N grid of the numerical frontier: 10 to 1e16 parameters, spacing 0.1 in ln N, refined by a parabola
+FRONTIER_LOG_N = np.arange(math.log(10.0), math.log(1e16), 0.1)
+# ln C grid of each base frontier that k(C) is read from (inverted by interpolation)
+INVERSE_LOG_C = np.linspace(math.log(1e4), math.log(1e30), 131)
+# multiplier curve drawn and saved: from a decade below the runs to the largest far budget
+N_CURVE = 60
+K_AXIS_MIN, K_AXIS_MAX = 1e-3, 1e3     # the figure's k axis at most; beyond, k is a number in the report
+
+
+@dataclass(frozen=True)
+class Study:
+    """One recipe's finished study: its runs as points, its joint law refitted here (with bootstrap
+    draws), and its FLOPs-per-token model."""
+    label: str                  # "a" (baseline) or "b" (variant)
+    path: Path
+    results: dict
+    points: list[dict]          # {'name', 'N', 'D', 'loss', 'flops'}
+    joint: dict
+    overhead: tuple[float, float] | None    # FLOPs per token = 6 N + exp(c0) N^c1; None: 6 N
+
+
+def study_identity(results: dict) -> dict:
+    """What makes two studies' losses comparable: corpus, tokenizer, vocabulary, and how N is counted
+    (a missing setting is Kaplan's non-embedding count, the runner's)."""
+    corpus = (results.get("environment") or {}).get("corpus") or {}
+    cfg = results.get("config") or {}
+    return {"corpus": corpus.get("sha256") or corpus.get("name"), "corpus_name": corpus.get("name"),
+            "tokenizer": corpus.get("tokenizer"), "vocab_size": corpus.get("vocab_size") or cfg.get("vocab_size"),
+            "n_count": cfg.get("n_count") or results.get("n_count") or "non-embedding"}
+
+
+def unfinished_runs(results: dict) -> list[str]:
+    """Runs of the study's plan that have not ended for good (a missing record counts), by name."""
+    exps = results["experiments"]
+    open_runs = [e.get("name") for e in exps if e.get("status") not in rse.FINAL_STATUSES]
+    if results.get("simulated"):
+        return open_runs
+    try:         # the plan its settings define; a settings dict from another version is skipped
+        cfg = results["config"]
+        fields = {f.name for f in dataclasses.fields(rse.RunConfig)}
+        plan = rse.build_plan(rse.RunConfig(**{k: v for k, v in cfg.items() if k in fields}),
+                              rse.PRESETS[cfg["mode"]])
+        done = {e.get("name") for e in exps if e.get("status") in rse.FINAL_STATUSES}
+        open_runs += sorted({e.name for e in plan} - done - set(open_runs))
+    except (KeyError, TypeError, ValueError, rse.UserError):
+        pass
+    return open_runs
+
+
+def load_study(text: str, label: str, n_bootstrap: int, seed: int) -> Study:
+    """A finished study with a joint law, or a one-line UserError saying why not."""
+    flag = f"--{label}"
+    path = results_path(text)
+    if not path.is_file():
+        raise rse.UserError(f"{flag}: no results at {path}: train the recipe first (python "
+                            f"run_scaling_experiments_enhanced.py ...) or pass its results folder")
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise rse.UserError(f"{flag}: cannot read {path} as JSON ({e})") from None
+    if not isinstance(results, dict) or not isinstance(results.get("experiments"), list):
+        raise rse.UserError(f"{flag}: {path} is not a results.json of the runner or the demo")
+    return study_from_results(results, path, label, n_bootstrap, seed)
+
+
+def study_from_results(results: dict, path: Path, label: str, n_bootstrap: int, seed: int) -> Study:
+    """The Study of a results dict: its joint law refitted here from its runs, so that the bootstrap
+    draws (`_samples`, which results.json leaves out) come from the fitting code's own resampling."""
+    flag = f"--{label}"
+    open_runs = unfinished_runs(results)
+    if open_runs or not results.get("fits"):
+        what = f"{len(open_runs)} runs not finished ({', '.join(open_runs[:3])}{', ...' if len(open_runs) > 3 else ''})" \
+            if open_runs else "no fits yet"
+        raise rse.UserError(f"{flag}: {path} is an unfinished study: {what}; rerun its command to finish it")
+    saved = (results.get("fits") or {}).get("joint") or {}
+    if not saved.get("available"):
+        raise rse.UserError(f"{flag}: {path} has no joint law L(N, D) to compare ({saved.get('reason', 'none fitted')})")
+    points = sorted((dict(p) for p in rse.runs_as_points(results["experiments"])),
+                    key=lambda p: (p["N"], p["D"], str(p["name"])))
+    by_name = {e.get("name"): e for e in results["experiments"]}
+    for p in points:
+        e = by_name[p["name"]]
+        p["flops_per_token"] = e.get("flops_per_token")
+    joint = rse.fit_joint_law([p["N"] for p in points], [p["D"] for p in points], [p["loss"] for p in points],
+                              n_bootstrap, seed)
+    if not joint.get("available") or joint.get("_samples") is None:
+        raise rse.UserError(f"{flag}: {path}: its joint law cannot be refitted with bootstrap draws "
+                            f"({joint.get('reason') or joint.get('note')})")
+    return Study(label, path, results, points, joint, flops_overhead(points))
+
+
+def flops_overhead(points: list[dict]) -> tuple[float, float] | None:
+    """FLOPs per token beyond 6 N (the output layer, attention over the context) as exp(c0) N^c1, a
+    least-squares line in log-log over the study's model sizes; None when the records lack FLOPs per
+    token or it is 6 N (a simulation)."""
+    rows = {(p["N"], p["flops_per_token"]) for p in points}
+    if not rows or any(f is None for _, f in rows):
+        return None
+    n = np.array([r[0] for r in rows]); extra = np.array([r[1] for r in rows]) - 6 * n
+    if np.any(extra <= 0):
+        return None
+    if len(set(n)) == 1:
+        return float(np.log(extra[0]) - 0.5 * np.log(n[0])), 0.5
+    c1, c0 = np.polyfit(np.log(n), np.log(extra), 1)
+    return float(c0), float(c1)
+
+
+def flops_per_token_of(n, overhead) -> np.ndarray:
+    n = np.asarray(n, float)
+    return 6 * n if overhead is None else 6 * n + np.exp(overhead[0]) * n ** overhead[1]
+
+
+def frontier(params, log_c, overhead) -> tuple[np.ndarray, np.ndarray]:
+    """(loss, N) at the compute-optimal point of each law (rows of `params`: E, A, B, alpha, beta, each
+    (S,)) at each budget exp(log_c): min over N of L(N, C / FLOPs-per-token(N)), on FRONTIER_LOG_N refined
+    by a parabola through the best grid point and its neighbours. Each (S, n_budgets); NaN where the
+    optimum leaves the grid or the law is degenerate."""
+    E, A, B, al, be = (np.asarray(v, float)[:, None] for v in params)
+    log_n = FRONTIER_LOG_N
+    log_fpt = np.log(flops_per_token_of(np.exp(log_n), overhead))
+    h = log_n[1] - log_n[0]
+    loss = np.full((len(E), len(log_c)), np.nan)
+    n_opt = np.full_like(loss, np.nan)
+    rows = np.arange(len(E))
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for j, lc in enumerate(np.atleast_1d(log_c)):
+            log_d = lc - log_fpt                                              # (G,)
+            L = E + A * np.exp(-al * log_n) + B * np.exp(-be * log_d)          # (S, G)
+            L = np.where(np.isfinite(L), L, np.inf)
+            i = np.clip(np.argmin(L, axis=1), 1, len(log_n) - 2)
+            lm, l0, lp = L[rows, i - 1], L[rows, i], L[rows, i + 1]
+            curv = lm - 2 * l0 + lp
+            inside = (np.argmin(L, axis=1) == i) & (curv > 0) & np.isfinite(l0)
+            shift = np.where(inside, 0.5 * (lm - lp) / np.where(curv > 0, curv, 1), 0.0)
+            loss[:, j] = np.where(inside, l0 - (lm - lp) ** 2 / (8 * np.where(curv > 0, curv, 1)), np.nan)
+            n_opt[:, j] = np.where(inside, np.exp(log_n[i] + shift * h), np.nan)
+    return loss, n_opt
+
+
+def multipliers(base_params, variant_params, log_c, base_overhead, variant_overhead) -> np.ndarray:
+    """k(C) = C_base(L_variant*(C)) / C for each paired law (row) and budget: the compute the baseline's
+    frontier needs to reach the variant's compute-optimal loss at C. inf where the variant's loss lies
+    below the baseline's floor E (no budget reaches it), NaN where a frontier is undefined. (S, n)."""
+    lv, _ = frontier(variant_params, log_c, variant_overhead)
+    lb, _ = frontier(base_params, INVERSE_LOG_C, base_overhead)
+    E_b = np.asarray(base_params[0], float)
+    k = np.full(lv.shape, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for s in range(len(E_b)):
+            reducible = lb[s] - E_b[s]
+            ok = np.isfinite(reducible) & (reducible > 0)
+            if ok.sum() < 2:
+                continue
+            x, y = np.log(reducible[ok])[::-1], INVERSE_LOG_C[ok][::-1]      # ln(L* - E) rising, ln C falling
+            target = np.log(lv[s] - E_b[s])
+            log_cb = np.interp(target, x, y, left=np.nan, right=np.nan)
+            k[s] = np.where(lv[s] <= E_b[s], np.inf, np.exp(log_cb - log_c))
+    return k
+
+
+def law_params(joint: dict) -> list[np.ndarray]:
+    return [np.array([joint[k]]) for k in ("E", "A", "B", "alpha", "beta")]
+
+
+def paired_draws(a: dict, b: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Draw i of the baseline's joint-law bootstrap with draw i of the variant's (independent studies, so
+    any pairing is a draw of the pair); draws with a non-finite parameter on either side are left out."""
+    pa, pb = rse._joint_params(a["_samples"]), rse._joint_params(b["_samples"])
+    n = min(len(pa[0]), len(pb[0]))
+    pa, pb = [v[:n] for v in pa], [v[:n] for v in pb]
+    ok = np.all([np.isfinite(v) for v in (*pa, *pb)], axis=0)
+    return [v[ok] for v in pa], [v[ok] for v in pb]
+
+
+def percentile_ci(draws) -> list[float] | None:
+    """The 2.5th and 97.5th percentiles over draws, inf kept (a draw whose k is unbounded), NaN left out."""
+    d = np.asarray(draws, float)
+    d = np.sort(d[~np.isnan(d)])
+    if len(d) < 20:
+        return None
+    # order statistics (as np.percentile's 'lower'/'higher'): an interpolation would turn inf into NaN
+    return [float(d[int(np.floor(0.025 * (len(d) - 1)))]), float(d[int(np.ceil(0.975 * (len(d) - 1)))])]
+
+
+def frontier_exponent(params) -> np.ndarray:
+    """alpha beta / (alpha + beta): L*(C) - E falls as C to minus this under C = 6 N D."""
+    al, be = np.asarray(params[3], float), np.asarray(params[4], float)
+    return al * be / (al + be)
+
+
+def study_flops(study: Study, real: bool) -> np.ndarray:
+    return np.array([(p["flops_per_token"] if real else 6 * p["N"]) * p["D"] for p in study.points])
+
+
+def compare_recipes(a: Study, b: Study) -> dict:
+    """The report of baseline `a` against variant `b` (comparison_report.json), or a UserError when they
+    cannot be compared (other corpus, tokenizer or N count; no common budget)."""
+    ia, ib = study_identity(a.results), study_identity(b.results)
+    for key, what in (("corpus", "corpora"), ("tokenizer", "tokenizers"), ("vocab_size", "vocabularies"),
+                      ("n_count", "N counts")):
+        if ia[key] != ib[key]:
+            raise rse.UserError(f"the studies used different {what} ({ia[key]} vs {ib[key]}): their losses are "
+                                f"not comparable; compare recipes trained on the same data and tokenizer")
+    real = all(p["flops_per_token"] is not None for p in a.points + b.points)
+    if not real:                # one study without FLOPs per token: both count C = 6 N D
+        a, b = (dataclasses.replace(s, overhead=None) for s in (a, b))
+    fa, fb = study_flops(a, real), study_flops(b, real)
+    lo, hi = max(fa.min(), fb.min()), min(fa.max(), fb.max())
+    if lo > hi:
+        raise rse.UserError(f"no overlapping budgets: the baseline's runs span {fa.min():.3g}-{fa.max():.3g} "
+                            f"FLOPs, the variant's {fb.min():.3g}-{fb.max():.3g}; a multiplier needs both "
+                            f"studies measured at some common compute")
+    pa, pb = paired_draws(a.joint, b.joint)
+    point_a, point_b = law_params(a.joint), law_params(b.joint)
+    budgets = [("at_largest_common_budget", hi, False), ("at_smallest_common_budget", lo, False)]
+    budgets += [(budget_key(c), c, True) for c in FAR_BUDGETS]
+    grid_c = np.logspace(np.log10(min(fa.min(), fb.min()) / 10), np.log10(max(FAR_BUDGETS)), N_CURVE)
+    log_c = np.log(np.concatenate([[c for _, c, _ in budgets], grid_c]))     # the budgets, then the curve
+    k_hat = multipliers(point_a, point_b, log_c, a.overhead, b.overhead)[0]
+    k_draws = multipliers(pa, pb, log_c, a.overhead, b.overhead)
+    multiplier = {}
+    for j, (key, c, far) in enumerate(budgets):
+        ci = percentile_ci(k_draws[:, j])
+        multiplier[key] = {"flops": float(c), "k": finite_or_none(k_hat[j]),
+                           "ci95": [finite_or_none(v) for v in ci] if ci else None,
+                           "k_unbounded": bool(k_hat[j] == np.inf), "extrapolation": bool(far and c > hi)}
+    nb = len(budgets)
+    curve_hat = k_hat[nb:]
+    bands = [percentile_ci(k_draws[:, nb + j]) for j in range(len(grid_c))]
+    return {
+        "baseline": describe_study(a, fa), "variant": describe_study(b, fb),
+        "compute": ("FLOPs per token x D from the records (each study's FLOPs per token modelled as 6 N + "
+                    "c N^p over its sizes, for the frontier)" if real else "C = 6 N D (N non-embedding)"),
+        "measured_common_range": [float(lo), float(hi)],
+        "multiplier": multiplier,
+        "multiplier_definition": "k(C) = C_baseline(L_variant*(C)) / C: the compute the baseline's frontier "
+                                 "needs to reach the variant's compute-optimal loss at C; k > 1: the variant "
+                                 "is better. 95% interval: percentiles over paired draws of the two joint "
+                                 "laws' bootstraps",
+        "n_paired_draws": int(len(pa[0])),
+        "exponents": exponent_report(a, b, pa, pb, multiplier),
+        "crossover": crossover(grid_c, curve_hat, lo, hi),
+        "rungs": rung_report(a, b, multiplier),
+        "multiplier_curve": {"flops": grid_c.tolist(), "k": [finite_or_none(v) for v in curve_hat],
+                             "lo": [finite_or_none(bd[0]) if bd else None for bd in bands],
+                             "hi": [finite_or_none(bd[1]) if bd else None for bd in bands]},
+    }
+
+
+def budget_key(flops: float) -> str:
+    """'at_1e18_flops': the multiplier object's key for a far budget."""
+    return f"at_{flops:.0e}_flops".replace("+", "")
+
+
+def finite_or_none(v):
+    return float(v) if v is not None and np.isfinite(v) else None
+
+
+def describe_study(s: Study, flops: np.ndarray) -> dict:
+    j = s.joint
+    ident = study_identity(s.results)
+    return {"path": str(s.path), "mode": s.results.get("mode"),
+            "arch": (s.results.get("config") or {}).get("arch", "gpt2"), "simulated": bool(s.results.get("simulated")),
+            "corpus": ident["corpus_name"], "tokenizer": ident["tokenizer"], "n_count": ident["n_count"],
+            "n_runs": len(s.points), "flops_range": [float(flops.min()), float(flops.max())],
+            "joint": {k: j[k] for k in ("E", "A", "B", "alpha", "beta", "r2", "n_points")},
+            "joint_ci95": {k: j["ci95"][k] for k in ("E", "alpha", "beta")},
+            "flops_per_token_overhead": list(s.overhead) if s.overhead else None}
+
+
+def exponent_report(a: Study, b: Study, pa, pb, multiplier: dict) -> dict:
+    """Whether the frontiers' exponents differ (then k changes with C), and how k changes."""
+    ga, gb = frontier_exponent(law_params(a.joint))[0], frontier_exponent(law_params(b.joint))[0]
+    diff = frontier_exponent(pb) - frontier_exponent(pa)
+    ci = percentile_ci(diff)
+    differ = bool(ci is not None and (ci[0] > 1e-6 or ci[1] < -1e-6))     # not float round-off
+    near, far = multiplier["at_largest_common_budget"], multiplier[budget_key(max(FAR_BUDGETS))]
+    k_near, k_far = k_value(near), k_value(far)
+    trend = None
+    if np.isfinite(k_near) and np.isfinite(k_far) and k_near > 0 and k_far > 0:
+        trend = math.log10(k_far / k_near) / math.log10(far["flops"] / near["flops"])
+    if differ:
+        how = (f"the frontier exponents differ (variant {gb:.3f} vs baseline {ga:.3f}): k changes with C, "
+               f"from {k_near:.3g} at {near['flops']:.3g} FLOPs to {k_far:.3g} at {far['flops']:.0e}"
+               + (" (unbounded: the variant's frontier goes below the baseline's floor E)" if k_far == math.inf else ""))
+    else:
+        how = (f"the frontier exponents agree within their interval (variant {gb:.3f} vs baseline {ga:.3f}); "
+               f"the fitted k still moves from {k_near:.3g} to {k_far:.3g} at {far['flops']:.0e}")
+    return {"baseline": {"alpha": a.joint["alpha"], "beta": a.joint["beta"], "frontier_exponent": float(ga)},
+            "variant": {"alpha": b.joint["alpha"], "beta": b.joint["beta"], "frontier_exponent": float(gb)},
+            "frontier_exponent_difference": float(gb - ga), "difference_ci95": ci, "differ": differ,
+            "log10_k_per_decade": trend, "how": how}
+
+
+def crossover(grid_c: np.ndarray, k: np.ndarray, lo: float, hi: float) -> dict | None:
+    """The budget where the fitted frontiers cross (k = 1), if they do on the curve's span."""
+    lk = np.log(np.where(np.isfinite(k) & (k > 0), k, np.nan))
+    lk = np.where(np.abs(lk) < 1e-6, 0.0, lk)           # equal frontiers (k = 1 to round-off) never cross
+    for j in range(len(grid_c) - 1):
+        if np.isfinite(lk[j]) and np.isfinite(lk[j + 1]) and lk[j] * lk[j + 1] < 0:
+            t = lk[j] / (lk[j] - lk[j + 1])
+            c = float(np.exp(np.log(grid_c[j]) + t * np.log(grid_c[j + 1] / grid_c[j])))
+            where = "within the runs" if lo <= c <= hi else ("beyond the runs" if c > hi else "below the runs")
+            return {"flops": c, "where": where,
+                    "winner_above": "variant" if lk[j + 1] > 0 else "baseline"}
+    return None
+
+
+def rung_report(a: Study, b: Study, multiplier: dict) -> dict:
+    """Loss difference (variant - baseline) at every rung both trained (matched by run name, so the same
+    shape and D), the winner per rung, and whether the small rungs' winner is the extrapolated one."""
+    by_name = {p["name"]: p for p in b.points}
+    rows = []
+    for p in sorted(a.points, key=lambda p: 6 * p["N"] * p["D"]):
+        q = by_name.get(p["name"])
+        if q is None:
+            continue
+        diff = q["loss"] - p["loss"]
+        rows.append({"name": p["name"], "N_baseline": p["N"], "N_variant": q["N"], "D": p["D"],
+                     "loss_baseline": p["loss"], "loss_variant": q["loss"], "difference": diff,
+                     "winner": "variant" if diff < 0 else "baseline" if diff > 0 else "tie"})
+    far = multiplier[budget_key(max(FAR_BUDGETS))]
+    k_far = k_value(far)
+    extrapolated = None if np.isnan(k_far) else ("variant" if k_far > 1 else "baseline")
+    small = rows[: max(1, len(rows) // 3)]                  # the cheapest third of the common rungs
+    small_mean = float(np.mean([r["difference"] for r in small])) if small else None
+    small_winner = None if small_mean is None else (
+        "variant" if small_mean < 0 else "baseline" if small_mean > 0 else "tie")
+    for r in rows:
+        r["agrees_with_extrapolated"] = r["winner"] == extrapolated
+    return {"rows": rows, "n_common": len(rows), "small_rungs": [r["name"] for r in small],
+            "small_rungs_mean_difference": small_mean, "small_rungs_winner": small_winner,
+            "extrapolated_winner": extrapolated, "extrapolated_at_flops": far["flops"],
+            "rank_stable": (small_winner == extrapolated) if rows else None,
+            "share_of_rungs_agreeing": (float(np.mean([r["agrees_with_extrapolated"] for r in rows]))
+                                        if rows else None)}
+
+
+def k_value(entry: dict) -> float:
+    """The entry's k as a number: inf where unbounded (the variant's loss below the baseline's floor)."""
+    return math.inf if entry.get("k_unbounded") else (math.nan if entry["k"] is None else entry["k"])
+
+
+def k_text(entry: dict) -> str:
+    ci = entry["ci95"]
+    fmt = lambda v: "inf" if v is None else f"{v:.3g}"   # noqa: E731   (None in a ci95: unbounded)
+    k = "inf" if entry.get("k_unbounded") else fmt(entry["k"]) if entry["k"] is not None else "n/a"
+    return f"{k} [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else f"{k} [n/a]"
+
+
+def print_recipe_verdict(report: dict) -> None:
+    a, b = report["baseline"], report["variant"]
+    rse.log(f"baseline: {a['path']} (mode {a['mode']}, arch {a['arch']}, {a['n_runs']} runs)")
+    rse.log(f"variant:  {b['path']} (mode {b['mode']}, arch {b['arch']}, {b['n_runs']} runs)")
+    rse.log(f"  compute: {report['compute']}; both measured {report['measured_common_range'][0]:.3g}-"
+            f"{report['measured_common_range'][1]:.3g} FLOPs")
+    rse.log(f"  {'budget':<28} {'FLOPs':>9}  k (95% CI, {report['n_paired_draws']} paired draws)")
+    for key, m in report["multiplier"].items():
+        note = "  (extrapolation)" if m["extrapolation"] else ""
+        rse.log(f"  {key:<28} {m['flops']:>9.3g}  {k_text(m)}{note}")
+    e = report["exponents"]
+    for role in ("baseline", "variant"):
+        x = e[role]
+        rse.log(f"  {role:<9} alpha {x['alpha']:.3f}  beta {x['beta']:.3f}  frontier exponent "
+                f"{x['frontier_exponent']:.3f}")
+    rse.log(f"  exponents: {e['how']}")
+    c = report["crossover"]
+    rse.log(f"  crossover: " + (f"the frontiers cross at {c['flops']:.3g} FLOPs ({c['where']}); above it the "
+                                f"{c['winner_above']} wins" if c else "none between a decade below the runs and 1e21"))
+    r = report["rungs"]
+    rse.log(f"  rungs both trained: {r['n_common']}; variant better at "
+            f"{sum(x['winner'] == 'variant' for x in r['rows'])}")
+    for x in r["rows"]:
+        rse.log(f"    {x['name']:<22} N {rse.format_count(x['N_baseline']):>6}/{rse.format_count(x['N_variant']):<6} "
+                f"D {rse.format_count(x['D']):>6}  {x['loss_baseline']:.4f} -> {x['loss_variant']:.4f} "
+                f"({x['difference']:+.4f}, {x['winner']})")
+    rse.log(f"  rank stability: small rungs' winner {r['small_rungs_winner']}, extrapolated winner at "
+            f"{r['extrapolated_at_flops']:.0e} {r['extrapolated_winner']}: "
+            f"{'stable' if r['rank_stable'] else 'NOT stable'}")
+
+
+def build_recipe_figure(report: dict, a: Study, b: Study):
+    """Left: both frontiers L*(C) with 95% bands and every run at its compute; right: k(C) with its band,
+    the common measured range shaded, k = 1 marked."""
+    fig, (ax_f, ax_k) = rse.plt.subplots(1, 2, figsize=(15, 6))
+    grid = np.array(report["multiplier_curve"]["flops"])
+    real = report["compute"].startswith("FLOPs per token")
+    for s, color, role in ((a, "tab:blue", "baseline"), (b, "tab:orange", "variant")):
+        params = law_params(s.joint)
+        overhead = report[role]["flops_per_token_overhead"]
+        loss, _ = frontier(params, np.log(grid), overhead)
+        draws, _ = frontier(rse._joint_params(s.joint["_samples"]), np.log(grid), overhead)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            lo, hi = np.nanpercentile(draws, [2.5, 97.5], axis=0)
+        info = report[role]
+        ax_f.plot(grid, loss[0], color=color, lw=1.8, label=f"{role} ({info['arch']}) frontier: E {s.joint['E']:.3g}, "
+                                                            f"alpha {s.joint['alpha']:.3f}, beta {s.joint['beta']:.3f}")
+        ax_f.fill_between(grid, lo, hi, color=color, alpha=0.2)
+        ax_f.scatter(study_flops(s, real), [p["loss"] for p in s.points], color=color, s=18, zorder=5,
+                     label=f"{role} runs")
+    ax_f.set_xscale("log")
+    ax_f.set_xlabel("training compute C (FLOPs)")
+    ax_f.set_ylabel("validation loss (nats/token)")
+    ax_f.set_title("compute-optimal frontiers (95% bands) and the runs", fontsize=11)
+    ax_f.grid(True, which="both", alpha=0.3)
+    ax_f.legend(fontsize=8)
+    cur = report["multiplier_curve"]
+    nan = lambda xs: np.array([np.nan if v is None else v for v in xs], float)   # noqa: E731
+    ax_k.plot(grid, nan(cur["k"]), color="black", lw=1.8, label="k(C), fitted")
+    hi_band = np.array([K_AXIS_MAX * 10 if v is None else v for v in cur["hi"]], float)    # None: unbounded
+    ax_k.fill_between(grid, nan(cur["lo"]), hi_band, color="gray", alpha=0.3, label="95% band (paired draws)")
+    lo_c, hi_c = report["measured_common_range"]
+    ax_k.axvspan(lo_c, hi_c, color="tab:green", alpha=0.15, label="both studies measured")
+    ax_k.axhline(1.0, color="tab:red", ls=":", lw=1.2, label="k = 1: no difference")
+    unbounded = []
+    for key, m in report["multiplier"].items():
+        if m["k"] is not None:
+            ax_k.plot(m["flops"], m["k"], "o", color="black", mfc="white" if m["extrapolation"] else "black")
+        elif m["k_unbounded"]:
+            unbounded.append(f"{m['flops']:.0e}")
+    if unbounded:
+        ax_k.text(0.98, 0.97, f"k unbounded at {', '.join(unbounded)} FLOPs: the variant's frontier falls below "
+                  f"the baseline's floor E", transform=ax_k.transAxes, ha="right", va="top", fontsize=8)
+    shown = [v for v in nan(cur["k"])[(grid >= lo_c / 10) & (grid <= max(hi_c * 1e3, 1e18))] if np.isfinite(v)]
+    if shown:
+        ax_k.set_ylim(max(K_AXIS_MIN, min(min(shown), 1.0) / 3), min(K_AXIS_MAX, max(max(shown), 1.0) * 3))
+    ax_k.set_xscale("log")
+    ax_k.set_yscale("log")
+    ax_k.set_xlim(grid[0], grid[-1])
+    ax_k.set_xlabel("compute C of the variant (FLOPs)")
+    ax_k.set_ylabel("effective-compute multiplier k(C)")
+    near = report["multiplier"]["at_largest_common_budget"]
+    ax_k.set_title(f"k = {k_text(near)} at {near['flops']:.3g} FLOPs (open: extrapolations)", fontsize=11)
+    ax_k.grid(True, which="both", alpha=0.3)
+    ax_k.legend(fontsize=8)
+    fig.suptitle(f"does the variant scale? {Path(report['variant']['path']).parent.name} "
+                 f"({report['variant']['arch']}) vs baseline {Path(report['baseline']['path']).parent.name} "
+                 f"({report['baseline']['arch']})", fontsize=12)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return fig
+
+
+def run_recipe_comparison(args) -> int:
+    try:
+        if not (args.a and args.b):
+            raise rse.UserError("--a BASELINE and --b VARIANT go together: give both results folders")
+        a = load_study(args.a, "a", args.bootstrap, rse.BOOTSTRAP_SEED)
+        b = load_study(args.b, "b", args.bootstrap, rse.BOOTSTRAP_SEED + 1)
+        report = compare_recipes(a, b)
+        out_dir = Path(args.output_dir)
+        rse.prepare_output_dir(out_dir)
+    except rse.UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    rse.write_json_atomic(out_dir / "comparison_report.json", report)
+    print_recipe_verdict(report)
+    figure = out_dir / "recipe_comparison.png"
+    try:
+        rse.save_figure_atomic(build_recipe_figure(report, a, b), figure)
+    except Exception as e:       # the report is already on disk; say what failed and go on
+        rse.log(f"figure: could not draw {figure.name} ({type(e).__name__}: {e})")
+    rse.log(f"  report: {out_dir / 'comparison_report.json'}")
+    rse.log(f"  figure: {figure}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------
 
@@ -359,11 +835,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim", default=DEFAULT_SIM, help=f"results folder or results.json (default {DEFAULT_SIM})")
     p.add_argument("--real", default=DEFAULT_REAL, help=f"results folder or results.json (default {DEFAULT_REAL})")
     p.add_argument("--output-dir", default="comparison_results", help="default comparison_results")
+    g = p.add_argument_group("two recipes: the effective-compute multiplier")
+    g.add_argument("--a", metavar="BASELINE", help="the baseline recipe's results folder or results.json")
+    g.add_argument("--b", metavar="VARIANT", help="the variant recipe's results folder or results.json")
+    g.add_argument("--bootstrap", type=rse.positive_int, default=rse.N_BOOTSTRAP,
+                   help=f"bootstrap draws of each joint law behind the multiplier's interval (default {rse.N_BOOTSTRAP})")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.a or args.b:
+        return run_recipe_comparison(args)
     try:
         real, real_path = load_results(args.real, "real")
         if results_path(args.sim).exists():

@@ -4,6 +4,7 @@
     python quick_scaling_demo.py                          # the quick preset's runs, Chinchilla's law
     python quick_scaling_demo.py --mode standard --noise 0.02 --seed 3
     python quick_scaling_demo.py --law kaplan
+    python quick_scaling_demo.py --mode tiny --law tiny --compute-multiplier 2 --output-dir variant
 
 For every run the runner would train (its real plan, so N, D and steps are the ones it would use), the
 final validation loss is drawn from a known law with seeded noise and a training curve is synthesised in
@@ -33,7 +34,12 @@ import run_scaling_experiments_enhanced as rse
 CHINCHILLA = {"E": 1.82, "A": 482.0, "B": 2085.0, "alpha": 0.348, "beta": 0.366}
 # Span of those 240 runs; outside it the law is an extrapolation.
 CHINCHILLA_RANGE = {"N": (5.7e7, 1.6e10), "D": (8.2e8, 3.2e11)}
-LAWS = ("chinchilla", "kaplan")
+# The same form at tiny's scale: the joint law fitted to an earlier tiny grid of the runner
+# (tests/data_tiny_grid_v512.csv: N 6.6K-100K, D 0.5M-12M, 512-token BPE), rounded. Tiny's runs lie
+# where Chinchilla's law predicts losses above ln(vocabulary); this law gives them 2.6-3.7 nats.
+TINY = {"E": 1.90, "A": 20.9, "B": 609.0, "alpha": 0.317, "beta": 0.471}
+JOINT_LAWS = {"chinchilla": CHINCHILLA, "tiny": TINY}      # L(N, D) = E + A / N^alpha + B / D^beta
+LAWS = ("chinchilla", "kaplan", "tiny")
 
 # The 240 Chinchilla runs scatter around the law above with a standard deviation of 0.0076 in log-loss
 # (measured on the extracted data); small models on small data are noisier from seed to seed, so the
@@ -48,11 +54,26 @@ BATCH_LOSS_STD_NATS = 0.05
 # the law: what each sweep sees of it (pure functions)
 # ----------------------------------------------------------------------------------------------------
 
-def sweep_truth(law: str, sweep: str, fixed: float) -> dict:
+def multiplied_law(constants: dict, multiplier: float) -> dict:
+    """The law made exactly `multiplier` (K) times more compute-efficient: A and B both scaled by
+    K^(-alpha beta / (alpha + beta)).
+
+    Why exact: under C = 6 N D the optimum's loss is E + G (C/6)^(-alpha beta/(alpha+beta)), with G a
+    function of A and B homogeneous of degree 1 (G = (A^beta B^alpha)^(1/(alpha+beta)) times a constant
+    of the exponents); scaling both by s scales G by s, and s = K^(-alpha beta/(alpha+beta)) is what
+    replacing C by K C does. Equivalently, the variant at (N, D) is the base law at (K^a N, K^(1-a) D),
+    a = beta/(alpha+beta): the base law's compute-optimal split of K. So k(C) = K at every C."""
+    k = constants
+    s = multiplier ** (-k["alpha"] * k["beta"] / (k["alpha"] + k["beta"]))
+    return {**k, "A": k["A"] * s, "B": k["B"] * s}
+
+
+def sweep_truth(law: str, sweep: str, fixed: float, constants: dict | None = None) -> dict:
     """The true law along one sweep as L(x) = c + a x^-b, with `fixed` the other variable (the parameter
-    sweep's tokens D, or the data sweep's non-embedding N)."""
-    if law == "chinchilla":
-        k = CHINCHILLA
+    sweep's tokens D, or the data sweep's non-embedding N). `constants` replaces a joint law's own (a
+    --compute-multiplier variant)."""
+    if law in JOINT_LAWS:
+        k = constants or JOINT_LAWS[law]
         if sweep == "params":
             return {"a": k["A"], "b": k["alpha"], "c": k["E"] + k["B"] * fixed ** -k["beta"],
                     "how": f"L(N, D) with D fixed at this sweep's {rse.format_count(fixed)} tokens: "
@@ -71,12 +92,33 @@ def sweep_truth(law: str, sweep: str, fixed: float) -> dict:
     return {"a": x_c ** exponent, "b": exponent, "c": 0.0, "how": how}
 
 
+def kaplan_joint(n_params, tokens) -> np.ndarray:
+    """Kaplan et al. 2020's L(N, D) = ((N_c/N)^(alpha_N/alpha_D) + D_c/D)^alpha_D (their eq. 1.5): L(N) as
+    D grows without bound, L(D) as N does."""
+    (n_c, a_n), (d_c, a_d) = rse.KAPLAN["params"], rse.KAPLAN["data"]
+    n, d = np.asarray(n_params, float), np.asarray(tokens, float)
+    return ((n_c / n) ** (a_n / a_d) + d_c / d) ** a_d
+
+
+def kaplan_grid_truth(sweep: str, xs, ys, fixed: float) -> dict:
+    """A grid's sweep under Kaplan's L(N, D): its log-log line over the sweep's runs (c = 0), the exponent
+    a c = 0 fit of them estimates."""
+    b = loglog_slope(xs, ys)
+    a = float(np.exp(np.mean(np.log(ys) + b * np.log(xs))))
+    other = "tokens" if sweep == "params" else "non-embedding parameters"
+    return {"a": a, "b": b, "c": 0.0,
+            "how": f"Kaplan's L(N, D) = ((N_c/N)^(alpha_N/alpha_D) + D_c/D)^alpha_D at each run's own N and D "
+                   f"(this grid's rows share runs between the sweeps, {rse.format_count(fixed)} {other} "
+                   f"here); a and b: its log-log line over this sweep's runs"}
+
+
 def loglog_slope(x, y) -> float:
     """Least-squares slope of -ln y against ln x: the exponent a c = 0 fit of these points estimates."""
     return float(-np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)[0])
 
 
-def law_record(law: str, sweeps: dict, plan: list[rse.Experiment], noise: float, seed: int) -> dict:
+def law_record(law: str, sweeps: dict, plan: list[rse.Experiment], noise: float, seed: int,
+               multiplier: float = 1.0) -> dict:
     """The `true_law` entry of results.json: constants, how each sweep is simulated, the noise."""
     if law == "chinchilla":
         head = {"name": "chinchilla", "formula": "L(N, D) = E + A / N^alpha + B / D^beta",
@@ -84,15 +126,23 @@ def law_record(law: str, sweeps: dict, plan: list[rse.Experiment], noise: float,
                 "source": "Besiroglu et al. 2024, 'Chinchilla Scaling: A replication attempt' (refit of "
                           "Hoffmann et al. 2022's runs; nats on MassiveText)",
                 "fitted_range": CHINCHILLA_RANGE}
+    elif law == "tiny":
+        head = {"name": "tiny", "formula": "L(N, D) = E + A / N^alpha + B / D^beta", "constants": dict(TINY),
+                "source": "the joint law of an earlier tiny grid (tests/data_tiny_grid_v512.csv), rounded"}
     else:
         head = {"name": "kaplan", "formula": "L(N) = (N_c / N)^alpha_N; L(D) = (D_c / D)^alpha_D",
                 "constants": {"N_c": rse.KAPLAN["params"][0], "alpha_N": rse.KAPLAN["params"][1],
                               "D_c": rse.KAPLAN["data"][0], "alpha_D": rse.KAPLAN["data"][1]},
                 "source": "Kaplan et al. 2020 (nats on WebText2, GPT-2 tokenizer)"}
+    if multiplier != 1.0:
+        head["base_constants"] = head["constants"]
+        head["constants"] = multiplied_law(head["constants"], multiplier)
+        head["compute_multiplier"] = multiplier
     out = {**head, "noise": {"kind": "final loss = law * exp(noise * z), z ~ N(0, 1), one draw per run",
                              "noise": noise, "seed": seed}, "sweeps": {}}
     for sweep, truth in sweeps.items():
-        xs = [e.n_params_nonembedding if sweep == "params" else e.tokens for e in plan if e.sweep == sweep]
+        xs = [e.n_params_nonembedding if sweep == "params" else e.tokens for e in plan
+              if rse.in_sweep(dataclasses.asdict(e), sweep)]
         ys = rse.power_law(xs, truth["a"], truth["b"], truth["c"])
         out["sweeps"][sweep] = {
             "a": truth["a"], "b": truth["b"], "c": truth["c"], "how": truth["how"],
@@ -158,10 +208,17 @@ def synth_curve(exp: rse.Experiment, cfg: rse.RunConfig, initial: float, final: 
 # the simulated study
 # ----------------------------------------------------------------------------------------------------
 
-def simulate(cfg: rse.RunConfig, preset: rse.Preset, law: str, noise: float, seed: int) -> dict:
+def simulate(cfg: rse.RunConfig, preset: rse.Preset, law: str, noise: float, seed: int,
+             multiplier: float = 1.0) -> dict:
     """A results dict in the runner's schema (fits and predictions still empty), `simulated` and
-    `true_law` added. Raises UserError when the law predicts a run learns nothing."""
+    `true_law` added. Raises UserError when the law predicts a run learns nothing.
+
+    Which sweep a run is a point of comes from its roles (rse.in_sweep), not its `sweep` name: in a WSD
+    grid (tiny) the data sweep is a row of the parameter sweep's runs. There, Kaplan's two one-variable
+    laws would give a shared run two losses, so every run takes Kaplan's L(N, D) at its own N and D."""
     plan = rse.build_plan(cfg, preset)
+    constants = multiplied_law(JOINT_LAWS[law], multiplier) if law in JOINT_LAWS else None
+    kaplan_grid = law == "kaplan" and any(e.in_data_sweep for e in plan)
     sweeps = {}
     for sweep in ("params", "data"):
         runs = [e for e in plan if rse.in_sweep(dataclasses.asdict(e), sweep)]
@@ -170,7 +227,12 @@ def simulate(cfg: rse.RunConfig, preset: rse.Preset, law: str, noise: float, see
         fixed = {e.tokens if sweep == "params" else e.n_params_nonembedding for e in runs}
         assert len(fixed) == 1, f"the {sweep} sweep's other variable should be constant, got {fixed}"
         value = fixed.pop()
-        sweeps[sweep] = {**sweep_truth(law, sweep, value), "fixed": value}
+        if kaplan_grid:
+            xs = [e.n_params_nonembedding if sweep == "params" else e.tokens for e in runs]
+            ys = kaplan_joint([e.n_params_nonembedding for e in runs], [e.tokens for e in runs])
+            sweeps[sweep] = {**kaplan_grid_truth(sweep, xs, ys, value), "fixed": value}
+        else:
+            sweeps[sweep] = {**sweep_truth(law, sweep, value, constants), "fixed": value}
 
     ln_vocab = math.log(cfg.vocab_size)
     z_final = np.random.default_rng([seed, 0]).standard_normal(len(plan))   # one draw per run, plan order
@@ -178,9 +240,12 @@ def simulate(cfg: rse.RunConfig, preset: rse.Preset, law: str, noise: float, see
     for i, exp in enumerate(plan):
         # a run of the parameter sweep's rows (a WSD branch, or a row going on past the sweep's D): a
         # point of the law at its own D
-        t = sweeps["data"] if exp.sweep == "data" else sweep_truth(law, "params", exp.tokens)
-        x = exp.tokens if exp.sweep == "data" else exp.n_params_nonembedding
-        true_loss = float(rse.power_law(x, t["a"], t["b"], t["c"]))
+        if kaplan_grid:
+            true_loss = float(kaplan_joint(exp.n_params_nonembedding, exp.tokens))
+        else:
+            t = sweeps["data"] if exp.sweep == "data" else sweep_truth(law, "params", exp.tokens, constants)
+            x = exp.tokens if exp.sweep == "data" else exp.n_params_nonembedding
+            true_loss = float(rse.power_law(x, t["a"], t["b"], t["c"]))
         final = true_loss * math.exp(noise * z_final[i])
         rng = np.random.default_rng([seed, 1, i])
         initial = ln_vocab + abs(rng.normal(0, 0.02))   # an untrained model sits at or just above ln V
@@ -189,7 +254,7 @@ def simulate(cfg: rse.RunConfig, preset: rse.Preset, law: str, noise: float, see
                 f"--law {law} gives {exp.name} (N={rse.format_count(exp.n_params_nonembedding)}, "
                 f"D={rse.format_count(exp.tokens)}) a loss of {true_loss:.2f}, no better than chance "
                 f"(ln {cfg.vocab_size} = {ln_vocab:.2f}): these runs are far outside the law's range; "
-                f"use --law kaplan or a larger --mode")
+                f"use --law kaplan, --law tiny or a larger --mode")
         experiments.append({
             "name": exp.name, "sweep": exp.sweep, "target": exp.target,
             "n_params_nonembedding": exp.n_params_nonembedding, "n_params_total": exp.n_params_total,
@@ -202,7 +267,7 @@ def simulate(cfg: rse.RunConfig, preset: rse.Preset, law: str, noise: float, see
             "wall_time_s": 0.0, "tokens_per_s": None,
             "curve": synth_curve(exp, cfg, initial, final, noise, rng),
         })
-    true_law = law_record(law, sweeps, plan, noise, seed)
+    true_law = law_record(law, sweeps, plan, noise, seed, multiplier)
     environment = {"device": "simulated", "device_name": "none: losses drawn from a known law, no training",
                    "dtype": None, "torch_version": None, "python_version": platform.python_version(),
                    "platform": platform.platform(),
@@ -215,14 +280,19 @@ def simulate(cfg: rse.RunConfig, preset: rse.Preset, law: str, noise: float, see
             "fits": {}, "predictions": [], "wall_time_s": 0.0}
 
 
-def simulated_study(runner_argv: list[str], law: str, noise: float, seed: int, out_dir: Path) -> dict:
-    """The runner's plan for these runner arguments (e.g. ['--mode', 'quick']) simulated under `law`:
-    a results dict whose fits are still to be made (rse.finish_results), the range note in true_law."""
+def simulated_study(runner_argv: list[str], law: str, noise: float, seed: int, out_dir: Path,
+                    multiplier: float = 1.0) -> dict:
+    """The runner's plan for these runner arguments (e.g. ['--mode', 'quick']) simulated under `law`
+    (made `multiplier` times more compute-efficient): a results dict whose fits are still to be made
+    (rse.finish_results), the range note in true_law."""
+    if multiplier != 1.0 and law not in JOINT_LAWS:
+        raise rse.UserError(f"--compute-multiplier needs a law of the form E + A/N^alpha + B/D^beta: use --law "
+                            f"{' or --law '.join(JOINT_LAWS)}, not {law}")
     cfg, preset = rse.config_from_args(rse.build_parser().parse_args(runner_argv))
     # the laws below are written in non-embedding N, so the joint law is fitted in that count
     cfg = dataclasses.replace(cfg, data="simulated", device="none", cache_dir="", seed=seed, output_dir=str(out_dir),
                               n_count="non-embedding")
-    results = simulate(cfg, preset, law, noise, seed)
+    results = simulate(cfg, preset, law, noise, seed, multiplier)
     note = out_of_range_note(results)
     if note:
         results["true_law"]["note"] = note
@@ -285,10 +355,11 @@ def print_comparison(results: dict) -> None:
         rse.log(f"    {p['name']:<28} {rse.format_count(x):>6}: true {p['true_loss']:.3f}, fitted {err(pred)}, "
                 f"joint law {err(joint)}")
     joint = results["fits"].get("joint", {})
-    if joint.get("available") and law["name"] == "chinchilla":
+    if joint.get("available") and law["name"] in JOINT_LAWS:
+        k = law["constants"]
         rse.log(f"  joint law: alpha {joint['alpha']:.4f} {interval_text(joint, 'alpha')} (true "
-                f"{CHINCHILLA['alpha']}), beta {joint['beta']:.4f} {interval_text(joint, 'beta')} (true "
-                f"{CHINCHILLA['beta']}), from {joint['n_points']} runs")
+                f"{k['alpha']}), beta {joint['beta']:.4f} {interval_text(joint, 'beta')} (true "
+                f"{k['beta']}), from {joint['n_points']} runs")
 
 
 def slope_text(truth: dict) -> str:
@@ -327,7 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     # the simulation
     p.add_argument("--law", default="chinchilla", choices=LAWS,
                    help="chinchilla: Besiroglu et al. 2024's L(N, D) = 1.82 + 482/N^0.348 + 2085/D^0.366 "
-                        "(default); kaplan: L(N) = (8.8e13/N)^0.076 and L(D) = (5.4e13/D)^0.095")
+                        "(default); kaplan: L(N) = (8.8e13/N)^0.076 and L(D) = (5.4e13/D)^0.095 (a WSD grid: "
+                        "their L(N, D)); tiny: 1.90 + 20.9/N^0.317 + 609/D^0.471, the same form at tiny's scale")
+    p.add_argument("--compute-multiplier", type=rse.positive_float, default=1.0, metavar="K",
+                   help="simulate a recipe exactly K times more compute-efficient than the law (A and B scaled "
+                        "by K^(-alpha beta/(alpha+beta)); chinchilla and tiny laws); default 1""")
     p.add_argument("--noise", type=non_negative_float, default=DEFAULT_NOISE,
                    help=f"standard deviation of each final loss in log-loss, i.e. relative (default "
                         f"{DEFAULT_NOISE}; 0 gives the law exactly)")
@@ -346,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, opt) is not None:
                 runner_argv += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
         out_dir = Path(args.output_dir)
-        results = simulated_study(runner_argv, args.law, args.noise, args.seed, out_dir)
+        results = simulated_study(runner_argv, args.law, args.noise, args.seed, out_dir, args.compute_multiplier)
         rse.prepare_output_dir(out_dir)
     except rse.UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

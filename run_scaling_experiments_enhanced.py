@@ -260,17 +260,30 @@ PRESETS: dict[str, Preset] = {
                    data_model_size=50 * 10**6, eval_interval=500),
 }
 
-def n_params_nonembedding(n_layer: int, d_model: int) -> int:
+ARCHS = ("gpt2", "llama")            # --arch: the decoder's recipe (section 4)
+
+
+def swiglu_hidden(d_model: int) -> int:
+    """llama's SwiGLU width: three d_model x h matrices hold 8 d^2 weights, as GPT-2's two d x 4d do, so
+    a block keeps 12 d^2 weights; h = 8 d / 3 rounded to the nearest integer (exact when 3 divides d)."""
+    return round(8 * d_model / 3)
+
+
+def n_params_nonembedding(n_layer: int, d_model: int, arch: str = "gpt2") -> int:
     """Kaplan's N: every weight except token and position embeddings (the output layer is tied to them).
 
-    Per block: attention qkv 3d^2+3d and projection d^2+d, MLP d*4d+4d and 4d*d+d, two LayerNorms 4d,
-    i.e. 12 d^2 + 13 d; plus the final LayerNorm's 2d.
+    gpt2, per block: attention qkv 3d^2+3d and projection d^2+d, MLP d*4d+4d and 4d*d+d, two LayerNorms
+    4d, i.e. 12 d^2 + 13 d; plus the final LayerNorm's 2d. llama, per block: attention 4d^2 (no biases),
+    SwiGLU 3dh, two RMSNorm gains 2d; plus the final RMSNorm's d (rotary positions have no weights).
     """
+    if arch == "llama":
+        return n_layer * (4 * d_model * d_model + 3 * d_model * swiglu_hidden(d_model) + 2 * d_model) + d_model
     return n_layer * (12 * d_model * d_model + 13 * d_model) + 2 * d_model
 
 
-def n_params_total(n_layer: int, d_model: int, vocab_size: int, context_length: int) -> int:
-    return n_params_nonembedding(n_layer, d_model) + vocab_size * d_model + context_length * d_model
+def n_params_total(n_layer: int, d_model: int, vocab_size: int, context_length: int, arch: str = "gpt2") -> int:
+    positions = 0 if arch == "llama" else context_length * d_model
+    return n_params_nonembedding(n_layer, d_model, arch) + vocab_size * d_model + positions
 
 
 def choose_shape(target: int, preset: Preset) -> tuple[int, int, int]:
@@ -408,6 +421,7 @@ class RunConfig:
     warmup_steps: int | None = None          # None: warmup_frac x steps, the same for every run
     validate: float | None = None  # --validate: train the compute-optimal model at this x the largest compute
     n_count: str | None = None     # --n-count: the N of the joint law (None: DEFAULT_N_COUNT)
+    arch: str = "gpt2"             # --arch: the decoder's recipe (ARCHS, section 4)
 
     @property
     def tokens_per_step(self) -> int:
@@ -492,8 +506,8 @@ def build_plan(cfg: RunConfig, preset: Preset) -> list[Experiment]:
             name=name, sweep=sweep, target=target, n_layer=n_layer, d_model=d_model, n_head=n_head,
             steps=steps, tokens=steps * tps,
             peak_lr=cfg.lr if cfg.lr is not None else default_peak_lr(d_model, preset.lr_width),
-            n_params_nonembedding=n_params_nonembedding(n_layer, d_model),
-            n_params_total=n_params_total(n_layer, d_model, cfg.vocab_size, cfg.context_length),
+            n_params_nonembedding=n_params_nonembedding(n_layer, d_model, cfg.arch),
+            n_params_total=n_params_total(n_layer, d_model, cfg.vocab_size, cfg.context_length, cfg.arch),
             warmup_steps=warmup, branch_of=branch_of, branch_step=branch_step)
 
     def with_branches(main, branches):
@@ -1325,30 +1339,60 @@ def get_batch(tokens: np.ndarray, offsets: np.ndarray, context_length: int):
     return chunk[:, :-1], chunk[:, 1:]
 
 # ----------------------------------------------------------------------------------------------------
-# 4. model: a GPT-2 style decoder (pre-LayerNorm, SDPA causal attention, GELU MLP, tied embeddings)
+# 4. model: the decoder (gpt2: pre-LayerNorm, learned positions, GELU MLP; llama: RMSNorm, rotary
+#    positions, SwiGLU MLP, no biases), SDPA causal attention and tied embeddings in both, FLOPs per token
 # ----------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """The shape of one model of the ladder."""
+    """The shape of one model of the ladder, and its recipe (ARCHS)."""
     vocab_size: int
     context_length: int
     n_layer: int
     d_model: int
     n_head: int
+    arch: str = "gpt2"
+
+
+class RMSNorm(_Module):
+    """x / rms(x) times a learned gain, no mean subtraction and no bias (Zhang & Sennrich 2019)."""
+    def __init__(self, d_model: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rotary_tables(context_length: int, head_dim: int, base: float = 10000.0):
+    """cos and sin of every (position, frequency) pair, each (T, head_dim / 2) (Su et al. 2021)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(context_length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate each (first half, second half) pair of x's head dimensions by its position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)                                                  # each (B, H, T, hd/2)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
 class CausalSelfAttention(_Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
-        self.proj = nn.Linear(config.d_model, config.d_model)
+        bias = config.arch == "gpt2"
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=bias)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=bias)
 
-    def forward(self, x):
+    def forward(self, x, rotary=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)                                   # each (B, T, C)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if rotary is not None:                                                   # llama: positions live here
+            cos, sin = rotary[0][:T], rotary[1][:T]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)            # (B, n_head, T, head_dim)
         return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
@@ -1363,16 +1407,30 @@ class MLP(_Module):
         return self.proj(F.gelu(self.fc(x)))
 
 
+class SwiGLU(_Module):
+    """llama's MLP: proj(silu(gate) * up), with gate and up from one d_model x 2h matrix (swiglu_hidden)."""
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        hidden = swiglu_hidden(config.d_model)
+        self.fc = nn.Linear(config.d_model, 2 * hidden, bias=False)
+        self.proj = nn.Linear(hidden, config.d_model, bias=False)
+
+    def forward(self, x):
+        gate, up = self.fc(x).chunk(2, dim=-1)                                   # each (B, T, h)
+        return self.proj(F.silu(gate) * up)
+
+
 class Block(_Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(config.d_model)
+        norm = RMSNorm if config.arch == "llama" else nn.LayerNorm
+        self.ln1 = norm(config.d_model)
         self.attn = CausalSelfAttention(config)
-        self.ln2 = nn.LayerNorm(config.d_model)
-        self.mlp = MLP(config)
+        self.ln2 = norm(config.d_model)
+        self.mlp = SwiGLU(config) if config.arch == "llama" else MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x, rotary=None):
+        x = x + self.attn(self.ln1(x), rotary)
         return x + self.mlp(self.ln2(x))
 
 
@@ -1387,16 +1445,24 @@ def init_std(d_model: int) -> float:
 
 
 class GPT(_Module):
-    """Token and position embeddings, n_layer blocks, a final LayerNorm and an output layer tied to the
-    token embedding. forward(idx) gives logits; forward(idx, targets) the mean cross-entropy."""
+    """Token embeddings (gpt2: and learned positions; llama: rotary positions in attention), n_layer
+    blocks, a final norm and an output layer tied to the token embedding. forward(idx) gives logits;
+    forward(idx, targets) the mean cross-entropy."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
+        if config.arch not in ARCHS:
+            raise UserError(f"unknown --arch '{config.arch}': choose one of {', '.join(ARCHS)}")
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos_emb = nn.Embedding(config.context_length, config.d_model)
+        llama = config.arch == "llama"
+        self.pos_emb = None if llama else nn.Embedding(config.context_length, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.d_model)
+        self.ln_f = RMSNorm(config.d_model) if llama else nn.LayerNorm(config.d_model)
+        if llama:            # buffers, not weights: they move with .to() and stay out of checkpoints
+            cos, sin = rotary_tables(config.context_length, config.d_model // config.n_head)
+            self.register_buffer("rotary_cos", cos, persistent=False)
+            self.register_buffer("rotary_sin", sin, persistent=False)
         std = init_std(config.d_model)
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):    # each block's residual branches start at zero (identity)
@@ -1410,10 +1476,12 @@ class GPT(_Module):
 
     def forward(self, idx, targets=None):
         B, T = idx.shape
-        pos = torch.arange(T, device=idx.device)
-        x = self.tok_emb(idx) + self.pos_emb(pos)                       # (B, T, C)
+        if self.pos_emb is None:
+            x, rotary = self.tok_emb(idx), (self.rotary_cos, self.rotary_sin)    # (B, T, C)
+        else:
+            x, rotary = self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device)), None
         for block in self.blocks:
-            x = block(x)
+            x = block(x, rotary)
         logits = self.ln_f(x) @ self.tok_emb.weight.T                    # tied output layer, (B, T, V)
         if targets is None:
             return logits
@@ -1422,7 +1490,7 @@ class GPT(_Module):
     def count_params(self) -> tuple[int, int]:
         """(non-embedding, total): Kaplan's N leaves out the token and position embeddings."""
         total = sum(p.numel() for p in self.parameters())
-        emb = self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
+        emb = self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
         return total - emb, total
 
     def configure_optimizer(self, lr: float, weight_decay: float, fused: bool):
@@ -1433,10 +1501,11 @@ class GPT(_Module):
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **({"fused": True} if fused else {}))
 
 
-def flops_per_token(n_layer: int, d_model: int, vocab_size: int, context_length: int) -> float:
-    """Training FLOPs per token: 6 x every matmul weight (blocks 12 d^2 per layer, plus the tied output
-    layer V d) plus attention's 12 n_layer d_model context (PaLM's accounting)."""
-    n_matmul = n_layer * 12 * d_model * d_model + vocab_size * d_model
+def flops_per_token(n_layer: int, d_model: int, vocab_size: int, context_length: int, arch: str = "gpt2") -> float:
+    """Training FLOPs per token: 6 x every matmul weight (blocks 12 d^2 per layer, llama's 4 d^2 + 3 d h,
+    plus the tied output layer V d) plus attention's 12 n_layer d_model context (PaLM's accounting)."""
+    block = 4 * d_model * d_model + 3 * d_model * swiglu_hidden(d_model) if arch == "llama" else 12 * d_model * d_model
+    n_matmul = n_layer * block + vocab_size * d_model
     return 6.0 * n_matmul + 12.0 * n_layer * d_model * context_length
 
 # ----------------------------------------------------------------------------------------------------
@@ -1678,7 +1747,7 @@ class TrainState:
             "n_params_nonembedding": exp.n_params_nonembedding, "n_params_total": exp.n_params_total,
             "n_layer": exp.n_layer, "d_model": exp.d_model, "n_head": exp.n_head,
             "tokens": exp.tokens, "steps": exp.steps, "tokens_per_step": cfg.tokens_per_step,
-            "tokens_processed": trained, "schedule": cfg.schedule, "warmup_steps": exp.warmup_steps,
+            "tokens_processed": trained, "arch": cfg.arch, "schedule": cfg.schedule, "warmup_steps": exp.warmup_steps,
             "branch_of": exp.branch_of, "branch_step": exp.branch_step if exp.branch_of else None,
             "in_data_sweep": exp.in_data_sweep, "in_param_sweep": exp.in_param_sweep,
             "epochs": round(exp.tokens / len(trainer.corpus.train), 4),
@@ -1689,7 +1758,7 @@ class TrainState:
             "diverged_at_step": self.diverged[0] if self.diverged else None,
             "last_good_loss": self.diverged[1] if self.diverged else None,
             "wall_time_s": round(wall_s, 2), "tokens_per_s": round(tok_s, 1),
-            "flops_per_token": flops_per_token(exp.n_layer, exp.d_model, vocab, cfg.context_length),
+            "flops_per_token": flops_per_token(exp.n_layer, exp.d_model, vocab, cfg.context_length, cfg.arch),
             "mfu": round(trainer.mfu(exp, tok_s), 5),
             "peak_flops": trainer.peak_flops[0], "peak_flops_source": trainer.peak_flops[1],
             "peak_memory_mb": round(peak_memory_bytes(trainer.device.name) / 2**20, 1),
@@ -1737,7 +1806,8 @@ class Trainer:
         return self._peak
 
     def mfu(self, exp: Experiment, tokens_per_s: float) -> float:
-        fpt = flops_per_token(exp.n_layer, exp.d_model, self.corpus.vocab_size, self.cfg.context_length)
+        fpt = flops_per_token(exp.n_layer, exp.d_model, self.corpus.vocab_size, self.cfg.context_length,
+                              self.cfg.arch)
         return tokens_per_s * fpt / self.peak_flops[0]
 
     def autocast(self):
@@ -1751,7 +1821,7 @@ class Trainer:
         so DDP's gradient hooks stay eager)."""
         torch.manual_seed(seed)
         model = GPT(GPTConfig(self.corpus.vocab_size, self.cfg.context_length, exp.n_layer, exp.d_model,
-                              exp.n_head)).to(self.device.name)
+                              exp.n_head, self.cfg.arch)).to(self.device.name)
         opt = model.configure_optimizer(exp.peak_lr, self.cfg.weight_decay, fused=self.device.name == "cuda")
         step_model = torch.compile(model) if self.compile else model
         if self.dist.enabled:
@@ -2076,6 +2146,8 @@ def experiment_definition(exp: Experiment, cfg: RunConfig, corpus_record: dict |
          "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "eval_interval": cfg.eval_interval,
          "eval_batches": cfg.eval_batches, "log_interval": cfg.log_interval, "schedule": cfg.schedule,
          "warmup_steps": exp.warmup_steps}
+    if cfg.arch != "gpt2":         # gpt2's runs keep the hashes they had before --arch existed
+        d["arch"] = cfg.arch
     if cfg.schedule == "wsd":
         d.update(cooldown_frac=cfg.cooldown_frac, cooldown_shape=cfg.cooldown_shape, branch_of=exp.branch_of,
                  branch_step=exp.branch_step, branch_points=list(exp.branch_points))
@@ -2206,7 +2278,8 @@ OPTION_OF = {"mode": "--mode", "steps": "--max-steps", "batch_size": "--batch-si
              "branch_points": "--horizons", "branch_step": "--horizons/--cooldown-frac", "seed": "--seed/--seeds", "eval_interval": "--eval-interval",
              "eval_batches": "--eval-batches", "log_interval": "--log-interval", "corpus_sha256": "--data",
              "tokenizer": "--data", "validation_split": "--data", "tokens": "--data-sizes/--max-steps",
-             "n_layer": "--data-model-size", "d_model": "--data-model-size"}
+             "n_layer": "--data-model-size", "d_model": "--data-model-size",
+             "arch": "--arch"}
 
 class RunInterrupted(Exception):
     """SIGINT/SIGTERM during training: everything is saved; main() prints how to resume."""
@@ -2579,7 +2652,7 @@ def estimate_wall_time(trainer: Trainer, plan: list[Experiment], budget_s: float
     step_s, flop_rate, spent = {}, None, 0.0      # step_s: (n_layer, d_model) -> seconds per step
     for shape in plan_shapes(plan):
         n_layer, d_model, _ = shape
-        flops_step = 6 * (n_params_nonembedding(n_layer, d_model) + trainer.corpus.vocab_size * d_model) \
+        flops_step = 6 * (n_params_nonembedding(n_layer, d_model, cfg.arch) + trainer.corpus.vocab_size * d_model) \
             * cfg.tokens_per_step
         if flop_rate and spent + 3 * flops_step / flop_rate > budget_s:
             step_s[(n_layer, d_model)] = flops_step / flop_rate
@@ -2624,11 +2697,11 @@ def progress_line(p: dict) -> str:
 
 
 def plain_eager_step(n_layer: int, d_model: int, n_head: int, vocab_size: int, context_length: int,
-                     batch_size: int, device: str):
+                     batch_size: int, device: str, arch: str = "gpt2"):
     """The reference: the same GPT in plain eager fp32 with a stock AdamW on one fixed random batch, no
     data loading, clipping, schedule or logging. Returns a function doing one step; ours must keep up."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size, context_length, n_layer, d_model, n_head)).to(device)
+    model = GPT(GPTConfig(vocab_size, context_length, n_layer, d_model, n_head, arch)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, vocab_size, (batch_size, context_length), device=device)
     y = torch.randint(0, vocab_size, (batch_size, context_length), device=device)
@@ -2651,14 +2724,14 @@ def benchmark_shape(trainer: Trainer, shape: tuple[int, int, int], steps: int, w
     peak_mem = peak_memory_bytes(dev.name)     # ours alone: the reference's model is not counted
     if reference:
         fns["reference"] = plain_eager_step(n_layer, d_model, n_head, trainer.corpus.vocab_size,
-                                            cfg.context_length, cfg.batch_size * cfg.grad_accum, dev.name)
+                                            cfg.context_length, cfg.batch_size * cfg.grad_accum, dev.name, cfg.arch)
         for _ in range(3):
             fns["reference"]()
     step_s = median_step_times(fns, steps, dev.name)
     tok_s = cfg.tokens_per_step / step_s["ours"]
-    fpt = flops_per_token(n_layer, d_model, trainer.corpus.vocab_size, cfg.context_length)
+    fpt = flops_per_token(n_layer, d_model, trainer.corpus.vocab_size, cfg.context_length, cfg.arch)
     row = {"n_layer": n_layer, "d_model": d_model, "n_head": n_head,
-           "n_params_nonembedding": n_params_nonembedding(n_layer, d_model),
+           "n_params_nonembedding": n_params_nonembedding(n_layer, d_model, cfg.arch),
            "tokens_per_s": round(tok_s, 1), "step_time_s": round(step_s["ours"], 5),
            "flops_per_token": fpt, "mfu": tok_s * fpt / trainer.peak_flops[0],
            "peak_memory_mb": round(peak_mem / 2**20, 1)}
@@ -5138,6 +5211,9 @@ def add_plan_options(p: argparse.ArgumentParser) -> None:
                    help="one peak learning rate for every size (default: min(5e-3, 0.4/d_model); tiny: "
                         "0.3/d_model)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
+    g.add_argument("--arch", choices=ARCHS, default="gpt2",
+                   help="gpt2 (LayerNorm, learned positions, GELU) or llama (RMSNorm, rotary positions, SwiGLU, "
+                        "no biases; results in scaling_results_<mode>_llama_v2); default gpt2")
     g.add_argument("--validate", nargs="?", const=4.0, type=positive_float, metavar="FACTOR",
                    help="after the fits, predict the joint law's compute-optimal model at FACTOR (default 4) "
                         "times the largest run's compute, then train it and compare (never fitted)")
@@ -5163,7 +5239,7 @@ def add_device_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("device and output")
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
                    help="auto picks CUDA, then MPS, then CPU")
-    g.add_argument("--output-dir", help="default scaling_results_<mode>_v2")
+    g.add_argument("--output-dir", help="default scaling_results_<mode>_v2 (--arch llama: _<mode>_llama_v2)")
     g.add_argument("--no-estimate", action="store_true", help="skip the timed steps of the plan's estimate")
     g.add_argument("--dry-run", action="store_true",
                    help="print the plan, the data budget, the memory check and the time estimate, then exit "
@@ -5297,7 +5373,7 @@ def config_from_args(args) -> tuple[RunConfig, Preset]:
         log_interval=args.log_interval or preset.log_interval,
         data=data, device=args.device, dtype=args.dtype, compile=args.compile,
         peak_tflops=args.peak_tflops,
-        output_dir=args.output_dir or f"scaling_results_{preset.name}_v2",
+        output_dir=args.output_dir or default_output_dir(preset.name, args.arch),
         cache_dir=args.cache_dir or str(default_cache_dir()),
         text_column=args.text_column, split=args.split, num_proc=args.num_proc,
         bpe_sample_chars=args.bpe_sample_chars, no_repeat=args.no_repeat, max_tokens=args.max_tokens,
@@ -5307,8 +5383,13 @@ def config_from_args(args) -> tuple[RunConfig, Preset]:
         horizons=args.horizons if args.horizons is not None else preset_horizons,
         row_steps=(list(preset.row_steps) if preset.row_steps and not args.param_sizes and not args.max_steps
                    and args.horizons is None and preset_horizons else None),
-        warmup_frac=preset.warmup_frac, warmup_steps=args.warmup_steps,
+        warmup_frac=preset.warmup_frac, warmup_steps=args.warmup_steps, arch=args.arch,
     ), preset
+
+
+def default_output_dir(mode: str, arch: str) -> str:
+    """gpt2's folder keeps its name; another recipe gets its own, so neither archives the other's runs."""
+    return f"scaling_results_{mode}_v2" if arch == "gpt2" else f"scaling_results_{mode}_{arch}_v2"
 
 
 def print_plan(plan: list[Experiment], cfg: RunConfig, estimates: dict[str, float] | None) -> None:
@@ -5992,13 +6073,14 @@ def validation_experiment(cfg: RunConfig, preset: Preset, n_target: float, d_tar
     """The model the shape rule builds nearest N_opt, trained on D_opt tokens rounded to whole steps."""
     n_layer, d_model, n_head = choose_shape(max(1, round(n_target)), preset)
     steps = max(1, round(d_target / cfg.tokens_per_step))
-    n = n_params_nonembedding(n_layer, d_model)
+    n = n_params_nonembedding(n_layer, d_model, cfg.arch)
     return Experiment(name=f"{VALIDATE_SWEEP}-N{format_count(n)}-D{format_count(steps * cfg.tokens_per_step)}",
                       sweep=VALIDATE_SWEEP, target=int(round(n_target)), n_layer=n_layer, d_model=d_model,
                       n_head=n_head, steps=steps, tokens=steps * cfg.tokens_per_step,
                       peak_lr=cfg.lr if cfg.lr is not None else default_peak_lr(d_model, preset.lr_width),
                       n_params_nonembedding=n,
-                      n_params_total=n_params_total(n_layer, d_model, cfg.vocab_size, cfg.context_length),
+                      n_params_total=n_params_total(n_layer, d_model, cfg.vocab_size, cfg.context_length,
+                                                    cfg.arch),
                       seed=cfg.seeds[0], warmup_steps=plan_warmup_steps(cfg))
 
 
