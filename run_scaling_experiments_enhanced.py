@@ -3146,7 +3146,7 @@ class ChildProgress:
         done_ids = {r["run_id"] for r in records if r.get("status") in FINAL_STATUSES}
         if any(not e.branch_of for e in new) and any(e.run_id not in done_ids for e in s.runs):
             draw_interim_figures({**s.results, "experiments": records}, s.out_dir, len(s.runs))
-            s.tracker.study(s.results, s.out_dir)
+            s.tracker.study({**s.results, "experiments": records}, s.out_dir)
         log(progress_line(plan_progress(s.runs, done_ids, set(), time.time() - self.t0, None)))
 
 
@@ -4791,7 +4791,7 @@ def import_tracker(name: str):
         if name == "wandb":
             import wandb                                   # only with --tracker wandb
             return wandb
-        from torch.utils import tensorboard                # only with --tracker tensorboard
+        import torch.utils.tensorboard as tensorboard      # only with --tracker tensorboard
         return tensorboard
     except ImportError:
         raise UserError(f"--tracker {name} needs the {TRACKER_PACKAGES[name]} package: pip install "
@@ -4832,7 +4832,6 @@ class Tracker:
         self.runs: dict[str, object] = {}         # run_id -> the tool's open run
         self.floor: dict[str, int] = {}           # run_id -> points at or below these tokens are not written
         self.figures_seen: dict[str, tuple] = {}  # figure file -> (mtime_ns, size) last sent
-        self.n_figures = 0
         self.summary_sent: dict | None = None
 
     def __enter__(self):
@@ -4875,14 +4874,15 @@ class Tracker:
         """Send the figures redrawn since the last call, and the fits once results.json has new ones."""
         if not self.with_study:
             return
+        # the figures' step: finished runs, which only grow, also across the processes of a resumed study
+        n_done = sum(1 for e in results.get("experiments") or [] if e.get("status") in FINAL_STATUSES)
         for name in ("scaling_laws_complete.png", "compute_optimal.png"):
             path = out_dir / name
             with contextlib.suppress(OSError):
                 seen = (path.stat().st_mtime_ns, path.stat().st_size)
                 if self.figures_seen.get(name) != seen:
                     self.figures_seen[name] = seen
-                    self.n_figures += 1
-                    self.write_figure(name.removesuffix(".png"), path, self.n_figures)
+                    self.write_figure(name.removesuffix(".png"), path, n_done)
         summary = study_summary(results)
         if summary and summary != self.summary_sent:
             self.summary_sent = summary
@@ -4964,8 +4964,8 @@ class WandbTracker(Tracker):
     """One wandb run per training run, named by its run_id and grouped by study (<output folder>/<mode>),
     plus a 'fits' run holding the study's summary values and figures. WANDB_MODE=offline writes under
     <output>/wandb/ without touching the network (`wandb sync` uploads later). wandb keeps no record of
-    what a killed process logged, so each run's id and last point sent live in wandb/resume/<run_id>.json:
-    a rerun continues that wandb run after that point."""
+    what a killed process logged, so each run's id and last point sent live in wandb/resume/<run_id>.json
+    (the study's in fits.json): a rerun continues that wandb run after that point."""
 
     def __init__(self, module, out_dir: Path, tokens_per_step: int, study: bool, group: str):
         super().__init__(out_dir, tokens_per_step, study)
@@ -4980,23 +4980,28 @@ class WandbTracker(Tracker):
             # several runs at once (a cooldown branch inside its stable run); our own log is the console
             settings=self.wandb.Settings(reinit="create_new", console="off", silent=True))
 
-    def resume_file(self, run_id: str) -> Path:
-        return self.out_dir / "wandb" / "resume" / f"{run_id}.json"
+    def earlier(self, key: str) -> dict:
+        """What an earlier process of this study sent to the wandb run `key` (a run_id, or 'fits')."""
+        path = self.out_dir / "wandb" / "resume" / f"{key}.json"
+        return read_json_file(path, "delete it to start that wandb run anew") if path.exists() else {}
+
+    def remember(self, key: str, wandb_id: str, tokens: int) -> None:
+        path = self.out_dir / "wandb" / "resume" / f"{key}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {"id": wandb_id, "tokens": tokens})
 
     def open_run(self, exp, tokens, resumed):
-        path = self.resume_file(exp.run_id)
-        earlier = read_json_file(path, "delete it to start this run's wandb run again") if path.exists() else {}
+        earlier = self.earlier(exp.run_id)
         self.floor[exp.run_id] = max(tokens if resumed else -1, earlier.get("tokens", -1))
-        run = self.init(exp.run_id, earlier.get("id") or self.wandb.util.generate_id(), exp.sweep,
+        run = self.init(exp.run_id, earlier.get("id") or os.urandom(6).hex(), exp.sweep,
                         {**dataclasses.asdict(exp), "tokens_per_step": self.tokens_per_step})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, {"id": run.id, "tokens": self.floor[exp.run_id]})
+        self.remember(exp.run_id, run.id, self.floor[exp.run_id])
         return run
 
     def write(self, exp, run, tokens, values):
         run.log({**values, "tokens": tokens, "step": tokens // self.tokens_per_step}, step=tokens)
         # after the call: a kill between the two loses this point's record, never writes it twice
-        write_json_atomic(self.resume_file(exp.run_id), {"id": run.id, "tokens": tokens})
+        self.remember(exp.run_id, run.id, tokens)
 
     def close_run(self, run, record):
         if record is not None:
@@ -5006,7 +5011,8 @@ class WandbTracker(Tracker):
 
     def fits(self):
         if self.fits_run is None:
-            self.fits_run = self.init("fits", None, "fits")
+            self.fits_run = self.init("fits", self.earlier("fits").get("id") or os.urandom(6).hex(), "fits")
+            self.remember("fits", self.fits_run.id, 0)
         return self.fits_run
 
     def write_figure(self, name, path, step):
