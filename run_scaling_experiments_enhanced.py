@@ -4815,7 +4815,8 @@ def study_summary(results: dict) -> dict[str, float]:
         if isinstance(check, dict) and check.get("available") and check.get("relative_error") is not None:
             out[f"holdout/{key}_relative_error"] = check["relative_error"]
     for budget in (results.get("compute_optimal") or {}).get("budgets") or []:
-        out[f"compute_optimal/tokens_per_parameter_at_{budget['flops']:.3g}_flops"] = budget.get("tokens_per_parameter")
+        key = f"compute_optimal/tokens_per_parameter_at_{budget['flops']:.3g}_flops"
+        out[key] = budget.get("tokens_per_parameter")
     v = results.get("validation") or {}
     if v.get("relative_error") is not None:
         out["validate/relative_error"] = v["relative_error"]
@@ -4833,6 +4834,7 @@ class Tracker:
         self.floor: dict[str, int] = {}           # run_id -> points at or below these tokens are not written
         self.figures_seen: dict[str, tuple] = {}  # figure file -> (mtime_ns, size) last sent
         self.summary_sent: dict | None = None
+        self.failed = False                       # once the tool fails, nothing more is sent
 
     def __enter__(self):
         return self
@@ -4849,7 +4851,10 @@ class Tracker:
         resumed = bool(state.resumed_at_steps) and state.resumed_at_steps[-1] == state.step
         tokens = state.step * self.tokens_per_step
         self.end_run(exp, None)
-        self.runs[exp.run_id] = self.open_run(exp, tokens, resumed)
+        if self.failed:
+            return
+        with self.guarded(f"opening {exp.run_id}"):
+            self.runs[exp.run_id] = self.open_run(exp, tokens, resumed)
         if resumed:
             return
         curve = state.curve
@@ -4861,33 +4866,47 @@ class Tracker:
     def point(self, exp: Experiment, tokens: int, values: dict) -> None:
         run = self.runs.get(exp.run_id)
         if run is not None and tokens > self.floor.get(exp.run_id, -1):
-            self.write(exp, run, tokens, {k: float(v) for k, v in values.items() if v is not None})
+            with self.guarded(f"writing {exp.run_id}"):
+                self.write(exp, run, tokens, {k: float(v) for k, v in values.items() if v is not None})
 
     def end_run(self, exp: Experiment, record: dict | None) -> None:
         run = self.runs.pop(exp.run_id, None)
         if run is not None:
-            self.close_run(run, record)
+            with self.guarded(f"closing {exp.run_id}"):
+                self.close_run(run, record)
+
+    @contextlib.contextmanager
+    def guarded(self, what: str):
+        """A tracker that fails (no network, no login, a full disk) says so in one line and sends nothing
+        more; the study goes on, and its log, figures, results.json and runs.csv hold everything."""
+        try:
+            yield
+        except Exception as e:
+            log(f"tracker: {what} failed ({type(e).__name__}: {str(e).strip()[:200]}); the study goes on "
+                f"without it")
+            self.failed, self.runs = True, {}
 
     # --- the study: after each run (figures redrawn) and after the fits ------------------------------
 
     def study(self, results: dict, out_dir: Path) -> None:
         """Send the figures redrawn since the last call, and the fits once results.json has new ones."""
-        if not self.with_study:
+        if not self.with_study or self.failed:
             return
         # the figures' step: finished runs, which only grow, also across the processes of a resumed study
         n_done = sum(1 for e in results.get("experiments") or [] if e.get("status") in FINAL_STATUSES)
-        for name in ("scaling_laws_complete.png", "compute_optimal.png"):
-            path = out_dir / name
-            with contextlib.suppress(OSError):
-                seen = (path.stat().st_mtime_ns, path.stat().st_size)
-                if self.figures_seen.get(name) != seen:
-                    self.figures_seen[name] = seen
-                    self.write_figure(name.removesuffix(".png"), path, n_done)
-        summary = study_summary(results)
-        if summary and summary != self.summary_sent:
-            self.summary_sent = summary
-            n_runs = sum(1 for e in fitted_runs(results.get("experiments") or []) if e.get("status") == "completed")
-            self.write_summary(summary, n_runs)
+        with self.guarded("sending the figures and fits"):
+            for name in ("scaling_laws_complete.png", "compute_optimal.png"):
+                path = out_dir / name
+                with contextlib.suppress(OSError):
+                    seen = (path.stat().st_mtime_ns, path.stat().st_size)
+                    if self.figures_seen.get(name) != seen:
+                        self.figures_seen[name] = seen
+                        self.write_figure(name.removesuffix(".png"), path, n_done)
+            summary = study_summary(results)
+            if summary and summary != self.summary_sent:
+                self.summary_sent = summary
+                fitted = fitted_runs(results.get("experiments") or [])
+                self.write_summary(summary, sum(1 for e in fitted if e.get("status") == "completed"))
 
     # --- what a tool implements ----------------------------------------------------------------------
 
@@ -4906,9 +4925,14 @@ class Tracker:
     def write_summary(self, summary: dict, step: int) -> None:
         pass
 
+    def close_study(self) -> None:
+        pass
+
     def close(self) -> None:
-        for run_id in list(self.runs):
-            self.close_run(self.runs.pop(run_id), None)
+        with self.guarded("closing"):
+            for run_id in list(self.runs):
+                self.close_run(self.runs.pop(run_id), None)
+            self.close_study()
 
 
 class NullTracker(Tracker):
@@ -4953,8 +4977,7 @@ class TensorBoardTracker(Tracker):
         self.fits().add_text("fits", "\n\n".join(f"{k}: {v:.6g}" for k, v in summary.items()), step)
         self.fits().flush()
 
-    def close(self):
-        super().close()
+    def close_study(self):
         if self.fits_writer is not None:
             self.fits_writer.close()
             self.fits_writer = None
@@ -5021,8 +5044,7 @@ class WandbTracker(Tracker):
     def write_summary(self, summary, step):
         self.fits().summary.update({**summary, "runs_fitted": step})
 
-    def close(self):
-        super().close()
+    def close_study(self):
         if self.fits_run is not None:
             self.fits_run.finish()
             self.fits_run = None
