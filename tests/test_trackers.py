@@ -140,6 +140,21 @@ def test_sigkill_mid_run_then_rerun_writes_no_tensorboard_point_twice(tb_study, 
     assert_tb_curves_match(out, ref)                                         # and the same as never killed
 
 
+def test_parallel_children_write_each_run_once_and_the_parent_the_fits(byte_tokens, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "out"
+    rc, stdout, err = main_in_process(ladder(byte_tokens, out, "--tracker", "tensorboard", "--parallel", "2"))
+    assert rc == 0, err[-2000:]
+    assert "parallel: 2 runs in 2 processes at once" in stdout
+    res = results(out)
+    runs = [e["run_id"] for e in res["experiments"]]
+    assert sorted(p.name for p in (out / "tb").iterdir()) == sorted([*runs, "fits"])
+    for run_id in runs:                                  # one writer per run: one event file each
+        assert len(list((out / "tb" / run_id).glob("events.*"))) == 1, run_id
+    assert_tb_curves_match(out, res)
+    assert tb_scalars(out / "tb" / "fits")["fit/params_b"][-1][1] == pytest.approx(res["fits"]["params"]["b"], rel=1e-6)
+
+
 # --- Weights & Biases (offline) ----------------------------------------------------------------------
 
 def wandb_records(path: Path):
