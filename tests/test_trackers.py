@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -304,3 +305,15 @@ def test_a_failing_tracker_is_one_log_line_and_sends_nothing_more(capsys, tmp_pa
     assert said == ["tracker: writing params-N25K-seed0 failed (ConnectionError: no route to host); the study "
                     "goes on without it"]
     assert tracker.failed and tracker.runs == {}
+
+
+def test_under_torchrun_only_rank_0_writes_and_only_the_whole_plans_process_writes_the_fits(tmp_path):
+    pytest.importorskip("tensorboard")
+    cfg = SimpleNamespace(tracker="tensorboard", output_dir=str(tmp_path), tokens_per_step=128, mode="tiny")
+    assert type(rse.open_tracker(cfg, rse.RunScope(), is_main=False)) is rse.NullTracker
+    whole = rse.open_tracker(cfg, rse.RunScope(), is_main=True)
+    assert type(whole) is rse.TensorBoardTracker and whole.with_study
+    for part in (rse.RunScope(only=["params-N25K"], child=2), rse.RunScope(shard=(0, 2))):
+        assert not rse.open_tracker(cfg, part, is_main=True).with_study
+    assert type(rse.open_tracker(SimpleNamespace(**{**vars(cfg), "tracker": "none"}), rse.RunScope(), True)) \
+        is rse.NullTracker
