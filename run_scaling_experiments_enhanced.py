@@ -25,7 +25,9 @@ Map of this file, in data-flow order (each section opens with a banner saying wh
                                       hold-out checks, compute-optimal allocation, predictions (pure
                                       functions, no torch)
     10. figure                        the 2x2 figure and compute_optimal.png
-    11. CLI                           argparse, the run's configuration, prepare -> train -> finish, main()
+    11. exports                       runs.csv (the runs as a table), the --tracker writers (TensorBoard,
+                                      Weights & Biases)
+    12. CLI                           argparse, the run's configuration, prepare -> train -> finish, main()
 
 `quick_scaling_demo.py` and `compare_quick_vs_real.py` import from this file; nothing is copied.
 """
@@ -422,6 +424,7 @@ class RunConfig:
     validate: float | None = None  # --validate: train the compute-optimal model at this x the largest compute
     n_count: str | None = None     # --n-count: the N of the joint law (None: DEFAULT_N_COUNT)
     arch: str = "gpt2"             # --arch: the decoder's recipe (ARCHS, section 4)
+    tracker: str = "none"          # --tracker (section 11): where curves and fits also go; not part of any run
 
     @property
     def tokens_per_step(self) -> int:
@@ -1797,6 +1800,7 @@ class Trainer:
         self._peak: tuple[float, str] | None = None
         # called with (branch, record) as each WSD cooldown branch finishes; the CLI saves the record
         self.on_branch_done: Callable[[Experiment, dict], None] = lambda branch, record: None
+        self.tracker: Tracker = NullTracker()      # the CLI's --tracker; each point as it is logged
 
     @property
     def peak_flops(self) -> tuple[float, str]:
@@ -1953,6 +1957,7 @@ class Trainer:
             if b.branch_step < state.step:      # its record was lost after the stable run moved on
                 log(f"[{b.run_id}] not trained: its branch point, step {b.branch_step}, is behind the checkpoint "
                     f"of {exp.run_id}; pass --fresh to train the whole ladder again")
+        self.tracker.start_run(exp, state)
         bar = (tqdm(total=exp.steps, initial=state.step, desc=exp.run_id, leave=False, file=sys.stderr)
                if self.progress_bar else None)
         say = bar.write if bar else log
@@ -1984,7 +1989,9 @@ class Trainer:
                 bar.update(1)
         if bar:
             bar.close()
-        return self.finish_run(exp, rm, state)
+        record = self.finish_run(exp, rm, state)
+        self.tracker.end_run(exp, record)
+        return record
 
     def train_branch(self, exp: Experiment, rm: RunModel, state: TrainState, branch: Experiment) -> None:
         """Train `branch`'s cooldown from the stable run's state, then put that state back: a branch costs
@@ -2065,6 +2072,8 @@ class Trainer:
         curve["tokens"].append(state.step * self.cfg.tokens_per_step)
         curve["train_loss"].append(round(train_loss, 5))
         curve["lr"].append(state.lr)
+        self.tracker.point(exp, curve["tokens"][-1], {"train/loss": train_loss, "train/lr": state.lr,
+                                                      "speed/tokens_per_s": tok_s, "speed/mfu": self.mfu(exp, tok_s)})
         say(f"[{exp.run_id}] step {state.step}/{exp.steps} | loss {train_loss:.3f} | lr {state.lr:.2e} | "
             f"{tok_s / 1e3:.1f}k tok/s | MFU {100 * self.mfu(exp, tok_s):.1f}% | eta {format_duration(eta)}")
 
@@ -2077,6 +2086,7 @@ class Trainer:
         state.curve["eval_step"].append(state.step)
         state.curve["eval_tokens"].append(state.step * self.cfg.tokens_per_step)
         state.curve["val_loss"].append(v)
+        self.tracker.point(exp, state.curve["eval_tokens"][-1], {"val/loss": v})
         say(f"[{exp.run_id}] eval step {state.step}: val loss {v:.4f}")
         return True
 
@@ -2345,6 +2355,7 @@ def archive_previous(out_dir: Path, why: str = "--fresh") -> Path | None:
     """--fresh (or changed settings in the mode's default folder): move this script's earlier outputs
     into previous-<date>-<time>/, never deleting them, and say so in one line that begins with `why`."""
     names = ["results.json", "scaling_laws_complete.png", "compute_optimal.png", "runs", "checkpoints",
+             "runs.csv", "tb", "wandb",
              *sorted(p.name for p in out_dir.glob("results.*.json"))]
     present = [n for n in names if (out_dir / n).exists()]
     if not present:
@@ -3209,6 +3220,7 @@ class ChildProgress:
         done_ids = {r["run_id"] for r in records if r.get("status") in FINAL_STATUSES}
         if any(not e.branch_of for e in new) and any(e.run_id not in done_ids for e in s.runs):
             draw_interim_figures({**s.results, "experiments": records}, s.out_dir, len(s.runs))
+            s.tracker.study({**s.results, "experiments": records}, s.out_dir)
         log(progress_line(plan_progress(s.runs, done_ids, set(), time.time() - self.t0, None)))
 
 
@@ -4636,12 +4648,15 @@ def read_runs_csv(path: Path) -> list[dict]:
     branch_i = header.index("branch_of") if "branch_of" in header else None
     if branch_i is not None and name_i is None:
         raise UserError(f"--fit-csv {path} line 1: a branch_of column needs a name column (the runs it names)")
+    status_i = header.index("status") if "status" in header else None     # runs.csv's
     points = []
     for line_no, row in enumerate(reader, start=2):
         if not any(cell.strip() for cell in row):
             continue
         if len(row) < len(header):
             raise UserError(f"--fit-csv {path} line {line_no}: {len(row)} field(s), the header has {len(header)}")
+        if status_i is not None and row[status_i].strip() not in ("", "completed"):
+            continue                        # a diverged run of runs.csv: no final loss to fit
         p = {"name": row[name_i].strip() if name_i is not None else f"line {line_no}", "line": line_no}
         if branch_i is not None:
             p["row"] = row[branch_i].strip() or p["name"]
@@ -5139,7 +5154,327 @@ def build_compute_optimal_figure(results: dict):
     return fig
 
 # ----------------------------------------------------------------------------------------------------
-# 11. CLI: arguments, the run's configuration, prepare -> train -> finish, the summary, main()
+# 11. exports: runs.csv (a table any fitter reads) and the --tracker writers (TensorBoard, wandb)
+# ----------------------------------------------------------------------------------------------------
+
+# runs.csv's columns: N is non-embedding (what the fits use), N_total counts the embeddings too; D is the
+# run's tokens, flops = 6 N D, loss the final validation loss (empty unless completed); --fit-csv reads N,
+# D and loss and skips rows whose status is not completed.
+RUNS_CSV_COLUMNS = ("name", "run_id", "sweep", "branch_of", "in_param_sweep", "in_data_sweep", "seed", "status",
+                    "N", "N_total", "D", "flops", "loss")
+
+
+def runs_table(experiments: list[dict]) -> list[dict]:
+    """runs.csv's rows: every finished run the fits may use (not the --validate run, a check of them)."""
+    rows = []
+    for e in fitted_runs(experiments):
+        if e.get("status") not in FINAL_STATUSES:
+            continue
+        n, d = e.get("n_params_nonembedding"), e.get("tokens")
+        loss = e.get("final_val_loss") if e.get("status") == "completed" else None
+        rows.append({"name": e.get("name"), "run_id": e.get("run_id", e.get("name")), "sweep": e.get("sweep"),
+                     "branch_of": e.get("branch_of"), "in_param_sweep": e.get("in_param_sweep"),
+                     "in_data_sweep": e.get("in_data_sweep"), "seed": e.get("seed"), "status": e.get("status"),
+                     "N": n, "N_total": e.get("n_params_total"), "D": d,
+                     "flops": e.get("flops") or (6.0 * n * d if n and d else None), "loss": loss})
+    return rows
+
+
+def write_runs_csv(path: Path, experiments: list[dict]) -> None:
+    """runs.csv beside results.json (written after it), atomically; a missing value is an empty cell and
+    floats keep every digit, so --fit-csv on it refits exactly the study's points."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=RUNS_CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in runs_table(experiments):
+        writer.writerow({k: "" if v is None else repr(v) if isinstance(v, float) else v for k, v in row.items()})
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}     # --tracker NAME -> the pip package
+
+
+def import_tracker(name: str):
+    """The library behind --tracker NAME, imported only when it is chosen (neither is in requirements.txt);
+    a missing one is a one-line UserError, raised before any work."""
+    try:
+        if name == "wandb":
+            import wandb                                   # only with --tracker wandb
+            return wandb
+        import torch.utils.tensorboard as tensorboard      # only with --tracker tensorboard
+        return tensorboard
+    except ImportError:
+        raise UserError(f"--tracker {name} needs the {TRACKER_PACKAGES[name]} package: pip install "
+                        f"{TRACKER_PACKAGES[name]}") from None
+
+
+def study_summary(results: dict) -> dict[str, float]:
+    """The numbers of a study's fits that a tracker shows as summary values, flat: each law's constants
+    and exponents, the hold-out checks' relative errors, tokens per parameter at each compute budget."""
+    out = {}
+    fits = results.get("fits") or {}
+    for sweep in SWEEP_X:
+        for key in ("a", "b", "c", "r2"):
+            if (fits.get(sweep) or {}).get("available"):
+                out[f"fit/{sweep}_{key}"] = fits[sweep].get(key)
+    joint = fits.get("joint") or {}
+    if joint.get("available"):
+        for key in ("E", "A", "B", "alpha", "beta", "r2", "N_opt_exponent"):
+            out[f"fit/joint_{key}"] = joint.get(key)
+    for key, check in (results.get("holdout") or {}).items():
+        if isinstance(check, dict) and check.get("available") and check.get("relative_error") is not None:
+            out[f"holdout/{key}_relative_error"] = check["relative_error"]
+    for budget in (results.get("compute_optimal") or {}).get("budgets") or []:
+        key = f"compute_optimal/tokens_per_parameter_at_{budget['flops']:.3g}_flops"
+        out[key] = budget.get("tokens_per_parameter")
+    v = results.get("validation") or {}
+    if v.get("relative_error") is not None:
+        out["validate/relative_error"] = v["relative_error"]
+    return {k: float(x) for k, x in out.items() if isinstance(x, (int, float)) and math.isfinite(x)}
+
+
+class Tracker:
+    """--tracker none, and what every tracker shares. Each run writes under its run_id, its step axis the
+    tokens seen; a run that resumes (or restarts) never writes a point twice: the subclasses drop or purge
+    what an earlier process already wrote. The study (its fits and figures) writes under 'fits'."""
+
+    def __init__(self, out_dir: Path | None = None, tokens_per_step: int = 0, study: bool = False):
+        self.out_dir, self.tokens_per_step, self.with_study = out_dir, tokens_per_step, study
+        self.runs: dict[str, object] = {}         # run_id -> the tool's open run
+        self.floor: dict[str, int] = {}           # run_id -> points at or below these tokens are not written
+        self.figures_seen: dict[str, tuple] = {}  # figure file -> (mtime_ns, size) last sent
+        self.summary_sent: dict | None = None
+        self.failed = False                       # once the tool fails, nothing more is sent
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- runs: the Trainer calls these ----------------------------------------------------------------
+
+    def start_run(self, exp: Experiment, state: "TrainState") -> None:
+        """Open `exp`'s run at state.step. A new run (or branch) writes the curve's points at that step
+        first (the untrained model's loss; a branch's starting point on its stable run); a resumed one
+        continues after the checkpoint's step."""
+        resumed = bool(state.resumed_at_steps) and state.resumed_at_steps[-1] == state.step
+        tokens = state.step * self.tokens_per_step
+        self.end_run(exp, None)
+        if self.failed:
+            return
+        with self.guarded(f"opening {exp.run_id}"):
+            self.runs[exp.run_id] = self.open_run(exp, tokens, resumed)
+        if resumed:
+            return
+        curve = state.curve
+        if curve["step"] and curve["step"][-1] == state.step:
+            self.point(exp, tokens, {"train/loss": curve["train_loss"][-1], "train/lr": curve["lr"][-1]})
+        if curve["eval_step"] and curve["eval_step"][-1] == state.step:
+            self.point(exp, tokens, {"val/loss": curve["val_loss"][-1]})
+
+    def point(self, exp: Experiment, tokens: int, values: dict) -> None:
+        run = self.runs.get(exp.run_id)
+        if run is not None and tokens > self.floor.get(exp.run_id, -1):
+            with self.guarded(f"writing {exp.run_id}"):
+                self.write(exp, run, tokens, {k: float(v) for k, v in values.items() if v is not None})
+
+    def end_run(self, exp: Experiment, record: dict | None) -> None:
+        run = self.runs.pop(exp.run_id, None)
+        if run is not None:
+            with self.guarded(f"closing {exp.run_id}"):
+                self.close_run(run, record)
+
+    @contextlib.contextmanager
+    def guarded(self, what: str):
+        """A tracker that fails (no network, no login, a full disk) says so in one line and sends nothing
+        more; the study goes on, and its log, figures, results.json and runs.csv hold everything."""
+        try:
+            yield
+        except Exception as e:
+            log(f"tracker: {what} failed ({type(e).__name__}: {str(e).strip()[:200]}); the study goes on "
+                f"without it")
+            self.failed, self.runs = True, {}
+
+    # --- the study: after each run (figures redrawn) and after the fits ------------------------------
+
+    def study(self, results: dict, out_dir: Path) -> None:
+        """Send the figures redrawn since the last call, and the fits once results.json has new ones."""
+        if not self.with_study or self.failed:
+            return
+        # the figures' step: finished runs, which only grow, also across the processes of a resumed study
+        n_done = sum(1 for e in results.get("experiments") or [] if e.get("status") in FINAL_STATUSES)
+        with self.guarded("sending the figures and fits"):
+            for name in ("scaling_laws_complete.png", "compute_optimal.png"):
+                path = out_dir / name
+                with contextlib.suppress(OSError):
+                    seen = (path.stat().st_mtime_ns, path.stat().st_size)
+                    if self.figures_seen.get(name) != seen:
+                        self.figures_seen[name] = seen
+                        self.write_figure(name.removesuffix(".png"), path, n_done)
+            summary = study_summary(results)
+            if summary and summary != self.summary_sent:
+                self.summary_sent = summary
+                fitted = fitted_runs(results.get("experiments") or [])
+                self.write_summary(summary, sum(1 for e in fitted if e.get("status") == "completed"))
+
+    # --- what a tool implements ----------------------------------------------------------------------
+
+    def open_run(self, exp: Experiment, tokens: int, resumed: bool):
+        return None
+
+    def write(self, exp: Experiment, run, tokens: int, values: dict) -> None:
+        pass
+
+    def close_run(self, run, record: dict | None) -> None:
+        pass
+
+    def write_figure(self, name: str, path: Path, step: int) -> None:
+        pass
+
+    def write_summary(self, summary: dict, step: int) -> None:
+        pass
+
+    def close_study(self) -> None:
+        pass
+
+    def close(self) -> None:
+        with self.guarded("closing"):
+            for run_id in list(self.runs):
+                self.close_run(self.runs.pop(run_id), None)
+            self.close_study()
+
+
+class NullTracker(Tracker):
+    """--tracker none, torchrun's other ranks, and Trainers that time steps: nothing is written."""
+
+
+class TensorBoardTracker(Tracker):
+    """One event folder per run under <output>/tb/ (and tb/fits), so `tensorboard --logdir <output>` shows
+    the study. Every point is flushed at once: a SIGKILL loses none, and a resumed run's writer purges
+    the points after its checkpoint's step, which it then writes again."""
+
+    def __init__(self, module, out_dir: Path, tokens_per_step: int, study: bool):
+        super().__init__(out_dir, tokens_per_step, study)
+        self.tb = module
+        self.fits_writer = None
+
+    def open_run(self, exp, tokens, resumed):
+        # purge_step hides every event at or after it in this folder (TensorBoard's own rule for restarts)
+        return self.tb.SummaryWriter(str(self.out_dir / "tb" / exp.run_id),
+                                     purge_step=tokens + 1 if resumed else tokens)
+
+    def write(self, exp, run, tokens, values):
+        for key, value in values.items():
+            run.add_scalar(key, value, tokens)
+        run.flush()
+
+    def close_run(self, run, record):
+        run.close()
+
+    def fits(self):
+        if self.fits_writer is None:
+            self.fits_writer = self.tb.SummaryWriter(str(self.out_dir / "tb" / "fits"))
+        return self.fits_writer
+
+    def write_figure(self, name, path, step):
+        self.fits().add_image(f"figures/{name}", plt.imread(str(path)), step, dataformats="HWC")
+        self.fits().flush()
+
+    def write_summary(self, summary, step):
+        for key, value in summary.items():
+            self.fits().add_scalar(key, value, step)
+        self.fits().add_text("fits", "\n\n".join(f"{k}: {v:.6g}" for k, v in summary.items()), step)
+        self.fits().flush()
+
+    def close_study(self):
+        if self.fits_writer is not None:
+            self.fits_writer.close()
+            self.fits_writer = None
+
+
+class WandbTracker(Tracker):
+    """One wandb run per training run, named by its run_id and grouped by study (<output folder>/<mode>),
+    plus a 'fits' run holding the study's summary values and figures. WANDB_MODE=offline writes under
+    <output>/wandb/ without touching the network (`wandb sync` uploads later). wandb keeps no record of
+    what a killed process logged, so each run's id and last point sent live in wandb/resume/<run_id>.json
+    (the study's in fits.json): a rerun continues that wandb run after that point."""
+
+    def __init__(self, module, out_dir: Path, tokens_per_step: int, study: bool, group: str):
+        super().__init__(out_dir, tokens_per_step, study)
+        self.wandb, self.group = module, group
+        self.fits_run = None
+
+    def init(self, name: str, run_id: str | None, job_type: str, config: dict | None = None):
+        return self.wandb.init(
+            project=os.environ.get("WANDB_PROJECT") or "scaling-lab", group=self.group, name=name,
+            id=run_id, resume="allow" if run_id else None, job_type=job_type, config=config,
+            dir=str(self.out_dir),
+            # several runs at once (a cooldown branch inside its stable run); our own log is the console
+            settings=self.wandb.Settings(reinit="create_new", console="off", silent=True))
+
+    def earlier(self, key: str) -> dict:
+        """What an earlier process of this study sent to the wandb run `key` (a run_id, or 'fits')."""
+        path = self.out_dir / "wandb" / "resume" / f"{key}.json"
+        return read_json_file(path, "delete it to start that wandb run anew") if path.exists() else {}
+
+    def remember(self, key: str, wandb_id: str, tokens: int) -> None:
+        path = self.out_dir / "wandb" / "resume" / f"{key}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {"id": wandb_id, "tokens": tokens})
+
+    def open_run(self, exp, tokens, resumed):
+        earlier = self.earlier(exp.run_id)
+        self.floor[exp.run_id] = max(tokens if resumed else -1, earlier.get("tokens", -1))
+        run = self.init(exp.run_id, earlier.get("id") or os.urandom(6).hex(), exp.sweep,
+                        {**dataclasses.asdict(exp), "tokens_per_step": self.tokens_per_step})
+        self.remember(exp.run_id, run.id, self.floor[exp.run_id])
+        return run
+
+    def write(self, exp, run, tokens, values):
+        run.log({**values, "tokens": tokens, "step": tokens // self.tokens_per_step}, step=tokens)
+        # after the call: a kill between the two loses this point's record, never writes it twice
+        self.remember(exp.run_id, run.id, tokens)
+
+    def close_run(self, run, record):
+        if record is not None:
+            run.summary.update({k: record.get(k) for k in ("status", "final_val_loss", "initial_loss",
+                                                           "wall_time_s", "tokens_per_s", "mfu")})
+        run.finish(exit_code=0 if record is not None else 1)
+
+    def fits(self):
+        if self.fits_run is None:
+            self.fits_run = self.init("fits", self.earlier("fits").get("id") or os.urandom(6).hex(), "fits")
+            self.remember("fits", self.fits_run.id, 0)
+        return self.fits_run
+
+    def write_figure(self, name, path, step):
+        self.fits().log({f"figures/{name}": self.wandb.Image(str(path))}, step=step)
+
+    def write_summary(self, summary, step):
+        self.fits().summary.update({**summary, "runs_fitted": step})
+
+    def close_study(self):
+        if self.fits_run is not None:
+            self.fits_run.finish()
+            self.fits_run = None
+
+
+def open_tracker(cfg: RunConfig, scope: "RunScope", is_main: bool) -> Tracker:
+    """The tracker of one process: rank 0 only under torchrun (one writer per run); the study's fits and
+    figures only from the process that fits a whole plan (not a --parallel child, --shard or --only)."""
+    if cfg.tracker == "none" or not is_main:
+        return NullTracker()
+    out_dir, study = Path(cfg.output_dir), not scope.partial and not scope.child
+    module = import_tracker(cfg.tracker)
+    if cfg.tracker == "tensorboard":
+        return TensorBoardTracker(module, out_dir, cfg.tokens_per_step, study)
+    return WandbTracker(module, out_dir, cfg.tokens_per_step, study, f"{out_dir.resolve().name}/{cfg.mode}")
+
+# ----------------------------------------------------------------------------------------------------
+# 12. CLI: arguments, the run's configuration, prepare -> train -> finish, the summary, main()
 # ----------------------------------------------------------------------------------------------------
 
 def positive_int(text: str) -> int:
@@ -5236,6 +5571,10 @@ def add_device_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-interval", type=positive_int, help="steps between validation evaluations")
     g.add_argument("--eval-batches", type=positive_int, help="validation batches per evaluation")
     g.add_argument("--log-interval", type=positive_int, help="steps between log lines")
+    g.add_argument("--tracker", choices=["none", "tensorboard", "wandb"], default="none",
+                   help="also send every run's curves and the study's fits and figures to TensorBoard (under "
+                        "<output>/tb/) or Weights & Biases (WANDB_MODE=offline works without network); "
+                        "default none")
     g = p.add_argument_group("device and output")
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
                    help="auto picks CUDA, then MPS, then CPU")
@@ -5355,6 +5694,8 @@ def config_from_args(args) -> tuple[RunConfig, Preset]:
         raise UserError(f"--cooldown-frac {args.cooldown_frac}: give the cooldown's share of a run, between 0 and 1")
     check_vocab_size(args.vocab_size or preset.vocab_size, data)          # before any text is read
     check_data_source(data)
+    if args.tracker != "none":
+        import_tracker(args.tracker)                # a missing library is said before any work
     schedule = args.schedule or preset.schedule
     preset_horizons = preset.horizons if schedule == preset.schedule else None   # tiny's branches need WSD
     return RunConfig(
@@ -5384,6 +5725,7 @@ def config_from_args(args) -> tuple[RunConfig, Preset]:
         row_steps=(list(preset.row_steps) if preset.row_steps and not args.param_sizes and not args.max_steps
                    and args.horizons is None and preset_horizons else None),
         warmup_frac=preset.warmup_frac, warmup_steps=args.warmup_steps, arch=args.arch,
+        tracker=args.tracker,
     ), preset
 
 
@@ -5469,6 +5811,7 @@ def finish_results(results: dict, out_dir: Path, n_bootstrap: int = N_BOOTSTRAP,
     results["fit_wall_time_s"] = round(time.time() - t0, 2)
     results["n_bootstrap"] = n_bootstrap
     write_json_atomic(out_dir / "results.json", results)
+    write_runs_csv(out_dir / "runs.csv", results["experiments"])
     if figure:
         draw_figures(results, out_dir)
 
@@ -5635,6 +5978,7 @@ def fit_table(path: str, output_dir: str | None, n_bootstrap: int) -> dict:
     results["fit_wall_time_s"] = round(time.time() - t0, 2)
     results["n_bootstrap"] = n_bootstrap
     write_json_atomic(out_dir / "results.json", results)
+    write_runs_csv(out_dir / "runs.csv", results["experiments"])
     try:
         plot_compute_optimal_figure(results, out_dir / "compute_optimal.png")
     except Exception as e:       # the fit is already on disk
@@ -5666,6 +6010,7 @@ class Session:
     results: dict                    # what results.json (or this part's file) will hold
     command: str                     # the command that resumes this one
     n_bootstrap: int = N_BOOTSTRAP
+    tracker: Tracker = field(default_factory=NullTracker)     # --tracker: the study's writer and its runs'
 
     @property
     def out_dir(self) -> Path:
@@ -5707,10 +6052,11 @@ def run_holding_lock(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info:
                      estimate: bool, n_bootstrap: int, benchmark_steps: int, fresh: bool, command: str | None,
                      archive_on_change: bool) -> dict:
     # every rank but rank 0 trains in silence, so each log line appears once
-    with silenced(not dist_info.is_main):
+    with silenced(not dist_info.is_main), open_tracker(cfg, scope, dist_info.is_main) as tracker:
         s = prepare(cfg, preset, scope, dist_info, fresh=fresh, n_bootstrap=n_bootstrap,
                     command=command or "the same command", benchmark=bool(benchmark_steps),
                     archive_on_change=archive_on_change)
+        s.tracker = tracker
         if benchmark_steps:
             report = benchmark(Trainer(cfg, s.corpus, s.device), s.plan, steps=benchmark_steps)
             write_json_atomic(s.out_dir / "benchmark.json", report)
@@ -5913,6 +6259,7 @@ def train_sequential(s: Session, estimate: bool) -> dict:
     stop = StopRequest()
     trainer = Trainer(s.cfg, s.corpus, s.device, checkpoints=s.policy, stop=stop, dist=s.dist,
                       progress_bar=sys.stderr.isatty() and s.dist.is_main and not s.scope.child)
+    trainer.tracker = s.tracker
     estimates = None
     if estimate and s.todo and s.dist.is_main:
         try:
@@ -5960,6 +6307,8 @@ def save_record(s: Session, trainer: Trainer, exp: Experiment, record: dict, t0:
     trained.add(exp.run_id)
     if s.dist.is_main:
         write_json_atomic(s.results_file, s.results)
+        if not s.scope.partial:             # a part's runs are tabled once merged (--fit-only)
+            write_runs_csv(s.out_dir / "runs.csv", s.results["experiments"])
         after_run(s, trained, time.time() - t0, estimates, redraw=not exp.branch_of)
 
 
@@ -5972,6 +6321,7 @@ def after_run(s: Session, trained: set[str], elapsed_s: float, estimates: dict[s
     done_ids = {r["run_id"] for r in s.results["experiments"] if r.get("status") in FINAL_STATUSES}
     if redraw and not s.scope.partial and any(e.run_id not in done_ids for e in s.runs):
         draw_interim_figures(s.results, s.out_dir, len(s.runs))
+        s.tracker.study(s.results, s.out_dir)
     if not s.scope.child:                # a --parallel child's parent reports the whole plan's progress
         log(progress_line(plan_progress(s.runs, done_ids, trained, elapsed_s, estimates)))
 
@@ -6011,6 +6361,7 @@ def finish(s: Session, t0: float, how: str = "") -> dict:
             f"--fit-only {s.out_dir}"))
         return s.results
     finish_results(s.results, s.out_dir, s.n_bootstrap)
+    s.tracker.study(s.results, s.out_dir)
     print_summary(s.results, s.out_dir)
     log(f"done in {format_duration(time.time() - t0)}{how}")
     return s.results
@@ -6037,6 +6388,7 @@ def validate_fits(s: Session, preset: Preset, results: dict) -> dict:
              **score_validation(v, record.get("final_val_loss")))
     write_json_atomic(s.results_file, results)
     redraw_figures(results, s.out_dir)
+    s.tracker.study(results, s.out_dir)
     log_validation(v, prediction=False)
     return results
 
@@ -6095,6 +6447,7 @@ def train_validation(s: Session, exp: Experiment) -> dict:
     stop = StopRequest()
     trainer = Trainer(s.cfg, s.corpus, s.device, checkpoints=s.policy, stop=stop,
                       progress_bar=sys.stderr.isatty())
+    trainer.tracker = s.tracker
     log(f"validate: training {exp.run_id} ({exp.steps} steps)")
     with stop_on_signals(stop):
         try:
