@@ -5157,36 +5157,41 @@ def build_compute_optimal_figure(results: dict):
 # 11. exports: runs.csv (a table any fitter reads) and the --tracker writers (TensorBoard, wandb)
 # ----------------------------------------------------------------------------------------------------
 
-# runs.csv's columns: N is non-embedding (what the fits use), N_total counts the embeddings too; D is the
-# run's tokens, flops = 6 N D, loss the final validation loss (empty unless completed); --fit-csv reads N,
-# D and loss and skips rows whose status is not completed.
+# runs.csv's columns: N is counted as the study's joint law counts it (n_count: non-embedding or total),
+# N_nonembedding and N_total give both counts; D is the run's tokens, flops the model's real FLOPs per
+# token x D (6 N D where a record lacks them), loss the final validation loss (empty unless completed);
+# --fit-csv reads N, D, loss, name and branch_of and skips rows whose status is not completed.
 RUNS_CSV_COLUMNS = ("name", "run_id", "sweep", "branch_of", "in_param_sweep", "in_data_sweep", "seed", "status",
-                    "N", "N_total", "D", "flops", "loss")
+                    "n_count", "N", "N_nonembedding", "N_total", "D", "flops", "loss")
 
 
-def runs_table(experiments: list[dict]) -> list[dict]:
+def runs_table(experiments: list[dict], n_count: str = DEFAULT_N_COUNT) -> list[dict]:
     """runs.csv's rows: every finished run the fits may use (not the --validate run, a check of them)."""
     rows = []
     for e in fitted_runs(experiments):
         if e.get("status") not in FINAL_STATUSES:
             continue
-        n, d = e.get("n_params_nonembedding"), e.get("tokens")
+        n_emb, n_tot, d = e.get("n_params_nonembedding"), e.get("n_params_total"), e.get("tokens")
+        n = e.get(N_COUNTS[n_count]) or n_emb
+        fpt = e.get("flops_per_token")
         loss = e.get("final_val_loss") if e.get("status") == "completed" else None
         rows.append({"name": e.get("name"), "run_id": e.get("run_id", e.get("name")), "sweep": e.get("sweep"),
                      "branch_of": e.get("branch_of"), "in_param_sweep": e.get("in_param_sweep"),
                      "in_data_sweep": e.get("in_data_sweep"), "seed": e.get("seed"), "status": e.get("status"),
-                     "N": n, "N_total": e.get("n_params_total"), "D": d,
-                     "flops": e.get("flops") or (6.0 * n * d if n and d else None), "loss": loss})
+                     "n_count": n_count if e.get(N_COUNTS[n_count]) else "non-embedding", "N": n,
+                     "N_nonembedding": n_emb, "N_total": n_tot, "D": d,
+                     "flops": float(fpt * d) if fpt and d else (6.0 * n_emb * d if n_emb and d else None),
+                     "loss": loss})
     return rows
 
 
-def write_runs_csv(path: Path, experiments: list[dict]) -> None:
+def write_runs_csv(path: Path, experiments: list[dict], n_count: str = DEFAULT_N_COUNT) -> None:
     """runs.csv beside results.json (written after it), atomically; a missing value is an empty cell and
     floats keep every digit, so --fit-csv on it refits exactly the study's points."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=RUNS_CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    for row in runs_table(experiments):
+    for row in runs_table(experiments, n_count):
         writer.writerow({k: "" if v is None else repr(v) if isinstance(v, float) else v for k, v in row.items()})
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(buf.getvalue())
@@ -5811,7 +5816,7 @@ def finish_results(results: dict, out_dir: Path, n_bootstrap: int = N_BOOTSTRAP,
     results["fit_wall_time_s"] = round(time.time() - t0, 2)
     results["n_bootstrap"] = n_bootstrap
     write_json_atomic(out_dir / "results.json", results)
-    write_runs_csv(out_dir / "runs.csv", results["experiments"])
+    write_runs_csv(out_dir / "runs.csv", results["experiments"], n_count)
     if figure:
         draw_figures(results, out_dir)
 
@@ -6308,7 +6313,7 @@ def save_record(s: Session, trainer: Trainer, exp: Experiment, record: dict, t0:
     if s.dist.is_main:
         write_json_atomic(s.results_file, s.results)
         if not s.scope.partial:             # a part's runs are tabled once merged (--fit-only)
-            write_runs_csv(s.out_dir / "runs.csv", s.results["experiments"])
+            write_runs_csv(s.out_dir / "runs.csv", s.results["experiments"], s.cfg.n_count or DEFAULT_N_COUNT)
         after_run(s, trained, time.time() - t0, estimates, redraw=not exp.branch_of)
 
 

@@ -257,14 +257,19 @@ def test_runs_csv_beside_results_lists_every_finished_run(tb_study):
     for r, e in zip(rows, res["experiments"]):
         assert (r["name"], r["sweep"], r["branch_of"], r["seed"], r["status"]) == (
             e["name"], e["sweep"], e["branch_of"] or "", str(e["seed"]), "completed")
-        assert (float(r["N"]), float(r["N_total"]), float(r["D"]), float(r["loss"])) == (
-            e["n_params_nonembedding"], e["n_params_total"], e["tokens"], e["final_val_loss"])
-        assert float(r["flops"]) == 6 * e["n_params_nonembedding"] * e["tokens"]
+        # N is the count the study's joint law used (the default, total), both counts beside it
+        assert r["n_count"] == res["fits"]["joint"]["n_count"] == "total"
+        assert (float(r["N"]), float(r["N_nonembedding"]), float(r["N_total"]), float(r["D"]),
+                float(r["loss"])) == (e["n_params_total"], e["n_params_nonembedding"], e["n_params_total"],
+                                      e["tokens"], e["final_val_loss"])
+        assert float(r["flops"]) == e["flops_per_token"] * e["tokens"] > 6 * e["n_params_nonembedding"] * e["tokens"]
 
 
-def test_fit_csv_on_runs_csv_gives_the_studys_joint_law(tmp_path, capsys):
+@pytest.mark.parametrize("mode", ["quick", "tiny"])       # tiny: WSD rows, so branch_of is filled in
+def test_fit_csv_on_runs_csv_gives_the_studys_joint_law(tmp_path, capsys, mode):
     study = tmp_path / "demo"
-    assert demo.main(["--mode", "quick", "--output-dir", str(study)]) == 0
+    law = ["--law", "tiny"] if mode == "tiny" else []      # Chinchilla's law is above chance at tiny's sizes
+    assert demo.main(["--mode", mode, *law, "--output-dir", str(study)]) == 0
     res = results(study)
     rows = list(csv.DictReader((study / "runs.csv").open()))
     assert len(rows) == len(res["experiments"]) and {r["status"] for r in rows} == {"completed"}
