@@ -4517,7 +4517,10 @@ def draw_interim_figures(results: dict, out_dir: Path, n_runs_total: int,
                          n_bootstrap: int = INTERIM_BOOTSTRAP) -> None:
     """The figures of the runs finished so far, redrawn after each run so they can be opened before the
     plan ends: fits on partial data (unavailable while too few points), `n_bootstrap` resamples (fewer
-    than the final figure's, to stay cheap), said in the title. A failure is one log line."""
+    than the final figure's, to stay cheap), said in the title. A failure is one log line. An
+    --lr-sweep has no scaling laws to draw: its one figure waits for the end (a redraw costs seconds)."""
+    if results["config"].get("lr_multipliers"):
+        return
     t0 = time.time()
     done = [e for e in results["experiments"] if e.get("status") in FINAL_STATUSES]
     interim = {**results, "experiments": done,
@@ -5861,7 +5864,7 @@ def after_run(s: Session, trained: set[str], elapsed_s: float, estimates: dict[s
     stable run finishes soon after it: a redraw costs about 2 s, a tiny branch 1-17 s), then the plan's
     progress."""
     done_ids = {r["run_id"] for r in s.results["experiments"] if r.get("status") in FINAL_STATUSES}
-    if redraw and not s.scope.partial and not s.cfg.lr_multipliers and any(e.run_id not in done_ids for e in s.runs):
+    if redraw and not s.scope.partial and any(e.run_id not in done_ids for e in s.runs):
         draw_interim_figures(s.results, s.out_dir, len(s.runs))
     if not s.scope.child:                # a --parallel child's parent reports the whole plan's progress
         log(progress_line(plan_progress(s.runs, done_ids, trained, elapsed_s, estimates)))
