@@ -550,6 +550,11 @@ def lr_sweep_steps(cfg: RunConfig) -> int:
     return horizon_steps(cfg)[0]
 
 
+def lr_multiplier_of(name: str) -> float:
+    """'lr-N25K-x1.4' -> 1.4: an --lr-sweep run's multiple of its rule, as build_lr_sweep_plan names it."""
+    return float(name.rsplit("-x", 1)[1])
+
+
 def build_lr_sweep_plan(cfg: RunConfig, preset: Preset) -> list[Experiment]:
     """One run per (size, multiplier) of `lr_sweep_steps` steps under the plan's schedule and warmup.
     Each reuses its size's ladder run's initialisation and batches (`draws_of`), so within a size only
@@ -4454,18 +4459,18 @@ def lr_rule_warnings(sizes: list[dict], tolerance: float = LR_RULE_TOLERANCE) ->
     return lines
 
 
-def analyse_lr_sweep(experiments: list[dict], rule_lr: Callable[[int], float], uncapped_lr: Callable[[int], float],
-                     tolerance: float = LR_RULE_TOLERANCE, n_draws: int = LR_DRAWS,
+def analyse_lr_sweep(experiments: list[dict], uncapped_lr: Callable[[int], float], tolerance: float = LR_RULE_TOLERANCE, n_draws: int = LR_DRAWS,
                      seed: int = BOOTSTRAP_SEED) -> dict:
     """--lr-sweep's results: a flat points table (size, multiplier, validation loss), one row per size
     (the parabola's optimum, its interval, the optimum over the rule) and the warning lines.
-    `rule_lr(d_model)` is the LR the ladder uses, `uncapped_lr(d_model)` the same rule without its cap."""
+    A run's multiplier is in its name (build_lr_sweep_plan's); the rule's LR is its peak LR over it, as
+    trained. `uncapped_lr(d_model)`: the preset's rule without its cap, for reference."""
     points, by_size = [], {}
     for e in sorted(experiments, key=lambda e: (e["n_params_nonembedding"], e["peak_lr"])):
-        rule = rule_lr(e["d_model"])
+        multiplier = lr_multiplier_of(e["name"])
         loss = e.get("final_val_loss") if e.get("status") == "completed" else None
         points.append({"n_params_nonembedding": e["n_params_nonembedding"], "d_model": e["d_model"],
-                       "multiplier": round(e["peak_lr"] / rule, 6), "peak_lr": e["peak_lr"],
+                       "multiplier": multiplier, "peak_lr": e["peak_lr"], "rule_lr": e["peak_lr"] / multiplier,
                        "final_val_loss": loss, "status": e.get("status")})
         by_size.setdefault((e["n_params_nonembedding"], e["d_model"]), []).append(points[-1])
     sizes = []
@@ -4475,13 +4480,14 @@ def analyse_lr_sweep(experiments: list[dict], rule_lr: Callable[[int], float], u
                               n_draws, seed)
         best = min((p for p in pts if p["final_val_loss"] is not None), key=lambda p: p["final_val_loss"],
                    default=None)
-        sizes.append({"n_params_nonembedding": n, "d_model": d_model, "rule_lr": rule_lr(d_model),
+        rule_lr = float(np.median([p["rule_lr"] for p in pts]))
+        sizes.append({"n_params_nonembedding": n, "d_model": d_model, "rule_lr": rule_lr,
                       "uncapped_rule_lr": uncapped_lr(d_model),
                       "best_multiplier": best and best["multiplier"], "best_loss": best and best["final_val_loss"],
                       **{k: fit.get(k) for k in ("available", "optimum_lr", "optimum_lr_ci95", "loss_at_optimum",
                                                  "edge", "reason", "residual_std", "draws_without_optimum",
                                                  "coef", "centre_log_lr", "lr_tried")},
-                      **optimum_over_rule(fit, rule_lr(d_model))})
+                      **optimum_over_rule(fit, rule_lr)})
     return {"points": points, "sizes": sizes, "tolerance": tolerance,
             "warnings": lr_rule_warnings(sizes, tolerance),
             "interval": ("95% percentiles of the vertex over Student-t draws of the parabola's coefficients "
@@ -5419,23 +5425,15 @@ def print_summary(results: dict, out_dir: Path) -> None:
 
 # --- --lr-sweep: its results, log table and figure, in place of the scaling-law fits -----------------
 
-def lr_rules(results: dict) -> tuple[Callable[[int], float], Callable[[int], float]]:
-    """The ladder's LR for a width, and the same rule without its cap, as the results' settings give them."""
-    fixed, lr_width = results["config"].get("lr"), PRESETS[results["mode"]].lr_width
-    if fixed is not None:
-        return (lambda d: fixed), (lambda d: fixed)
-    return (lambda d: default_peak_lr(d, lr_width)), (lambda d: lr_width / d)
-
-
 def finish_lr_sweep(results: dict, out_dir: Path, figure: bool = True) -> None:
     """--lr-sweep's counterpart of finish_results: the per-size parabolas into results.json (first),
     then lr_sweep.png."""
     runs = [e for e in results["experiments"] if e.get("sweep") == "lr"]
-    rule, uncapped = lr_rules(results)
+    fixed, lr_width = results["config"].get("lr"), PRESETS[results["mode"]].lr_width
     results["lr_sweep"] = {"horizon_steps": max((e["steps"] for e in runs), default=0),
                            "horizon_tokens": max((e["tokens"] for e in runs), default=0),
                            "multipliers": results["config"]["lr_multipliers"],
-                           **analyse_lr_sweep(runs, rule, uncapped)}
+                           **analyse_lr_sweep(runs, lambda d: fixed or lr_width / d)}
     write_json_atomic(out_dir / "results.json", results)
     if figure:
         try:
