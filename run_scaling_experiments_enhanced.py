@@ -229,7 +229,8 @@ class Preset:
     # a WSD grid whose rows end at different horizons: each size's stable-run steps, every one of them a
     # horizon (None: `steps` for every size). Used only with the preset's sizes, steps and horizons.
     row_steps: tuple[int, ...] | None = None
-    lr_width: float = 0.4           # peak LR = min(5e-3, lr_width / d_model) unless --lr (default_peak_lr)
+    lr_width: float = 0.4           # peak LR = min(lr_cap, lr_width / d_model) unless --lr (default_peak_lr)
+    lr_cap: float | None = 5e-3     # None: lr_width / d_model at every width
 
 # tiny: a WSD grid, not two lines. Depth-2 models of width 32, 48, 64, 96, 128 (N = 25K, 57K, 100K, 224K,
 # 397K). The three narrower train once to 8M tokens (3,904 steps of 64 x 32) with cooldowns branched at 1M,
@@ -249,7 +250,7 @@ PRESETS: dict[str, Preset] = {
                    steps=3904, data_model_size=25_000, batch_size=64, context_length=32, vocab_size=512,
                    n_layer=2, head_dim=16, eval_interval=200, eval_batches=20, log_interval=50,
                    schedule="wsd", horizons="0.125x,0.25x,0.5x,1x", warmup_frac=0.01,
-                   lr_width=0.3, row_steps=(3904, 3904, 3904, 1952, 1952)),
+                   lr_width=0.3, lr_cap=None, row_steps=(3904, 3904, 3904, 1952, 1952)),
     "quick": Preset("quick", (5 * 10**6, 20 * 10**6, 50 * 10**6), (10 * 10**6, 50 * 10**6, 100 * 10**6),
                     steps=3000, data_model_size=20 * 10**6),
     "standard": Preset("standard", tuple(x * 10**6 for x in (5, 10, 20, 50, 100)),
@@ -301,15 +302,15 @@ def choose_shape(target: int, preset: Preset) -> tuple[int, int, int]:
     return best[1]
 
 
-def default_peak_lr(d_model: int, lr_width: float = 0.4) -> float:
-    """Peak learning rate for a model of this width: min(5e-3, lr_width / d_model).
+def default_peak_lr(d_model: int, lr_width: float = 0.4, lr_cap: float | None = 5e-3) -> float:
+    """Peak learning rate for a model of this width: min(lr_cap, lr_width / d_model), or lr_width / d_model
+    without a cap.
 
-    Measured here on the tiny ladder, the best rate falls with width and 2x past it costs 0.3-0.4 nats;
-    0.4/d_model also lands within 15% of GPT-3's published rates (6e-4 at d=768, 2e-4 at d=2048). Tiny's
-    64 x 32-token batches want less (lr_width 0.3), and the cap is measured too; both are in the comment
-    above PRESETS.
+    The best rate falls with width; 0.4/d_model lands within 15% of GPT-3's published rates (6e-4 at
+    d=768, 2e-4 at d=2048). Tiny's 64 x 32-token batches want less (lr_width 0.3) and no cap: its widths
+    32 and 48 did best at or above 0.3/d_model in `--lr-sweep` (docs/model.md has the tables).
     """
-    return min(5e-3, lr_width / d_model)
+    return lr_width / d_model if lr_cap is None else min(lr_cap, lr_width / d_model)
 
 
 @dataclass
@@ -496,7 +497,7 @@ def build_plan(cfg: RunConfig, preset: Preset) -> list[Experiment]:
         return Experiment(
             name=name, sweep=sweep, target=target, n_layer=n_layer, d_model=d_model, n_head=n_head,
             steps=steps, tokens=steps * tps,
-            peak_lr=cfg.lr if cfg.lr is not None else default_peak_lr(d_model, preset.lr_width),
+            peak_lr=cfg.lr if cfg.lr is not None else default_peak_lr(d_model, preset.lr_width, preset.lr_cap),
             n_params_nonembedding=n_params_nonembedding(n_layer, d_model),
             n_params_total=n_params_total(n_layer, d_model, cfg.vocab_size, cfg.context_length),
             warmup_steps=warmup, branch_of=branch_of, branch_step=branch_step)
@@ -566,7 +567,7 @@ def build_lr_sweep_plan(cfg: RunConfig, preset: Preset) -> list[Experiment]:
     plan = []
     for n in cfg.param_sizes:
         n_layer, d_model, n_head = choose_shape(n, preset)
-        rule = cfg.lr if cfg.lr is not None else default_peak_lr(d_model, preset.lr_width)
+        rule = cfg.lr if cfg.lr is not None else default_peak_lr(d_model, preset.lr_width, preset.lr_cap)
         for m in cfg.lr_multipliers:
             plan.append(Experiment(
                 name=f"lr-N{format_count(n)}-x{m:g}", sweep="lr", target=n, n_layer=n_layer, d_model=d_model,
@@ -4455,12 +4456,13 @@ def lr_rule_warnings(sizes: list[dict], tolerance: float = LR_RULE_TOLERANCE) ->
         higher = sz["optimum_over_rule"] > 1 if sz["optimum_over_rule"] is not None else sz["edge"] == "above"
         lines.append(f"warning: the LR rule is {at_least}{factor:.2f}x off at "
                      f"{format_count(sz['n_params_nonembedding'])} (d_model {sz['d_model']}): the optimum is "
-                     f"{'higher' if higher else 'lower'} than the rule's {sz['rule_lr']:.3g} (tolerance {tolerance:g}x)")
+                     f"{'higher' if higher else 'lower'} than the rule's {sz['rule_lr']:.3g} "
+                     f"(tolerance {tolerance:g}x)")
     return lines
 
 
-def analyse_lr_sweep(experiments: list[dict], uncapped_lr: Callable[[int], float], tolerance: float = LR_RULE_TOLERANCE, n_draws: int = LR_DRAWS,
-                     seed: int = BOOTSTRAP_SEED) -> dict:
+def analyse_lr_sweep(experiments: list[dict], uncapped_lr: Callable[[int], float],
+                     tolerance: float = LR_RULE_TOLERANCE, n_draws: int = LR_DRAWS, seed: int = BOOTSTRAP_SEED) -> dict:
     """--lr-sweep's results: a flat points table (size, multiplier, validation loss), one row per size
     (the parabola's optimum, its interval, the optimum over the rule) and the warning lines.
     A run's multiplier is in its name (build_lr_sweep_plan's); the rule's LR is its peak LR over it, as
@@ -4955,9 +4957,10 @@ def build_lr_sweep_figure(sweep: dict):
             ax.errorbar([m], [y], xerr=[[m - (lo or lo_m)], [(hi or hi_m) - m]], fmt="*", ms=12, color=colour,
                         capsize=3, mec="k")
         elif sz.get("edge") and pts:
-            end = max(pts, key=lambda p: p["multiplier"]) if sz["edge"] == "above" else min(pts, key=lambda p: p["multiplier"])
+            end = (max if sz["edge"] == "above" else min)(pts, key=lambda p: p["multiplier"])
             ax.annotate("", xy=(end["multiplier"] * (1.3 if sz["edge"] == "above" else 1 / 1.3), end["final_val_loss"]),
-                        xytext=(end["multiplier"], end["final_val_loss"]), arrowprops={"arrowstyle": "->", "color": colour})
+                        xytext=(end["multiplier"], end["final_val_loss"]),
+                        arrowprops={"arrowstyle": "->", "color": colour})
     ax.axvline(1.0, color="grey", ls=":", lw=1)
     ax.set_xscale("log")
     ax.set_xlabel("peak LR / the rule's LR")
@@ -5062,7 +5065,7 @@ def add_plan_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--context-length", type=positive_int, help="tokens per sequence")
     g.add_argument("--lr", type=positive_float,
                    help="one peak learning rate for every size (default: min(5e-3, 0.4/d_model); tiny: "
-                        "0.3/d_model)")
+                        "0.3/d_model, no cap)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
     g.add_argument("--lr-sweep", action="store_true",
                    help="instead of the ladder: train every size at a few multiples of its LR rule at the "
@@ -5455,10 +5458,12 @@ def lr_sweep_lines(sweep: dict) -> list[str]:
         loss = {round(p["multiplier"], 4): p["final_val_loss"] for p in sweep["points"]
                 if p["n_params_nonembedding"] == sz["n_params_nonembedding"]}
         cells = " ".join(f"{'-' if loss.get(round(m, 4)) is None else f'{loss[round(m, 4)]:.4f}':>7}" for m in mults)
-        ci = sz.get("optimum_lr_ci95") or [None, None]
-        if sz.get("optimum_lr") is not None:
+        ci = sz.get("optimum_lr_ci95")
+        if sz.get("optimum_lr") is not None and ci is None:          # 3 points: the parabola fits exactly
+            opt, ratio = f"{sz['optimum_lr']:.3g} (no interval)", f"{sz['optimum_over_rule']:.2f}"
+        elif sz.get("optimum_lr") is not None:
             opt = f"{sz['optimum_lr']:.3g} [{fmt_lr(ci[0], 'unbounded')}, {fmt_lr(ci[1], 'unbounded')}]"
-            rci = sz["optimum_over_rule_ci95"] or [None, None]
+            rci = sz["optimum_over_rule_ci95"]
             ratio = (f"{sz['optimum_over_rule']:.2f} [{fmt_lr(rci[0], 'unbounded')}, "
                      f"{fmt_lr(rci[1], 'unbounded')}]")
         elif sz.get("edge"):
@@ -5969,7 +5974,8 @@ def validation_experiment(cfg: RunConfig, preset: Preset, n_target: float, d_tar
     return Experiment(name=f"{VALIDATE_SWEEP}-N{format_count(n)}-D{format_count(steps * cfg.tokens_per_step)}",
                       sweep=VALIDATE_SWEEP, target=int(round(n_target)), n_layer=n_layer, d_model=d_model,
                       n_head=n_head, steps=steps, tokens=steps * cfg.tokens_per_step,
-                      peak_lr=cfg.lr if cfg.lr is not None else default_peak_lr(d_model, preset.lr_width),
+                      peak_lr=(cfg.lr if cfg.lr is not None
+                               else default_peak_lr(d_model, preset.lr_width, preset.lr_cap)),
                       n_params_nonembedding=n,
                       n_params_total=n_params_total(n_layer, d_model, cfg.vocab_size, cfg.context_length),
                       seed=cfg.seeds[0], warmup_steps=plan_warmup_steps(cfg))

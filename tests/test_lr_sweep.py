@@ -81,8 +81,8 @@ def test_tiny_plan_is_every_size_at_the_first_horizon():
     assert cfg.output_dir == "scaling_results_tiny_lrsweep" and cfg.lr_multipliers == list(MULTS)
     plan = rse.build_plan(cfg, preset)
     assert len(plan) == 25 and {e.steps for e in plan} == {488} and {e.warmup_steps for e in plan} == {39}
-    assert [e.peak_lr for e in plan[:5]] == pytest.approx(list(5e-3 * MULTS))          # width 32: the cap
-    assert [e.peak_lr for e in plan[-5:]] == pytest.approx(list(0.3 / 128 * MULTS))   # width 128: 0.3/d
+    assert [e.peak_lr for e in plan[:5]] == pytest.approx(list(0.3 / 32 * MULTS))     # 0.3/d, no cap in tiny
+    assert [e.peak_lr for e in plan[-5:]] == pytest.approx(list(0.3 / 128 * MULTS))
     ladder = rse.build_plan(dataclasses.replace(cfg, lr_multipliers=None), preset)
     stable = next(e for e in ladder if e.name == "params-N25K")
     assert rse.init_seed(plan[0]) == rse.init_seed(stable)                # the ladder run's init and batches
@@ -115,7 +115,7 @@ def test_cli_writes_results_and_figure_and_its_1x_run_is_the_ladders_branch(tmp_
     assert [p["multiplier"] for p in sweep["points"]] == [0.5, 1.0, 2.0]
     assert all(p["status"] == "completed" and p["final_val_loss"] < math.log(512) for p in sweep["points"])
     (size,) = sweep["sizes"]
-    assert size["d_model"] == 32 and size["rule_lr"] == 5e-3 and size["uncapped_rule_lr"] == pytest.approx(0.3 / 32)
+    assert size["d_model"] == 32 and size["rule_lr"] == size["uncapped_rule_lr"] == pytest.approx(0.3 / 32)
     assert "lr sweep: final validation loss" in r.stdout and "optimum LR [95%]" in r.stdout
     assert (out / "lr_sweep.png").stat().st_size > 20_000
     assert not (out / "scaling_laws_complete.png").exists()
