@@ -4966,7 +4966,7 @@ def build_lr_sweep_figure(sweep: dict):
     ax.set_xlabel("peak LR / the rule's LR")
     ax.set_ylabel("final validation loss")
     ax.set_title(f"LR sweep at {format_count(sweep['horizon_tokens'])} tokens ({sweep['horizon_steps']} steps); "
-                 f"* optimum, bar 95%", fontsize=10)
+                 f"* optimum, bar 95% (a bar that reaches the range's edge is unbounded)", fontsize=9)
     ax.legend(fontsize=8)
     widths = np.array([sz["d_model"] for sz in sizes], dtype=float)
     ax2.plot(widths, [sz["rule_lr"] for sz in sizes], "-", color="k", label="rule (as trained)")
@@ -4983,7 +4983,7 @@ def build_lr_sweep_figure(sweep: dict):
         elif sz.get("edge"):
             y = tried[1] if sz["edge"] == "above" else tried[0]
             ax2.plot([x], [y], "^" if sz["edge"] == "above" else "v", color="C3", ms=9)
-    ax2.plot([], [], "*", color="C3", ms=10, label="optimum, 95% (triangle: beyond the tried range)")
+    ax2.plot([], [], "*", color="C3", ms=10, label="optimum, 95% (to the edge: unbounded; triangle: beyond it)")
     ax2.plot([], [], "-", color="lightgrey", lw=6, label="range tried")
     ax2.set_xscale("log")
     ax2.set_yscale("log")
