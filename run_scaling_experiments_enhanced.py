@@ -231,7 +231,8 @@ class Preset:
     # a WSD grid whose rows end at different horizons: each size's stable-run steps, every one of them a
     # horizon (None: `steps` for every size). Used only with the preset's sizes, steps and horizons.
     row_steps: tuple[int, ...] | None = None
-    lr_width: float = 0.4           # peak LR = min(5e-3, lr_width / d_model) unless --lr (default_peak_lr)
+    lr_width: float = 0.4           # peak LR = min(lr_cap, lr_width / d_model) unless --lr (default_peak_lr)
+    lr_cap: float | None = 5e-3     # None: lr_width / d_model at every width
 
 # tiny: a WSD grid, not two lines. Depth-2 models of width 32, 48, 64, 96, 128 (N = 25K, 57K, 100K, 224K,
 # 397K). The three narrower train once to 8M tokens (3,904 steps of 64 x 32) with cooldowns branched at 1M,
@@ -251,7 +252,7 @@ PRESETS: dict[str, Preset] = {
                    steps=3904, data_model_size=25_000, batch_size=64, context_length=32, vocab_size=512,
                    n_layer=2, head_dim=16, eval_interval=200, eval_batches=20, log_interval=50,
                    schedule="wsd", horizons="0.125x,0.25x,0.5x,1x", warmup_frac=0.01,
-                   lr_width=0.3, row_steps=(3904, 3904, 3904, 1952, 1952)),
+                   lr_width=0.3, lr_cap=None, row_steps=(3904, 3904, 3904, 1952, 1952)),
     "quick": Preset("quick", (5 * 10**6, 20 * 10**6, 50 * 10**6), (10 * 10**6, 50 * 10**6, 100 * 10**6),
                     steps=3000, data_model_size=20 * 10**6),
     "standard": Preset("standard", tuple(x * 10**6 for x in (5, 10, 20, 50, 100)),
@@ -316,15 +317,15 @@ def choose_shape(target: int, preset: Preset) -> tuple[int, int, int]:
     return best[1]
 
 
-def default_peak_lr(d_model: int, lr_width: float = 0.4) -> float:
-    """Peak learning rate for a model of this width: min(5e-3, lr_width / d_model).
+def default_peak_lr(d_model: int, lr_width: float = 0.4, lr_cap: float | None = 5e-3) -> float:
+    """Peak learning rate for a model of this width: min(lr_cap, lr_width / d_model), or lr_width / d_model
+    without a cap.
 
-    Measured here on the tiny ladder, the best rate falls with width and 2x past it costs 0.3-0.4 nats;
-    0.4/d_model also lands within 15% of GPT-3's published rates (6e-4 at d=768, 2e-4 at d=2048). Tiny's
-    64 x 32-token batches want less (lr_width 0.3), and the cap is measured too; both are in the comment
-    above PRESETS.
+    The best rate falls with width; 0.4/d_model lands within 15% of GPT-3's published rates (6e-4 at
+    d=768, 2e-4 at d=2048). Tiny's 64 x 32-token batches want less (lr_width 0.3) and no cap: its widths
+    32 and 48 did best at or above 0.3/d_model in `--lr-sweep` (docs/model.md has the tables).
     """
-    return min(5e-3, lr_width / d_model)
+    return lr_width / d_model if lr_cap is None else min(lr_cap, lr_width / d_model)
 
 
 @dataclass
@@ -350,6 +351,9 @@ class Experiment:
     # rows that end at different D (row_steps): True for the runs at the D every row reaches, the 1-D
     # L(N)'s points; False for the row's other runs. None: the parameter sweep is the stable runs.
     in_param_sweep: bool | None = None
+    # --lr-sweep: the ladder run whose initialisation and batches this run reuses, so that within a size
+    # only the learning rate differs between multipliers
+    draws_of: str | None = None
 
     @property
     def trained_steps(self) -> int:
@@ -425,6 +429,7 @@ class RunConfig:
     n_count: str | None = None     # --n-count: the N of the joint law (None: DEFAULT_N_COUNT)
     arch: str = "gpt2"             # --arch: the decoder's recipe (ARCHS, section 4)
     tracker: str = "none"          # --tracker (section 11): where curves and fits also go; not part of any run
+    lr_multipliers: list[float] | None = None   # --lr-sweep: these multiples of each size's rule, not the ladder
 
     @property
     def tokens_per_step(self) -> int:
@@ -494,6 +499,8 @@ def build_plan(cfg: RunConfig, preset: Preset) -> list[Experiment]:
     Branches come before their stable run, in the order they are trained."""
     if cfg.horizons and cfg.schedule != "wsd":
         raise UserError("--horizons branches cooldowns off a constant learning rate: add --schedule wsd")
+    if cfg.lr_multipliers:
+        return build_lr_sweep_plan(cfg, preset)
     tps, warmup = cfg.tokens_per_step, plan_warmup_steps(cfg)
     schedule = schedule_of(cfg, warmup)
 
@@ -508,7 +515,7 @@ def build_plan(cfg: RunConfig, preset: Preset) -> list[Experiment]:
         return Experiment(
             name=name, sweep=sweep, target=target, n_layer=n_layer, d_model=d_model, n_head=n_head,
             steps=steps, tokens=steps * tps,
-            peak_lr=cfg.lr if cfg.lr is not None else default_peak_lr(d_model, preset.lr_width),
+            peak_lr=cfg.lr if cfg.lr is not None else default_peak_lr(d_model, preset.lr_width, preset.lr_cap),
             n_params_nonembedding=n_params_nonembedding(n_layer, d_model, cfg.arch),
             n_params_total=n_params_total(n_layer, d_model, cfg.vocab_size, cfg.context_length, cfg.arch),
             warmup_steps=warmup, branch_of=branch_of, branch_step=branch_step)
@@ -537,6 +544,55 @@ def build_plan(cfg: RunConfig, preset: Preset) -> list[Experiment]:
                        data_main.name if cfg.schedule == "wsd" else None) for d in sizes[:-1]]
         plan += with_branches(data_main, [b for b in others if b.branch_of]) if cfg.schedule == "wsd" \
             else [*others, data_main]
+    return plan
+
+# --lr-sweep: each size of the ladder at a few multiples of its learning-rate rule, at one short horizon
+DEFAULT_LR_MULTIPLIERS = (0.5, 0.7, 1.0, 1.4, 2.0)
+
+
+def parse_lr_multipliers(text: str) -> list[float]:
+    """'0.5,0.7,1,1.4,2' -> [0.5, 0.7, 1.0, 1.4, 2.0]: at least three distinct positive values (a parabola)."""
+    try:
+        values = sorted({float(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise UserError(f"--lr-multipliers {text}: give comma-separated numbers, e.g. 0.5,0.7,1,1.4,2") from None
+    if len(values) < 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise UserError(f"--lr-multipliers {text}: give at least three distinct positive multipliers "
+                        f"(a parabola in log LR needs three)")
+    return values
+
+
+def lr_sweep_steps(cfg: RunConfig) -> int:
+    """The sweep's one horizon: the ladder's shortest (tiny: 488 steps, 1M tokens, the first point of
+    every row), or the parameter sweep's steps when the plan has no horizons. Short, so every size and
+    multiplier fits the budget; the first horizon every row reaches, so it is a point of the ladder."""
+    return horizon_steps(cfg)[0]
+
+
+def lr_multiplier_of(name: str) -> float:
+    """'lr-N25K-x1.4' -> 1.4: an --lr-sweep run's multiple of its rule, as build_lr_sweep_plan names it."""
+    return float(name.rsplit("-x", 1)[1])
+
+
+def build_lr_sweep_plan(cfg: RunConfig, preset: Preset) -> list[Experiment]:
+    """One run per (size, multiplier) of `lr_sweep_steps` steps under the plan's schedule and warmup.
+    Each reuses its size's ladder run's initialisation and batches (`draws_of`), so within a size only
+    the peak LR differs; under WSD the 1x run is the computation of the ladder's branch at that horizon."""
+    steps, warmup = lr_sweep_steps(cfg), plan_warmup_steps(cfg)
+    if warmup >= steps:
+        raise UserError(f"--lr-sweep: its {steps}-step runs would end inside the {warmup}-step warmup; "
+                        f"give --warmup-steps below {steps} or longer --max-steps/--horizons")
+    plan = []
+    for n in cfg.param_sizes:
+        n_layer, d_model, n_head = choose_shape(n, preset)
+        rule = cfg.lr if cfg.lr is not None else default_peak_lr(d_model, preset.lr_width, preset.lr_cap)
+        for m in cfg.lr_multipliers:
+            plan.append(Experiment(
+                name=f"lr-N{format_count(n)}-x{m:g}", sweep="lr", target=n, n_layer=n_layer, d_model=d_model,
+                n_head=n_head, steps=steps, tokens=steps * cfg.tokens_per_step, peak_lr=rule * m,
+                n_params_nonembedding=n_params_nonembedding(n_layer, d_model, cfg.arch),
+                n_params_total=n_params_total(n_layer, d_model, cfg.vocab_size, cfg.context_length, cfg.arch),
+                warmup_steps=warmup, draws_of=f"params-N{format_count(n)}"))
     return plan
 
 # ----------------------------------------------------------------------------------------------------
@@ -2180,13 +2236,13 @@ def definition_differences(old: dict, new: dict, keys=None) -> list[tuple[str, o
 def init_seed(exp: Experiment) -> int:
     """Initialisation seed of a run: depends on its name and seed only, not on its place in the plan,
     so adding a size to a ladder leaves the other runs (and their hashes) untouched."""
-    return int(hashlib.sha256(f"init|{exp.name}|{exp.seed}".encode()).hexdigest()[:8], 16)
+    return int(hashlib.sha256(f"init|{exp.draws_of or exp.name}|{exp.seed}".encode()).hexdigest()[:8], 16)
 
 
 def data_stream_seed(exp: Experiment) -> int:
     """The seed of this run's stream of training batches (with the step, it fixes every batch). A WSD
     branch reads its stable run's stream, so it sees the batches a separate run of its length would."""
-    return int(hashlib.sha256((exp.branch_of or exp.name).encode()).hexdigest()[:8], 16)
+    return int(hashlib.sha256((exp.branch_of or exp.draws_of or exp.name).encode()).hexdigest()[:8], 16)
 
 CHECKPOINT_FORMAT = "scaling-lab-checkpoint-v1"
 
@@ -4688,6 +4744,147 @@ def analyse_table(points: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: int 
                           "compute_optimal": extra["compute_optimal"], "isoflop": extra["isoflop"],
                           "rows_left_out": {"lines": dropped, "why": notes} if dropped else None})
 
+# --- --lr-sweep: a parabola in log LR per size, its optimum with an interval, the rule checked --------
+
+LR_RULE_TOLERANCE = 1.3            # warn when the rule's LR is more than this factor from a size's optimum
+LR_DRAWS = 4000                    # coefficient draws behind each optimum's 95% interval
+
+
+def fit_lr_parabola(lrs, losses, n_draws: int = LR_DRAWS, seed: int = BOOTSTRAP_SEED) -> dict:
+    """Least-squares parabola loss = q u^2 + r u + s in u = ln(LR) - mean, and its vertex: the optimum LR.
+
+    The interval: coefficient draws from the fit's covariance (residual variance on n - 3 degrees of
+    freedom, Student-t draws), each draw's vertex, its 2.5th and 97.5th percentiles. A draw that opens
+    downward has its optimum at the tried range's lower-loss edge, beyond it (+-inf); a percentile
+    outside the tried range is reported unbounded (None): a sweep cannot place an optimum it did not
+    bracket. The point estimate is None, with `edge` "below" or "above", when the vertex is outside the
+    tried range or the parabola opens downward. Conditional on one seed: the runs of a size share their
+    initialisation and batches, so the residuals hold the curve's misfit, not the seed's luck."""
+    lrs, losses = np.asarray(lrs, dtype=float), np.asarray(losses, dtype=float)
+    ok = np.isfinite(losses) & np.isfinite(lrs) & (lrs > 0)
+    x, y = np.log(lrs[ok]), losses[ok]
+    if len(np.unique(x)) < 3:
+        return _unavailable("fewer than 3 learning rates with a finite loss", int(ok.sum()))
+    centre = float(x.mean())
+    u = x - centre
+    X = np.stack([u * u, u, np.ones_like(u)], axis=1)                        # (n, 3)
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    q, r, s = (float(c) for c in coef)
+    lo_u, hi_u = float(u.min()), float(u.max())
+    loss_at = lambda uu: q * uu * uu + r * uu + s                            # noqa: E731
+    edge = None
+    if q <= 0:
+        edge = "above" if loss_at(hi_u) < loss_at(lo_u) else "below"
+        reason = "the parabola opens downward: the loss has no minimum inside the tried range"
+    else:
+        u_opt = -r / (2 * q)
+        if not lo_u <= u_opt <= hi_u:
+            edge = "above" if u_opt > hi_u else "below"
+        reason = f"the optimum lies {edge} the tried range" if edge else None
+    out = {"available": True, "n_points": len(x), "coef": [q, r, s], "centre_log_lr": centre,
+           "lr_tried": [float(np.exp(x.min())), float(np.exp(x.max()))], "edge": edge, "reason": reason,
+           "optimum_lr": None if edge else float(np.exp(u_opt + centre)),
+           "loss_at_optimum": None if edge else float(loss_at(u_opt)),
+           "optimum_lr_ci95": None, "residual_std": None}
+    dof = len(x) - 3
+    if dof == 0:
+        out["reason"] = (reason + "; " if reason else "") + "3 points fit exactly: no interval"
+        return out
+    residual_var = float(np.sum((y - X @ coef) ** 2)) / dof
+    out["residual_std"] = math.sqrt(residual_var)
+    rng = np.random.default_rng(seed)
+    cov = residual_var * np.linalg.inv(X.T @ X)
+    z = rng.multivariate_normal(np.zeros(3), cov, size=n_draws, method="eigh")
+    draws = coef + z / np.sqrt(rng.chisquare(dof, size=(n_draws, 1)) / dof)        # (S, 3), Student-t
+    dq, dr, ds = draws.T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        vertex = np.where(dq > 0, -dr / (2 * dq), np.nan)
+    lower_edge_wins = dq * hi_u**2 + dr * hi_u < dq * lo_u**2 + dr * lo_u           # (S,) loss lower at the top
+    vertex = np.where(np.isnan(vertex), np.where(lower_edge_wins, np.inf, -np.inf), vertex)
+    v = np.sort(vertex)
+    lo, hi = v[int(math.floor(0.025 * (n_draws - 1)))], v[int(math.ceil(0.975 * (n_draws - 1)))]
+    out["optimum_lr_ci95"] = [float(np.exp(lo + centre)) if lo >= lo_u else None,
+                              float(np.exp(hi + centre)) if hi <= hi_u else None]
+    out["draws_without_optimum"] = round(float(np.mean(dq <= 0)), 4)
+    return out
+
+
+def optimum_over_rule(fit: dict, rule_lr: float) -> dict:
+    """The optimum as a multiple of the rule's LR, with its interval (None: unbounded); at an edge the
+    point is None and the interval says which side: [largest multiple tried, None] or [None, smallest]."""
+    if not fit.get("available"):
+        return {"optimum_over_rule": None, "optimum_over_rule_ci95": None}
+    lo_m, hi_m = (lr / rule_lr for lr in fit["lr_tried"])
+    if fit["edge"]:
+        return {"optimum_over_rule": None,
+                "optimum_over_rule_ci95": [hi_m, None] if fit["edge"] == "above" else [None, lo_m]}
+    ci = fit["optimum_lr_ci95"]
+    return {"optimum_over_rule": fit["optimum_lr"] / rule_lr,
+            "optimum_over_rule_ci95": None if ci is None else [None if c is None else c / rule_lr for c in ci]}
+
+
+def rule_off_factor(size: dict) -> float | None:
+    """How far the rule is from the optimum, as a factor >= 1 (at an edge: at least this far); None
+    when the fit is unavailable."""
+    ratio, ci = size.get("optimum_over_rule"), size.get("optimum_over_rule_ci95")
+    if ratio is not None:
+        return max(ratio, 1 / ratio)
+    if ci and (ci[0] is None) != (ci[1] is None):
+        bound = ci[0] if ci[0] is not None else ci[1]
+        return max(bound, 1 / bound)
+    return None
+
+
+def lr_rule_warnings(sizes: list[dict], tolerance: float = LR_RULE_TOLERANCE) -> list[str]:
+    """One line per size whose optimum is more than `tolerance` x from the rule's LR (either way)."""
+    lines = []
+    for sz in sizes:
+        factor = rule_off_factor(sz)
+        if factor is None or factor <= tolerance:
+            continue
+        at_least = "at least " if sz["optimum_over_rule"] is None else ""
+        higher = sz["optimum_over_rule"] > 1 if sz["optimum_over_rule"] is not None else sz["edge"] == "above"
+        lines.append(f"warning: the LR rule is {at_least}{factor:.2f}x off at "
+                     f"{format_count(sz['n_params_nonembedding'])} (d_model {sz['d_model']}): the optimum is "
+                     f"{'higher' if higher else 'lower'} than the rule's {sz['rule_lr']:.3g} "
+                     f"(tolerance {tolerance:g}x)")
+    return lines
+
+
+def analyse_lr_sweep(experiments: list[dict], uncapped_lr: Callable[[int], float],
+                     tolerance: float = LR_RULE_TOLERANCE, n_draws: int = LR_DRAWS, seed: int = BOOTSTRAP_SEED) -> dict:
+    """--lr-sweep's results: a flat points table (size, multiplier, validation loss), one row per size
+    (the parabola's optimum, its interval, the optimum over the rule) and the warning lines.
+    A run's multiplier is in its name (build_lr_sweep_plan's); the rule's LR is its peak LR over it, as
+    trained. `uncapped_lr(d_model)`: the preset's rule without its cap, for reference."""
+    points, by_size = [], {}
+    for e in sorted(experiments, key=lambda e: (e["n_params_nonembedding"], e["peak_lr"])):
+        multiplier = lr_multiplier_of(e["name"])
+        loss = e.get("final_val_loss") if e.get("status") == "completed" else None
+        points.append({"n_params_nonembedding": e["n_params_nonembedding"], "d_model": e["d_model"],
+                       "multiplier": multiplier, "peak_lr": e["peak_lr"], "rule_lr": e["peak_lr"] / multiplier,
+                       "final_val_loss": loss, "status": e.get("status")})
+        by_size.setdefault((e["n_params_nonembedding"], e["d_model"]), []).append(points[-1])
+    sizes = []
+    for (n, d_model), pts in sorted(by_size.items()):
+        fit = fit_lr_parabola([p["peak_lr"] for p in pts],
+                              [np.nan if p["final_val_loss"] is None else p["final_val_loss"] for p in pts],
+                              n_draws, seed)
+        best = min((p for p in pts if p["final_val_loss"] is not None), key=lambda p: p["final_val_loss"],
+                   default=None)
+        rule_lr = float(np.median([p["rule_lr"] for p in pts]))
+        sizes.append({"n_params_nonembedding": n, "d_model": d_model, "rule_lr": rule_lr,
+                      "uncapped_rule_lr": uncapped_lr(d_model),
+                      "best_multiplier": best and best["multiplier"], "best_loss": best and best["final_val_loss"],
+                      **{k: fit.get(k) for k in ("available", "optimum_lr", "optimum_lr_ci95", "loss_at_optimum",
+                                                 "edge", "reason", "residual_std", "draws_without_optimum",
+                                                 "coef", "centre_log_lr", "lr_tried")},
+                      **optimum_over_rule(fit, rule_lr)})
+    return {"points": points, "sizes": sizes, "tolerance": tolerance,
+            "warnings": lr_rule_warnings(sizes, tolerance),
+            "interval": ("95% percentiles of the vertex over Student-t draws of the parabola's coefficients "
+                         "(residual variance, n - 3 degrees of freedom); conditional on one seed and data order")}
+
 # ----------------------------------------------------------------------------------------------------
 # 10. figure: the 2x2 summary (loss vs N, loss vs D, and both sweeps' training curves)
 # ----------------------------------------------------------------------------------------------------
@@ -4718,7 +4915,10 @@ def draw_interim_figures(results: dict, out_dir: Path, n_runs_total: int,
                          n_bootstrap: int = INTERIM_BOOTSTRAP) -> None:
     """The figures of the runs finished so far, redrawn after each run so they can be opened before the
     plan ends: fits on partial data (unavailable while too few points), `n_bootstrap` resamples (fewer
-    than the final figure's, to stay cheap), said in the title. A failure is one log line."""
+    than the final figure's, to stay cheap), said in the title. A failure is one log line. An
+    --lr-sweep has no scaling laws to draw: its one figure waits for the end (a redraw costs seconds)."""
+    if results["config"].get("lr_multipliers"):
+        return
     t0 = time.time()
     done = [e for e in results["experiments"] if e.get("status") in FINAL_STATUSES]
     interim = {**results, "experiments": done,
@@ -5153,6 +5353,74 @@ def build_compute_optimal_figure(results: dict):
                  weight="bold", bbox={"facecolor": "white", "edgecolor": "darkred", "alpha": 0.9, "lw": 3})
     return fig
 
+# --- --lr-sweep's figure: loss against the LR multiplier per size; each size's optimum against the rule ---
+
+def plot_lr_sweep_figure(results: dict, path: Path) -> None:
+    save_figure_atomic(build_lr_sweep_figure(results["lr_sweep"]), path)
+
+
+def build_lr_sweep_figure(sweep: dict):
+    """(1) final validation loss against LR / rule per size, the fitted parabola and the optimum with its
+    95% interval (an arrow where it is beyond the tried range); (2) the optimum LR against d_model with
+    the rule, capped and uncapped."""
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    cmap = plt.get_cmap("viridis")
+    sizes = sweep["sizes"]
+    for i, sz in enumerate(sizes):
+        colour = cmap(i / max(1, len(sizes) - 1))
+        pts = [p for p in sweep["points"] if p["n_params_nonembedding"] == sz["n_params_nonembedding"]
+               and p["final_val_loss"] is not None]
+        label = f"N={format_count(sz['n_params_nonembedding'])} (d {sz['d_model']})"
+        ax.plot([p["multiplier"] for p in pts], [p["final_val_loss"] for p in pts], "o", color=colour, label=label)
+        if sz.get("coef"):
+            q, r, s = sz["coef"]
+            lr = np.geomspace(*sz["lr_tried"], 60)
+            u = np.log(lr) - sz["centre_log_lr"]
+            ax.plot(lr / sz["rule_lr"], q * u * u + r * u + s, "-", color=colour, lw=1, alpha=0.7)
+        if sz.get("optimum_over_rule") is not None:
+            m, y = sz["optimum_over_rule"], sz["loss_at_optimum"]
+            lo, hi = sz["optimum_over_rule_ci95"] or (None, None)
+            lo_m, hi_m = (lr / sz["rule_lr"] for lr in sz["lr_tried"])
+            ax.errorbar([m], [y], xerr=[[m - (lo or lo_m)], [(hi or hi_m) - m]], fmt="*", ms=12, color=colour,
+                        capsize=3, mec="k")
+        elif sz.get("edge") and pts:
+            end = (max if sz["edge"] == "above" else min)(pts, key=lambda p: p["multiplier"])
+            ax.annotate("", xy=(end["multiplier"] * (1.3 if sz["edge"] == "above" else 1 / 1.3), end["final_val_loss"]),
+                        xytext=(end["multiplier"], end["final_val_loss"]),
+                        arrowprops={"arrowstyle": "->", "color": colour})
+    ax.axvline(1.0, color="grey", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak LR / the rule's LR")
+    ax.set_ylabel("final validation loss")
+    ax.set_title(f"LR sweep at {format_count(sweep['horizon_tokens'])} tokens ({sweep['horizon_steps']} steps); "
+                 f"* optimum, bar 95% (a bar that reaches the range's edge is unbounded)", fontsize=9)
+    ax.legend(fontsize=8)
+    widths = np.array([sz["d_model"] for sz in sizes], dtype=float)
+    ax2.plot(widths, [sz["rule_lr"] for sz in sizes], "-", color="k", label="rule (as trained)")
+    ax2.plot(widths, [sz["uncapped_rule_lr"] for sz in sizes], "--", color="grey", label="rule without its cap")
+    for sz in sizes:
+        x = sz["d_model"]
+        tried = sz.get("lr_tried") or [sz["rule_lr"]] * 2
+        ax2.plot([x, x], tried, "-", color="lightgrey", lw=6, solid_capstyle="butt")
+        if sz.get("optimum_lr") is not None:
+            lo, hi = sz["optimum_lr_ci95"] or (None, None)
+            ax2.errorbar([x], [sz["optimum_lr"]], yerr=[[sz["optimum_lr"] - (lo or tried[0])],
+                                                         [(hi or tried[1]) - sz["optimum_lr"]]],
+                         fmt="*", ms=12, color="C3", capsize=3)
+        elif sz.get("edge"):
+            y = tried[1] if sz["edge"] == "above" else tried[0]
+            ax2.plot([x], [y], "^" if sz["edge"] == "above" else "v", color="C3", ms=9)
+    ax2.plot([], [], "*", color="C3", ms=10, label="optimum, 95% (to the edge: unbounded; triangle: beyond it)")
+    ax2.plot([], [], "-", color="lightgrey", lw=6, label="range tried")
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("d_model")
+    ax2.set_ylabel("peak learning rate")
+    ax2.set_title("optimum against the rule", fontsize=10)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
 # ----------------------------------------------------------------------------------------------------
 # 11. exports: runs.csv (a table any fitter reads) and the --tracker writers (TensorBoard, wandb)
 # ----------------------------------------------------------------------------------------------------
@@ -5549,11 +5817,17 @@ def add_plan_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--context-length", type=positive_int, help="tokens per sequence")
     g.add_argument("--lr", type=positive_float,
                    help="one peak learning rate for every size (default: min(5e-3, 0.4/d_model); tiny: "
-                        "0.3/d_model)")
+                        "0.3/d_model, no cap)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
     g.add_argument("--arch", choices=ARCHS, default="gpt2",
                    help="gpt2 (LayerNorm, learned positions, GELU) or llama (RMSNorm, rotary positions, SwiGLU, "
                         "no biases; results in scaling_results_<mode>_llama_v2); default gpt2")
+    g.add_argument("--lr-sweep", action="store_true",
+                   help="instead of the ladder: train every size at a few multiples of its LR rule at the "
+                        "ladder's shortest horizon, fit each size's optimum (output default "
+                        "scaling_results_<mode>_lrsweep)")
+    g.add_argument("--lr-multipliers", help="--lr-sweep's multiples of the rule (default "
+                   + ",".join(f"{m:g}" for m in DEFAULT_LR_MULTIPLIERS) + ")")
     g.add_argument("--validate", nargs="?", const=4.0, type=positive_float, metavar="FACTOR",
                    help="after the fits, predict the joint law's compute-optimal model at FACTOR (default 4) "
                         "times the largest run's compute, then train it and compare (never fitted)")
@@ -5701,6 +5975,12 @@ def config_from_args(args) -> tuple[RunConfig, Preset]:
     check_data_source(data)
     if args.tracker != "none":
         import_tracker(args.tracker)                # a missing library is said before any work
+    if args.lr_multipliers and not args.lr_sweep:
+        raise UserError("--lr-multipliers sets --lr-sweep's multiples: add --lr-sweep")
+    if args.lr_sweep and args.validate is not None:
+        raise UserError("--validate checks the ladder's fits; --lr-sweep trains no ladder: run them separately")
+    lr_multipliers = (parse_lr_multipliers(args.lr_multipliers or ",".join(map(str, DEFAULT_LR_MULTIPLIERS)))
+                      if args.lr_sweep else None)
     schedule = args.schedule or preset.schedule
     preset_horizons = preset.horizons if schedule == preset.schedule else None   # tiny's branches need WSD
     return RunConfig(
@@ -5719,7 +5999,7 @@ def config_from_args(args) -> tuple[RunConfig, Preset]:
         log_interval=args.log_interval or preset.log_interval,
         data=data, device=args.device, dtype=args.dtype, compile=args.compile,
         peak_tflops=args.peak_tflops,
-        output_dir=args.output_dir or default_output_dir(preset.name, args.arch),
+        output_dir=args.output_dir or default_output_dir(preset.name, args.arch, args.lr_sweep),
         cache_dir=args.cache_dir or str(default_cache_dir()),
         text_column=args.text_column, split=args.split, num_proc=args.num_proc,
         bpe_sample_chars=args.bpe_sample_chars, no_repeat=args.no_repeat, max_tokens=args.max_tokens,
@@ -5730,13 +6010,14 @@ def config_from_args(args) -> tuple[RunConfig, Preset]:
         row_steps=(list(preset.row_steps) if preset.row_steps and not args.param_sizes and not args.max_steps
                    and args.horizons is None and preset_horizons else None),
         warmup_frac=preset.warmup_frac, warmup_steps=args.warmup_steps, arch=args.arch,
-        tracker=args.tracker,
+        tracker=args.tracker, lr_multipliers=lr_multipliers,
     ), preset
 
 
-def default_output_dir(mode: str, arch: str) -> str:
-    """gpt2's folder keeps its name; another recipe gets its own, so neither archives the other's runs."""
-    return f"scaling_results_{mode}_v2" if arch == "gpt2" else f"scaling_results_{mode}_{arch}_v2"
+def default_output_dir(mode: str, arch: str, lr_sweep: bool = False) -> str:
+    """gpt2's folder keeps its name; another recipe gets its own, so neither archives the other's runs;
+    an --lr-sweep gets its own too, so it never disturbs the ladder's."""
+    return f"scaling_results_{mode}{'' if arch == 'gpt2' else '_' + arch}_{'lrsweep' if lr_sweep else 'v2'}"
 
 
 def print_plan(plan: list[Experiment], cfg: RunConfig, estimates: dict[str, float] | None) -> None:
@@ -5794,6 +6075,8 @@ def finish_results(results: dict, out_dir: Path, n_bootstrap: int = N_BOOTSTRAP,
     """Fit, predict, write results.json, then draw the figures: a fit or plotting error never loses
     results. figure=False (an interrupted run) writes results.json only. N is counted as n_count, else
     as the run's config says, else DEFAULT_N_COUNT."""
+    if results["config"].get("lr_multipliers"):
+        return finish_lr_sweep(results, out_dir, figure)
     n_count = n_count or (results.get("config") or {}).get("n_count") or DEFAULT_N_COUNT
     t0 = time.time()
     results["excluded_from_fits"] = [
@@ -5909,6 +6192,8 @@ def log_isoflop(iso: dict | None) -> None:
 
 
 def print_summary(results: dict, out_dir: Path) -> None:
+    if "lr_sweep" in results:
+        return print_lr_sweep_summary(results, out_dir)
     log("")
     log("summary")
     several_seeds = len({e.get("seed") for e in results["experiments"]}) > 1
@@ -5931,6 +6216,68 @@ def print_summary(results: dict, out_dir: Path) -> None:
     log_fit_summary(results)
     log(f"  results: {out_dir / 'results.json'}")
     log(f"  figures: {out_dir / 'scaling_laws_complete.png'}, {out_dir / 'compute_optimal.png'}")
+
+
+# --- --lr-sweep: its results, log table and figure, in place of the scaling-law fits -----------------
+
+def finish_lr_sweep(results: dict, out_dir: Path, figure: bool = True) -> None:
+    """--lr-sweep's counterpart of finish_results: the per-size parabolas into results.json (first),
+    then lr_sweep.png."""
+    runs = [e for e in results["experiments"] if e.get("sweep") == "lr"]
+    fixed, lr_width = results["config"].get("lr"), PRESETS[results["mode"]].lr_width
+    results["lr_sweep"] = {"horizon_steps": max((e["steps"] for e in runs), default=0),
+                           "horizon_tokens": max((e["tokens"] for e in runs), default=0),
+                           "multipliers": results["config"]["lr_multipliers"],
+                           **analyse_lr_sweep(runs, lambda d: fixed or lr_width / d)}
+    write_json_atomic(out_dir / "results.json", results)
+    if figure:
+        try:
+            plot_lr_sweep_figure(results, out_dir / "lr_sweep.png")
+        except Exception as e:   # the results are already on disk
+            log(f"figure: could not draw lr_sweep.png ({type(e).__name__}: {e})")
+
+
+def lr_sweep_lines(sweep: dict) -> list[str]:
+    """The table: per size, the rule's LR, the loss at every multiplier, the optimum [95%] and its
+    ratio to the rule; then the warnings, or the line saying the rule is within tolerance."""
+    mults = sweep["multipliers"]
+    lines = [f"lr sweep: final validation loss at {format_count(sweep['horizon_tokens'])} tokens "
+             f"({sweep['horizon_steps']} steps) per multiple of the LR rule",
+             f"  {'N':>6} {'d':>4} {'rule LR':>8} " + " ".join(f"{f'{m:g}x':>7}" for m in mults)
+             + f"  {'optimum LR [95%]':<28} optimum/rule"]
+    fmt_lr = lambda v, unbounded: unbounded if v is None else f"{v:.3g}"          # noqa: E731
+    for sz in sweep["sizes"]:
+        loss = {round(p["multiplier"], 4): p["final_val_loss"] for p in sweep["points"]
+                if p["n_params_nonembedding"] == sz["n_params_nonembedding"]}
+        cells = " ".join(f"{'-' if loss.get(round(m, 4)) is None else f'{loss[round(m, 4)]:.4f}':>7}" for m in mults)
+        ci = sz.get("optimum_lr_ci95")
+        if sz.get("optimum_lr") is not None and ci is None:          # 3 points: the parabola fits exactly
+            opt, ratio = f"{sz['optimum_lr']:.3g} (no interval)", f"{sz['optimum_over_rule']:.2f}"
+        elif sz.get("optimum_lr") is not None:
+            opt = f"{sz['optimum_lr']:.3g} [{fmt_lr(ci[0], 'unbounded')}, {fmt_lr(ci[1], 'unbounded')}]"
+            rci = sz["optimum_over_rule_ci95"]
+            ratio = (f"{sz['optimum_over_rule']:.2f} [{fmt_lr(rci[0], 'unbounded')}, "
+                     f"{fmt_lr(rci[1], 'unbounded')}]")
+        elif sz.get("edge"):
+            opt = f"open: {sz['edge']} {sz['lr_tried'][1 if sz['edge'] == 'above' else 0]:.3g}"
+            bound = sz["optimum_over_rule_ci95"]
+            ratio = f"> {bound[0]:.2f}" if sz["edge"] == "above" else f"< {bound[1]:.2f}"
+        else:
+            opt, ratio = f"unavailable ({sz.get('reason')})", "-"
+        lines.append(f"  {format_count(sz['n_params_nonembedding']):>6} {sz['d_model']:>4} {sz['rule_lr']:>8.3g} "
+                     f"{cells}  {opt:<28} {ratio}")
+    lines.append(f"  interval: {sweep['interval']}")
+    lines += [f"  {w}" for w in sweep["warnings"]] or [
+        f"  the rule is within {sweep['tolerance']:g}x of the optimum at every size"]
+    return lines
+
+
+def print_lr_sweep_summary(results: dict, out_dir: Path) -> None:
+    log("")
+    for line in lr_sweep_lines(results["lr_sweep"]):
+        log(line)
+    log(f"  results: {out_dir / 'results.json'}")
+    log(f"  figure: {out_dir / 'lr_sweep.png'}")
 
 
 def refit_saved_runs(path: str, output_dir: str | None, n_bootstrap: int, n_count: str | None = None) -> dict:
@@ -6434,7 +6781,8 @@ def validation_experiment(cfg: RunConfig, preset: Preset, n_target: float, d_tar
     return Experiment(name=f"{VALIDATE_SWEEP}-N{format_count(n)}-D{format_count(steps * cfg.tokens_per_step)}",
                       sweep=VALIDATE_SWEEP, target=int(round(n_target)), n_layer=n_layer, d_model=d_model,
                       n_head=n_head, steps=steps, tokens=steps * cfg.tokens_per_step,
-                      peak_lr=cfg.lr if cfg.lr is not None else default_peak_lr(d_model, preset.lr_width),
+                      peak_lr=(cfg.lr if cfg.lr is not None
+                               else default_peak_lr(d_model, preset.lr_width, preset.lr_cap)),
                       n_params_nonembedding=n,
                       n_params_total=n_params_total(n_layer, d_model, cfg.vocab_size, cfg.context_length,
                                                     cfg.arch),

@@ -224,7 +224,7 @@ def test_validate_trains_the_predicted_compute_optimal_model_once(tmp_path, corp
     # 0.02 with today's zero projections, run E to 0 here. In-process, with those patched in.
     monkeypatch.setitem(rse.PRESETS, "tiny", dataclasses.replace(rse.PRESETS["tiny"], head_dim=32, lr_width=0.4,
                                                                  warmup_frac=0.1))
-    monkeypatch.setattr(rse, "default_peak_lr", lambda d_model, lr_width: min(1e-2, lr_width / d_model))
+    monkeypatch.setattr(rse, "default_peak_lr", lambda d_model, lr_width, lr_cap: min(1e-2, lr_width / d_model))
     monkeypatch.setattr(rse, "init_std", lambda d_model: 0.04)
     out = tmp_path / "out"
     monkeypatch.chdir(tmp_path)
