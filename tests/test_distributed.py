@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import run_scaling_experiments_enhanced as rse
-from conftest import SCRIPT
+from conftest import SCRIPT, on_cpu
 
 INJECT = Path(__file__).resolve().parent / "inject.py"
 
@@ -48,7 +48,7 @@ def cli(args, cwd, n_cores=1, env_extra=None, timeout=120, torchrun=0, script=SC
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port", str(port)]
-    return subprocess.run([*launcher, str(script), *map(str, args)], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([*launcher, str(script), *on_cpu(args)], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout, preexec_fn=pinned(n_cores))
 
 

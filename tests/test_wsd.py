@@ -11,6 +11,8 @@ import pytest
 import run_scaling_experiments_enhanced as rse
 from conftest import SCRIPT
 
+INJECT = SCRIPT.parent / "tests" / "inject.py"
+
 ARGS = ["--mode", "tiny", "--vocab-size", "512", "--param-sizes", "25K", "--data-sizes", "16K",
         "--batch-size", "8", "--context-length", "64", "--eval-interval", "10", "--eval-batches", "2",
         "--log-interval", "10", "--no-estimate", "--device", "cpu", "--bootstrap", "20",
@@ -103,21 +105,35 @@ def test_a_branch_equals_a_separate_run_of_its_length(branched, tmp_path, corpus
     assert res["fits"]["params"]["n_points"] == 1 and res["fits"]["joint"]["n_points"] == 3
 
 
-def test_sigkill_inside_a_branch_then_the_same_command_gives_identical_losses(branched, tmp_path):
+# Kill points, one chain per case: the stable run before its branch point (15: right after the branch
+# point's own checkpoint), the branch, then the stable run after it; --checkpoint-every 2steps writes the
+# stable run's checkpoints at 2, 4, ..., 14, 15, 17, ..., 59 and the branch's at 17, 19, ..., 29.
+KILL_CHAINS = [(2 + 2 * i if i < 7 else 15, 17 + 2 * (i % 7), 17 + (6 * i) % 42) for i in range(10)]
+
+
+@pytest.mark.parametrize("before,in_branch,after", KILL_CHAINS)
+def test_sigkill_inside_a_branch_then_the_same_command_gives_identical_losses(branched, tmp_path, before,
+                                                                              in_branch, after):
+    """Killed (SIGKILL, right after a chosen checkpoint) in the stable run, in its branch, and in the stable
+    run after the branch; the same command each time, and the losses are the uninterrupted run's bit for
+    bit. The kill comes from tests/inject.py at a chosen step, not from a race with the log."""
     args, reference = branched
     out = tmp_path / "killed"
-    cmd = [sys.executable, str(SCRIPT), *map(str, args), "--output-dir", str(out), "--checkpoint-every", "2steps"]
-    p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in p.stdout:
-        if line.startswith("[params-N25K@15.4K-seed0] checkpoint at step 2"):
-            p.send_signal(signal.SIGKILL)
-            break
-    p.wait(timeout=60)
-    assert p.returncode == -signal.SIGKILL
-    assert (out / "checkpoints" / "params-N25K@15.4K-seed0.pt").exists()
-    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    cmd = [*map(str, args), "--output-dir", str(out), "--checkpoint-every", "2steps"]
+    stable, branch = "params-N25K-seed0", "params-N25K@15.4K-seed0"
+    said = []
+    for who, step in ((stable, before), (branch, in_branch), (stable, after)):
+        p = subprocess.run([sys.executable, str(INJECT), "--kill", f"{who}:{step}", *cmd], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == -signal.SIGKILL, (p.stdout + p.stderr)[-2000:]
+        assert (out / "checkpoints" / f"{who}.pt").exists()
+        said.append(p.stdout)
+    assert f"[{stable}] resuming from its checkpoint at step {before}/60" in said[1]
+    assert f"[{branch}] resuming its cooldown from its checkpoint at step {in_branch}/30" in said[2]
+    again = subprocess.run([sys.executable, str(SCRIPT), *cmd], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "[params-N25K@15.4K-seed0] resuming its cooldown from its checkpoint at step 2" in again.stdout
+    assert f"[{stable}] resuming from its checkpoint at step {after}/60" in again.stdout
     assert losses(out) == losses(reference)                                 # bit for bit on a CPU
 
 
