@@ -1778,17 +1778,16 @@ class Trainer:
         step_model, compile_s = model, 0.0
         if self.compile:
             rows = math.ceil(self.cfg.batch_size // self.dist.world_size / micro_split)
-            step_model, compile_s = self.compiled(model, rows)
+            step_model, compile_s = self.compiled(model, (exp.n_layer, exp.d_model), rows)
         if self.dist.enabled:
             step_model = DistributedDataParallel(
                 step_model, device_ids=[self.dist.local_rank] if self.device.name == "cuda" else None)
         return RunModel(model, step_model, opt, compile_s)
 
-    def compiled(self, model, rows: int) -> tuple[object, float]:
+    def compiled(self, model, shape: tuple[int, int], rows: int) -> tuple[object, float]:
         """(torch.compile(model), seconds) after one forward and backward pass on a batch of zeros, where
         the compile happens, timed apart from training; the gradients are dropped. If it fails: (model,
-        0.0), one line says so, and this Trainer's later models run eager too."""
-        shape = (model.config.n_layer, model.config.d_model)
+        0.0), one line says so, and this Trainer's later models run eager too. `shape`: (n_layer, d_model)."""
         if shape != self._compiled_shape:    # one shape's code at a time: a full ladder's would pass
             torch.compiler.reset()           # Dynamo's recompile limit and then run eager, unannounced
         t0 = time.perf_counter()

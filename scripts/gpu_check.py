@@ -44,7 +44,7 @@ SETTINGS = {
 }
 # seconds each check may take on a GPU (the sum stays under 9 minutes); a CPU's dry run, on a machine
 # that may be shared, gets CPU_SLACK times as long
-CPU_SLACK = 4
+CPU_SLACK = 10
 LIMITS_S = {"versions": 20, "smoke": 60, "benchmark_compiled": 140, "benchmark_eager": 50, "resume": 120,
             "parallel": 80, "profile": 40}
 

@@ -60,7 +60,7 @@ def test_four_doubling_horizons_cost_under_065_of_separate_runs():
 
 def run(args, cwd, out):
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args), "--output-dir", str(out)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
 
 
 def losses(out) -> dict:
@@ -124,14 +124,14 @@ def test_sigkill_inside_a_branch_then_the_same_command_gives_identical_losses(br
     said = []
     for who, step in ((stable, before), (branch, in_branch), (stable, after)):
         p = subprocess.run([sys.executable, str(INJECT), "--kill", f"{who}:{step}", *cmd], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=900)
         assert p.returncode == -signal.SIGKILL, (p.stdout + p.stderr)[-2000:]
         assert (out / "checkpoints" / f"{who}.pt").exists()
         said.append(p.stdout)
     assert f"[{stable}] resuming from its checkpoint at step {before}/60" in said[1]
     assert f"[{branch}] resuming its cooldown from its checkpoint at step {in_branch}/30" in said[2]
     again = subprocess.run([sys.executable, str(SCRIPT), *cmd], cwd=tmp_path, capture_output=True, text=True,
-                           timeout=300)
+                           timeout=900)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"[{stable}] resuming from its checkpoint at step {after}/60" in again.stdout
     assert losses(out) == losses(reference)                                 # bit for bit on a CPU
