@@ -3143,8 +3143,9 @@ def train_parallel(s: Session, k: int) -> dict:
     for i, (group, gpu) in enumerate(zip(groups, gpus)):
         ids = [e.run_id for e in group]
         log(f"  process {i + 1}/{len(groups)}: {', '.join(ids)}" + (f" (GPU {gpu})" if gpu is not None else ""))
+        sharing = k if gpu is None else gpus.count(gpu)      # the children on this child's GPU: its memory share
         argv = [sys.executable, str(Path(__file__).resolve()), *child_arguments(s.scope.argv), "--no-estimate",
-                "--only", ",".join(ids), "--parallel-child", str(k)]
+                "--only", ",".join(ids), "--parallel-child", str(sharing)]
         env = dict(os.environ, **{PARALLEL_ENV: str(k)}, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}))
         # a session of its own: a Ctrl-C in the terminal reaches the parent alone, which forwards it once
         children.append((ids, subprocess.Popen(argv, env=env, start_new_session=True,

@@ -40,7 +40,7 @@ def pinned(n_cores):
     return lambda: os.sched_setaffinity(0, cores)
 
 
-def cli(args, cwd, n_cores=1, env_extra=None, timeout=120, torchrun=0, script=SCRIPT):
+def cli(args, cwd, n_cores=1, env_extra=None, timeout=600, torchrun=0, script=SCRIPT):
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     launcher = [sys.executable]
     if torchrun:
