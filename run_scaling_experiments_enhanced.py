@@ -1391,11 +1391,21 @@ def batch_offsets(n_tokens: int, context_length: int, batch_size: int, *key: int
     return rng.integers(0, n_tokens - context_length - 1, size=batch_size)
 
 
-def get_batch(tokens: np.ndarray, offsets: np.ndarray, context_length: int):
-    """Inputs and next-token targets, each (B, T) int64, sliced from the memory map."""
+def get_batch(tokens: np.ndarray, offsets: np.ndarray, context_length: int, device: str = "cpu"):
+    """Inputs and next-token targets, each (B, T) int64 on `device`, sliced from the memory map: views of
+    one (B, T+1) block of windows, copied to the device once."""
     idx = offsets[:, None] + np.arange(context_length + 1)
-    chunk = torch.from_numpy(tokens[idx].astype(np.int64))      # (B, T+1)
+    chunk = to_device(torch.from_numpy(tokens[idx].astype(np.int64)), device)      # (B, T+1)
     return chunk[:, :-1], chunk[:, 1:]
+
+
+def to_device(t, device: str):
+    """A host tensor on `device`. Asynchronous only on CUDA, from the contiguous tensor pinned once (pinning
+    a strided view copies it through pageable memory again); a synchronous copy elsewhere: on MPS a
+    non_blocking copy of pageable memory has returned wrong data."""
+    if device == "cuda":
+        return t.contiguous().pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 # ----------------------------------------------------------------------------------------------------
 # 4. model: the decoder (gpt2: pre-LayerNorm, learned positions, GELU MLP; llama: RMSNorm, rotary
@@ -1642,8 +1652,9 @@ def cpu_threads_per_process() -> int:
 
 
 def setup_device(requested: str, dtype: str = "auto") -> DeviceInfo:
-    """Resolve --device and --dtype. auto: CUDA, then MPS, then CPU; bf16 autocast on CUDA, fp32 elsewhere
-    (bf16 on a CPU only when asked for, and only where the CPU has native bf16 instructions)."""
+    """Resolve --device and --dtype. auto: CUDA, then MPS, then CPU; bf16 autocast on a GPU with native
+    bf16 (compute capability 8.0 or newer), fp32 elsewhere (bf16 on a CPU only when asked for, and only
+    where the CPU has native bf16 instructions)."""
     has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
@@ -1653,9 +1664,10 @@ def setup_device(requested: str, dtype: str = "auto") -> DeviceInfo:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         if dtype in ("bf16", "auto"):
-            if not torch.cuda.is_bf16_supported():
+            if not cuda_native_bf16(torch.cuda.get_device_capability()):
                 if dtype == "bf16":
-                    raise UserError("--dtype bf16: this GPU has no bf16 support; use --dtype fp32")
+                    raise UserError("--dtype bf16: this GPU has no native bf16 (compute capability below 8.0); "
+                                    "use --dtype fp32")
                 dtype = "fp32"
             else:
                 dtype = "bf16"
@@ -1672,6 +1684,12 @@ def setup_device(requested: str, dtype: str = "auto") -> DeviceInfo:
         raise UserError("--dtype bf16: this CPU has no native bf16 instructions (avx512_bf16/amx); use fp32")
     return DeviceInfo("cpu", f"{platform.processor() or platform.machine()} ({threads} threads)",
                       "bf16" if dtype == "bf16" else "fp32")
+
+
+def cuda_native_bf16(capability: tuple[int, int]) -> bool:
+    """bf16 tensor cores arrived with compute capability 8.0 (A100). torch.cuda.is_bf16_supported() also
+    counts emulation, which on a V100 or T4 is slower than fp32."""
+    return tuple(capability) >= (8, 0)
 
 
 def _cpu_supports_bf16() -> bool:
@@ -1744,6 +1762,7 @@ class TrainState:
     step_timed: int = 0                    # steps done at t_log: speed counts only steps trained since
     t_ckpt: float = 0.0
     step_ckpt: int = 0
+    compile_s: float = 0.0                 # this process's compile check, outside every clock above
 
     def __post_init__(self):
         self.restart_clocks()
@@ -1822,6 +1841,7 @@ class TrainState:
             "peak_flops": trainer.peak_flops[0], "peak_flops_source": trainer.peak_flops[1],
             "peak_memory_mb": round(peak_memory_bytes(trainer.device.name) / 2**20, 1),
             "dtype": trainer.device.dtype, "compiled": trainer.compile, "device": trainer.device.name,
+            "compile_s": round(self.compile_s, 2),
             "micro_batch_size": math.ceil(cfg.batch_size / self.micro_split),
             "micro_steps_per_step": cfg.grad_accum * self.micro_split,
             "oom_retries": list(self.oom_events), "resumed_at_steps": list(self.resumed_at_steps),
@@ -1836,6 +1856,7 @@ class RunModel:
     model: object
     step_model: object
     opt: object
+    compile_s: float = 0.0          # the compile check's seconds, apart from training's (0: eager)
 
 
 class Trainer:
@@ -1854,6 +1875,7 @@ class Trainer:
                                          cfg.batch_size * cfg.eval_batches, 20240, 0)
         self.compile = cfg.compile if cfg.compile is not None else device.name == "cuda"
         self._peak: tuple[float, str] | None = None
+        self._compiled_shape: tuple[int, int] | None = None    # (n_layer, d_model) whose code Dynamo holds
         # called with (branch, record) as each WSD cooldown branch finishes; the CLI saves the record
         self.on_branch_done: Callable[[Experiment, dict], None] = lambda branch, record: None
         self.tracker: Tracker = NullTracker()      # the CLI's --tracker; each point as it is logged
@@ -1866,16 +1888,17 @@ class Trainer:
         return self._peak
 
     def mfu(self, exp: Experiment, tokens_per_s: float) -> float:
+        """tokens_per_s counts the global batch, which every torchrun rank's device shares."""
         fpt = flops_per_token(exp.n_layer, exp.d_model, self.corpus.vocab_size, self.cfg.context_length,
                               self.cfg.arch)
-        return tokens_per_s * fpt / self.peak_flops[0]
+        return tokens_per_s * fpt / (self.peak_flops[0] * self.dist.world_size)
 
     def autocast(self):
         if self.device.dtype == "bf16":
             return torch.autocast(device_type=self.device.name, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def new_model(self, exp: Experiment, seed: int) -> RunModel:
+    def new_model(self, exp: Experiment, seed: int, micro_split: int = 1) -> RunModel:
         """The run's model initialised from `seed`; compiled on CUDA by default (evaluation uses the eager
         one); under torchrun wrapped in DistributedDataParallel (compile inside DDP, as PyTorch advises,
         so DDP's gradient hooks stay eager)."""
@@ -1883,11 +1906,41 @@ class Trainer:
         model = GPT(GPTConfig(self.corpus.vocab_size, self.cfg.context_length, exp.n_layer, exp.d_model,
                               exp.n_head, self.cfg.arch)).to(self.device.name)
         opt = model.configure_optimizer(exp.peak_lr, self.cfg.weight_decay, fused=self.device.name == "cuda")
-        step_model = torch.compile(model) if self.compile else model
+        step_model, compile_s = model, 0.0
+        if self.compile:
+            rows = math.ceil(self.cfg.batch_size // self.dist.world_size / micro_split)
+            step_model, compile_s = self.compiled(model, (exp.n_layer, exp.d_model), rows)
         if self.dist.enabled:
             step_model = DistributedDataParallel(
                 step_model, device_ids=[self.dist.local_rank] if self.device.name == "cuda" else None)
-        return RunModel(model, step_model, opt)
+        return RunModel(model, step_model, opt, compile_s)
+
+    def compiled(self, model, shape: tuple[int, int], rows: int) -> tuple[object, float]:
+        """(torch.compile(model), seconds) after one forward and backward pass on a batch of zeros, where
+        the compile happens, timed apart from training; the gradients are dropped. If it fails: (model,
+        0.0), one line says so, and this Trainer's later models run eager too. `shape`: (n_layer, d_model)."""
+        if shape != self._compiled_shape:    # one shape's code at a time: a full ladder's would pass
+            torch.compiler.reset()           # Dynamo's recompile limit and then run eager, unannounced
+        t0 = time.perf_counter()
+        try:
+            step_model = torch.compile(model)
+            # get_batch's layout (views of one (B, T+1) block), so the first step does not recompile
+            chunk = torch.zeros((rows, self.cfg.context_length + 1), dtype=torch.long, device=self.device.name)
+            with self.autocast():
+                loss = step_model(chunk[:, :-1], chunk[:, 1:])
+            loss.backward()
+            sync_device(self.device.name)
+        except Exception as e:
+            if is_out_of_memory(e):
+                raise
+            self.compile = False
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            log(f"compile: torch.compile failed ({type(e).__name__}: {first}); training eager instead")
+            return model, 0.0
+        finally:
+            model.zero_grad(set_to_none=True)
+        self._compiled_shape = shape
+        return step_model, time.perf_counter() - t0
 
     def evaluate(self, model, micro_split: int = 1) -> float:
         """Mean loss over the fixed validation batches (the same windows for every experiment)."""
@@ -1899,8 +1952,8 @@ class Trainer:
             for i in range(cfg.eval_batches):
                 offs = self.val_offsets[i * cfg.batch_size:(i + 1) * cfg.batch_size][rows]
                 for piece in np.array_split(offs, micro_split):
-                    x, y = get_batch(self.corpus.val, piece, cfg.context_length)
-                    loss = model(x.to(self.device.name), y.to(self.device.name)).float()
+                    x, y = get_batch(self.corpus.val, piece, cfg.context_length, self.device.name)
+                    loss = model(x, y).float()
                     losses.append(loss * (len(piece) / len(offs)))
         model.train()
         # equal shares per rank, so the mean over ranks is the mean over the whole validation set
@@ -1922,10 +1975,7 @@ class Trainer:
                                  exp.seed, data_stream_seed(exp), step, micro)[rows]
             pieces = np.array_split(offs, micro_split)
             for k, piece in enumerate(pieces):
-                x, y = get_batch(self.corpus.train, piece, cfg.context_length)
-                if self.device.name == "cuda":        # pinned host memory lets the copy run asynchronously
-                    x, y = x.pin_memory(), y.pin_memory()
-                x, y = x.to(self.device.name, non_blocking=True), y.to(self.device.name, non_blocking=True)
+                x, y = get_batch(self.corpus.train, piece, cfg.context_length, self.device.name)
                 # DDP averages gradients over the ranks once per step, in the last backward pass
                 last = micro == cfg.grad_accum - 1 and k == len(pieces) - 1
                 with rm.step_model.no_sync() if ddp and not last else contextlib.nullcontext():
@@ -2000,9 +2050,12 @@ class Trainer:
         TrainingInterrupted."""
         reset_peak_memory(self.device.name)
         _ = self.peak_flops              # look up or measure it now, not inside a timed interval
-        rm = self.new_model(exp, init_seed(exp))
+        rm = self.new_model(exp, init_seed(exp), micro_split)
         assert rm.model.count_params()[0] == exp.n_params_nonembedding
+        if rm.compile_s:
+            log(f"[{exp.run_id}] compiled in {rm.compile_s:.1f}s (compile_s; not counted in tok/s or MFU)")
         state = self.start_or_resume(exp, rm, micro_split, oom_events or [])
+        state.compile_s = rm.compile_s
         return self.run_steps(exp, rm, state, branches)
 
     def run_steps(self, exp: Experiment, rm: RunModel, state: TrainState, branches: list[Experiment] = ()) -> dict:
@@ -2180,7 +2233,8 @@ class Trainer:
         if self.checkpoints.folder is None or not self.checkpoints.path(exp.run_id).exists():
             return None
         path = self.checkpoints.path(exp.run_id)
-        ckpt = torch.load(path, map_location=self.device.name, weights_only=True)
+        # to the CPU: the RNG states must stay CPU ByteTensors; load_state_dict moves weights and moments
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         exp_hash = definition_hash(experiment_definition(exp, self.cfg, self.corpus.record))
         if ckpt.get("experiment_hash") != exp_hash:          # the CLI refuses this case before training
             raise UserError(f"checkpoint {path} belongs to other settings; pass --fresh to move it aside")
@@ -2568,9 +2622,11 @@ def stop_on_signals(stop: StopRequest):
 # ----------------------------------------------------------------------------------------------------
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from the vendors' data sheets: bf16 and TF32/fp32.
-# Matched against torch.cuda.get_device_name() in order; the first key contained in the name wins.
+# Matched against torch.cuda.get_device_name() in order, as whole words ("L4" is not "L40"); the first
+# key found wins. A MIG slice has a share of its GPU's peak, so it is measured instead.
 GPU_PEAK_TFLOPS = [
-    ("H200", 989.0, 494.5), ("H100 PCIe", 756.0, 378.0), ("H100", 989.0, 494.5), ("GH200", 989.0, 494.5),
+    ("H200 NVL", 835.5, 417.5), ("H200", 989.0, 494.5), ("H100 PCIe", 756.0, 378.0),
+    ("H100 NVL", 835.5, 417.5), ("H100", 989.0, 494.5), ("GH200", 989.0, 494.5),
     ("A100", 312.0, 156.0), ("L40S", 362.0, 183.0), ("L4", 121.0, 60.0), ("A10G", 70.0, 35.0),
     ("A10", 125.0, 62.5), ("RTX 4090", 165.2, 82.6), ("RTX 3090", 71.0, 35.6), ("V100", 125.0, 15.7),
     ("T4", 65.0, 8.1),
@@ -2578,8 +2634,12 @@ GPU_PEAK_TFLOPS = [
 
 
 def gpu_peak_flops(device_name: str, dtype: str) -> float | None:
+    words = re.findall(r"[a-z0-9]+", device_name.lower())      # "NVIDIA A100-SXM4-40GB" -> nvidia a100 sxm4 40gb
+    if "mig" in words:
+        return None
     for key, bf16, fp32 in GPU_PEAK_TFLOPS:
-        if key.lower() in device_name.lower():
+        k = key.lower().split()
+        if any(words[i:i + len(k)] == k for i in range(len(words))):
             return (bf16 if dtype == "bf16" else fp32) * 1e12
     return None
 
@@ -2630,10 +2690,12 @@ def reset_peak_memory(device: str) -> None:
 
 
 def available_memory_bytes(device: str) -> tuple[int | None, str]:
-    """The memory one run may fill, and what it is: a GPU's total memory on CUDA; otherwise the machine's
-    physical RAM (MPS shares it)."""
+    """The memory one run may fill, and what it is: a GPU's free memory on CUDA; on MPS what Metal
+    recommends one process allocate (less than the RAM it shares); otherwise the machine's physical RAM."""
     if device == "cuda":
-        return gpu_memory_bytes(device), "the GPU's memory"
+        return gpu_memory_bytes(device), "the GPU's free memory"
+    if device == "mps" and hasattr(torch.mps, "recommended_max_memory"):
+        return int(torch.mps.recommended_max_memory()), "Metal's recommended maximum for this GPU"
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
     except (ValueError, OSError, AttributeError):     # a platform without these names
@@ -2714,8 +2776,14 @@ def estimate_wall_time(trainer: Trainer, plan: list[Experiment], budget_s: float
     Shapes are timed from the smallest up; once a step would take long, the larger shapes are
     estimated from the FLOP rate of the largest timed one (6 N per token, non-embedding plus output
     layer), so the estimate itself stays within about `budget_s`.
+
+    The probes run eager (a compile would be timed as training) in this process alone: under torchrun
+    only rank 0 estimates, so a DistributedDataParallel probe would wait for collectives the other ranks
+    never join. Each probe step takes this rank's share of the batch, about a global step's time.
     """
     cfg = trainer.cfg
+    eager = Trainer(dataclasses.replace(cfg, compile=False, batch_size=cfg.batch_size // trainer.dist.world_size),
+                    trainer.corpus, trainer.device)
     step_s, flop_rate, spent = {}, None, 0.0      # step_s: (n_layer, d_model) -> seconds per step
     for shape in plan_shapes(plan):
         n_layer, d_model, _ = shape
@@ -2724,7 +2792,7 @@ def estimate_wall_time(trainer: Trainer, plan: list[Experiment], budget_s: float
         if flop_rate and spent + 3 * flops_step / flop_rate > budget_s:
             step_s[(n_layer, d_model)] = flops_step / flop_rate
             continue
-        dt = median_step_times({"ours": timed_step_fn(trainer, shape, warmup=1)}, 2, trainer.device.name,
+        dt = median_step_times({"ours": timed_step_fn(eager, shape, warmup=1)}, 2, eager.device.name,
                                block=1)["ours"]
         spent += 3 * dt
         step_s[(n_layer, d_model)] = dt
@@ -2964,7 +3032,7 @@ def estimated_run_memory_bytes(exp: Experiment, cfg: RunConfig) -> int:
 def default_parallel(runs: list[Experiment], cfg: RunConfig, device: str, memory_bytes: int | None) -> int:
     """How many runs share the device when --parallel is not given. On CUDA, where small models leave
     most of a GPU idle: if every model is under PARALLEL_MAX_PARAMS total parameters, as many runs as fit
-    in 90% of the GPU's memory at once (by estimated_run_memory_bytes of the largest), at most
+    in 90% of the GPU's free memory at once (by estimated_run_memory_bytes of the largest), at most
     PARALLEL_MAX, at most the number of training units. On a CPU with at least 2 cores: 2 for a plan of
     models under CPU_PARALLEL_MAX_PARAMS and at least CPU_PARALLEL_MIN_FLOPS (tiny's). Else 1."""
     units = len({training_unit(e) for e in runs})
@@ -2993,10 +3061,10 @@ def runs_at_once(scope: RunScope, under_torchrun: bool, todo: list[Experiment], 
 
 
 def gpu_memory_bytes(device: str) -> int | None:
-    """Total memory of the current GPU, read without creating a CUDA context."""
+    """Free memory of the current GPU: another process's share of it is not ours to plan with."""
     if device != "cuda":
         return None
-    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    return int(torch.cuda.mem_get_info()[0])
 
 
 def balance_runs(runs: list[Experiment], k: int) -> list[list[Experiment]]:
@@ -3212,14 +3280,17 @@ def train_parallel(s: Session, k: int) -> dict:
     log(f"parallel: {len(todo)} runs in {len(groups)} processes at once, each with 1/{k} of the "
         + ("GPU's memory" if s.device.name == "cuda" else "cores"))
     children = []
-    for i, group in enumerate(groups):
+    gpus = child_gpus(len(groups)) if s.device.name == "cuda" else [None] * len(groups)
+    for i, (group, gpu) in enumerate(zip(groups, gpus)):
         ids = [e.run_id for e in group]
-        log(f"  process {i + 1}/{len(groups)}: {', '.join(ids)}")
+        log(f"  process {i + 1}/{len(groups)}: {', '.join(ids)}" + (f" (GPU {gpu})" if gpu is not None else ""))
+        sharing = k if gpu is None else gpus.count(gpu)      # the children on this child's GPU: its memory share
         argv = [sys.executable, str(Path(__file__).resolve()), *child_arguments(s.scope.argv), "--no-estimate",
-                "--only", ",".join(ids), "--parallel-child", str(k)]
+                "--only", ",".join(ids), "--parallel-child", str(sharing)]
+        env = dict(os.environ, **{PARALLEL_ENV: str(k)}, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}))
         # a session of its own: a Ctrl-C in the terminal reaches the parent alone, which forwards it once
-        children.append((ids, subprocess.Popen(argv, env=dict(os.environ, **{PARALLEL_ENV: str(k)}),
-                                               start_new_session=True, preexec_fn=stop_with_parent)))
+        children.append((ids, subprocess.Popen(argv, env=env, start_new_session=True,
+                                               preexec_fn=stop_with_parent)))
     failed, received = wait_for_children(children, ChildProgress(s, t0))
     unfinished = {}                              # a stopped child's interrupted run lives only in its file
     for ids, _ in children:
@@ -3245,6 +3316,17 @@ def train_parallel(s: Session, k: int) -> dict:
                              f"{s.results_file.name} holds {n_final} finished runs. Resume with the same "
                              f"command: {s.command}")
     return finish(s, t0, f" with {len(groups)} processes at once")
+
+
+def child_gpus(n_children: int) -> list[str | None]:
+    """Each --parallel child's CUDA_VISIBLE_DEVICES: on a host with several GPUs, one each in turn (of those
+    this process may see); with one GPU, None: every child shares it."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return [None] * n_children
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = ([v.strip() for v in visible.split(",") if v.strip()] if visible
+           else [str(i) for i in range(torch.cuda.device_count())])[:torch.cuda.device_count()]
+    return [ids[i % len(ids)] for i in range(n_children)]
 
 
 def stop_with_parent() -> None:

@@ -7,6 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+try:
+    import torch
+except ImportError:                 # the demo's tests run without torch
+    torch = None
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SCRIPT = ROOT / "run_scaling_experiments_enhanced.py"
@@ -54,10 +59,30 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("token-cache")
 
 
+@pytest.fixture(autouse=True)
+def trains_on_the_cpu(monkeypatch):
+    """Every test trains on the CPU, whatever the machine has: on a CUDA or Apple GPU, --device auto would
+    switch on bf16 and torch.compile and other memory checks, and the tests' numbers are the CPU's. In
+    this process CUDA and MPS look absent (a test about choosing a device patches them back in); child
+    processes see no CUDA GPU, and the tests' command lines say --device cpu (on_cpu)."""
+    if torch is not None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        if getattr(torch.backends, "mps", None) is not None:
+            monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+def on_cpu(args) -> list[str]:
+    """A test's runner arguments with --device cpu added, unless the test picks a device itself."""
+    args = [str(a) for a in args]
+    return args if "--device" in args else [*args, "--device", "cpu"]
+
+
 def run_cli(args, cwd, script=SCRIPT, timeout=600, env_extra=None):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd, env=env,
+    args = on_cpu(args) if Path(script) == SCRIPT else list(map(str, args))
+    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -4,7 +4,10 @@ as a wrapper script that patches and then calls the CLI's main():
 
     python tests/inject.py --crash RANK:STEP [runner arguments...]   # that rank raises before that step
     python tests/inject.py --nan RUN_ID:STEP [runner arguments...]   # that run's weights become NaN
+    python tests/inject.py --kill RUN_ID:STEP [runner arguments...]  # SIGKILL once that checkpoint is written
 Steps are 1-based, as in the log."""
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -34,11 +37,27 @@ def patch_failures(setattr_, crash: str | None = None, nan: str | None = None) -
     setattr_(rse.Trainer, "train_step", train_step)
 
 
+def patch_kill(setattr_, kill: str) -> None:
+    """Wrap Trainer.save_checkpoint: the process kills itself with SIGKILL right after writing the given
+    run's checkpoint at the given step (kill='params-N25K@15.4K-seed0:21'), as a kill at a chosen moment
+    would; the checkpoint it resumes from is then known, not a race with the log."""
+    real_save = rse.Trainer.save_checkpoint
+    who, step = parse_spec(kill)
+
+    def save_checkpoint(self, exp, rm, state):
+        real_save(self, exp, rm, state)
+        if exp.run_id == who and state.step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+    setattr_(rse.Trainer, "save_checkpoint", save_checkpoint)
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     kinds = {}
-    while args and args[0] in ("--crash", "--nan"):
+    while args and args[0] in ("--crash", "--nan", "--kill"):
         kinds[args[0][2:]] = args[1]
         args = args[2:]
+    if "kill" in kinds:
+        patch_kill(setattr, kinds.pop("kill"))
     patch_failures(setattr, **kinds)
     sys.exit(rse.main(args))

@@ -8,12 +8,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 import run_scaling_experiments_enhanced as rse
-from conftest import SCRIPT, SECONDS_SIZED, run_cli
+from conftest import SCRIPT, SECONDS_SIZED, on_cpu, run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::scipy.optimize.OptimizeWarning")
 
@@ -26,7 +25,7 @@ def fast(byte_tokens, *extra):
 
 
 def popen(args, cwd):
-    return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, text=True,
+    return subprocess.Popen([sys.executable, str(SCRIPT), *on_cpu(args)], cwd=cwd, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -116,12 +115,9 @@ def test_plan_progress_time_left():
 
 def test_dry_run_without_estimate_prepares_nothing(tmp_path):
     cache = tmp_path / "cache"
-    t0 = time.time()
     r = run_cli(["--mode", "quick", "--data", "builtin", "--dry-run", "--no-estimate", "--cache-dir", cache],
                 tmp_path)
-    seconds = time.time() - t0
     assert r.returncode == 0, r.stderr[-2000:]
-    assert seconds < 20, seconds                                   # ~3 s on an idle 2-core machine
     rows = [line.split()[0] for line in r.stdout.splitlines() if re.match(r"  (params|data)-", line)]
     assert rows == ["params-N5M", "params-N20M", "params-N50M", "data-D10M", "data-D50M", "data-D100M"]
     n_chars = sum(p.stat().st_size for p in rse.builtin_corpus_files()[1])
@@ -152,9 +148,7 @@ def test_one_writer_per_folder_and_a_killed_run_does_not_block(tmp_path, byte_to
     seen: list[str] = []
     try:
         read_until(first, "[params-N25K-seed0] step 4/400", seen)
-        t0 = time.time()
-        second = run_cli(args, tmp_path, timeout=60)
-        assert time.time() - t0 < 30
+        second = run_cli(args, tmp_path, timeout=60)                # refused at once: it does not wait
         assert second.returncode == 2
         line = second.stderr.strip()
         assert len(line.splitlines()) == 1 and f"is in use by another run (pid {first.pid} on " in line
@@ -176,18 +170,18 @@ def test_one_writer_per_folder_and_a_killed_run_does_not_block(tmp_path, byte_to
 
 
 def test_a_run_that_cannot_fit_in_memory_is_refused(tmp_path, byte_tokens):
-    # tiny's own sizes (up to 397K parameters, vocabulary 512) at 100K tokens per sequence: ~83 GB (cosine:
-    # under WSD, 6.4M tokens per step leave the shortest horizon a 1-step branch, refused in its own words)
+    # tiny's own sizes at 100K tokens per sequence (under WSD, 6.4M tokens per step leave the shortest
+    # horizon a 1-step branch, refused in its own words); at 10M (cosine): ~8 TB, more than any host's RAM
     r = run_cli(["--mode", "tiny", "--context-length", "100000", "--output-dir", tmp_path / "out"], tmp_path)
     assert r.returncode == 2 and r.stderr.strip() == (
         "error: data-D999K: a WSD branch of 1 steps would start its cooldown at step 0, inside the 39-step warmup; "
         "choose longer horizons (or fewer tokens per step)")
-    r = run_cli(["--mode", "tiny", "--schedule", "cosine", "--context-length", "100000", "--output-dir",
+    r = run_cli(["--mode", "tiny", "--schedule", "cosine", "--context-length", "10000000", "--output-dir",
                  tmp_path / "out"], tmp_path)
     assert r.returncode == 2
     line = r.stderr.strip()
-    assert len(line.splitlines()) == 1 and line.startswith("error: params-N400K would need about 83")
-    assert "at batch 64 x context 100000, more than this machine's RAM" in line and "--context-length" in line
+    assert len(line.splitlines()) == 1 and line.startswith("error: params-N400K would need about 8213.6 GB")
+    assert "at batch 64 x context 10000000, more than this machine's RAM" in line and "--context-length" in line
     assert "data:" not in r.stdout                                 # refused before the corpus is read
     # a context longer than the corpus: one line too, not a traceback
     r = run_cli(fast(byte_tokens, "--context-length", "100000", "--output-dir", tmp_path / "out"), tmp_path)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import run_scaling_experiments_enhanced as rse
-from conftest import SCRIPT
+from conftest import SCRIPT, on_cpu
 from inject import patch_failures
 
 pytestmark = pytest.mark.filterwarnings("ignore::scipy.optimize.OptimizeWarning")
@@ -65,14 +65,14 @@ def main_in_process(args, env_extra=None, signal_on=None) -> tuple[int, str, str
 
 def cli(args, cwd, env_extra=None, timeout=300):
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, str(SCRIPT), *on_cpu(args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
 def start_and_signal(args, cwd, wait_for: str, sig) -> tuple[int, str, str]:
     """Start the CLI, send `sig` as soon as a stdout line contains `wait_for`, return (rc, stdout, stderr)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    p = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, env=env,
+    p = subprocess.Popen([sys.executable, str(SCRIPT), *on_cpu(args)], cwd=cwd, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     for line in p.stdout:

@@ -1,5 +1,7 @@
 """WSD (warmup-stable-decay): the schedule, the plan's cooldown branches, a branch equal to a separate run
 of its length, and a kill inside a branch resuming exactly."""
+import contextlib
+import io
 import json
 import signal
 import subprocess
@@ -10,6 +12,8 @@ import pytest
 
 import run_scaling_experiments_enhanced as rse
 from conftest import SCRIPT
+
+INJECT = SCRIPT.parent / "tests" / "inject.py"
 
 ARGS = ["--mode", "tiny", "--vocab-size", "512", "--param-sizes", "25K", "--data-sizes", "16K",
         "--batch-size", "8", "--context-length", "64", "--eval-interval", "10", "--eval-batches", "2",
@@ -58,7 +62,7 @@ def test_four_doubling_horizons_cost_under_065_of_separate_runs():
 
 def run(args, cwd, out):
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args), "--output-dir", str(out)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
 
 
 def losses(out) -> dict:
@@ -103,21 +107,80 @@ def test_a_branch_equals_a_separate_run_of_its_length(branched, tmp_path, corpus
     assert res["fits"]["params"]["n_points"] == 1 and res["fits"]["joint"]["n_points"] == 3
 
 
+class Killed(BaseException):
+    """Stands for SIGKILL: raised right after a chosen checkpoint is written. No handler of the runner
+    catches it, so the output folder is left as a kill at that moment leaves it."""
+
+
+def main_killed_at(args, who=None, step=None) -> str:
+    """The CLI's main() in this process (no interpreter and torch to start: many runs stay cheap); with
+    `who`, killed right after that run writes its checkpoint at `step`. Returns what it logged."""
+    real_save = rse.Trainer.save_checkpoint
+
+    def save_checkpoint(self, exp, rm, state):
+        real_save(self, exp, rm, state)
+        if exp.run_id == who and state.step == step:
+            raise Killed
+    said = io.StringIO()
+    rse.Trainer.save_checkpoint = save_checkpoint
+    try:
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(io.StringIO()):
+            if who is None:
+                assert rse.main(list(map(str, args))) == 0, said.getvalue()[-2000:]
+            else:
+                with pytest.raises(Killed):
+                    rse.main(list(map(str, args)))
+    finally:
+        rse.Trainer.save_checkpoint = real_save
+    return said.getvalue()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, corpus_file, cache_dir):
+    out = tmp_path_factory.mktemp("wsd-in-process") / "reference"
+    args = [*ARGS, "--data", corpus_file, "--cache-dir", cache_dir, "--max-steps", "60", "--horizons", "0.5x,1x",
+            "--cooldown-frac", "0.5", "--checkpoint-every", "2steps"]
+    main_killed_at([*args, "--output-dir", out])
+    return args, out
+
+
+# Kill points, one chain of three kills per case: the stable run before its branch point (15: right
+# after the branch point's own checkpoint), the branch, then the stable run after it. --checkpoint-every
+# 2steps writes the stable run's checkpoints at 2, 4, ..., 14, 15, 17, ..., 59 and the branch's at 17,
+# 19, ..., 29: the ten chains kill at 8 + 7 + 7 of them.
+KILL_CHAINS = [(2 + 2 * i if i < 7 else 15, 17 + 2 * (i % 7), 17 + (6 * i) % 42) for i in range(10)]
+
+
+@pytest.mark.parametrize("before,in_branch,after", KILL_CHAINS)
+def test_kills_in_a_stable_run_its_branch_and_after_then_the_same_command_gives_identical_losses(
+        uninterrupted, tmp_path, before, in_branch, after):
+    """Killed right after a chosen checkpoint in the stable run, in its branch, and in the stable run
+    after the branch; the same command each time; the losses are the uninterrupted run's bit for bit.
+    (At 0cf71dd a test killed the branch on reading a log line, a race that chose the checkpoint.)"""
+    args, reference = uninterrupted
+    cmd = [*args, "--output-dir", tmp_path / "killed"]
+    stable, branch = "params-N25K-seed0", "params-N25K@15.4K-seed0"
+    said = [main_killed_at(cmd, who, step) for who, step in ((stable, before), (branch, in_branch),
+                                                             (stable, after))]
+    assert f"[{stable}] resuming from its checkpoint at step {before}/60" in said[1]
+    assert f"[{branch}] resuming its cooldown from its checkpoint at step {in_branch}/30" in said[2]
+    again = main_killed_at(cmd)
+    assert f"[{stable}] resuming from its checkpoint at step {after}/60" in again
+    assert losses(tmp_path / "killed") == losses(reference)                  # bit for bit on a CPU
+
+
 def test_sigkill_inside_a_branch_then_the_same_command_gives_identical_losses(branched, tmp_path):
+    """A real SIGKILL in the branch, from tests/inject.py right after its checkpoint at step 21."""
     args, reference = branched
     out = tmp_path / "killed"
-    cmd = [sys.executable, str(SCRIPT), *map(str, args), "--output-dir", str(out), "--checkpoint-every", "2steps"]
-    p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in p.stdout:
-        if line.startswith("[params-N25K@15.4K-seed0] checkpoint at step 2"):
-            p.send_signal(signal.SIGKILL)
-            break
-    p.wait(timeout=60)
-    assert p.returncode == -signal.SIGKILL
-    assert (out / "checkpoints" / "params-N25K@15.4K-seed0.pt").exists()
-    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    cmd = [*map(str, args), "--output-dir", str(out), "--checkpoint-every", "2steps"]
+    p = subprocess.run([sys.executable, str(INJECT), "--kill", "params-N25K@15.4K-seed0:21", *cmd], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == -signal.SIGKILL, (p.stdout + p.stderr)[-2000:]
+    again = subprocess.run([sys.executable, str(SCRIPT), *cmd], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=900)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "[params-N25K@15.4K-seed0] resuming its cooldown from its checkpoint at step 2" in again.stdout
+    assert "[params-N25K@15.4K-seed0] resuming its cooldown from its checkpoint at step 21/30" in again.stdout
     assert losses(out) == losses(reference)                                 # bit for bit on a CPU
 
 
