@@ -122,8 +122,8 @@ def test_ranks_take_their_own_slice_of_every_batch(byte_tokens, monkeypatch):
     trainer = rse.Trainer(cfg, corpus, device, dist=RankOneOfTwo(rank=1, world_size=2))
     seen = []
     real_get_batch = rse.get_batch
-    monkeypatch.setattr(rse, "get_batch", lambda tokens, offs, t: (seen.append(offs.tolist()),
-                                                                   real_get_batch(tokens, offs, t))[1])
+    monkeypatch.setattr(rse, "get_batch", lambda tokens, offs, t, *dev: (seen.append(offs.tolist()),
+                                                                         real_get_batch(tokens, offs, t, *dev))[1])
     exp = rse.Experiment("probe", "params", 0, 2, 32, 1, 2, 0, 1e-3, 0, 0)
     rm = rse.Trainer(cfg, corpus, device).new_model(exp, 0)      # the model itself, not wrapped in DDP
     trainer.train_step(rm, exp, step=5)
