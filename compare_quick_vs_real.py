@@ -435,14 +435,15 @@ def study_from_results(results: dict, path: Path, label: str, n_bootstrap: int, 
     saved = (results.get("fits") or {}).get("joint") or {}
     if not saved.get("available"):
         raise rse.UserError(f"{flag}: {path} has no joint law L(N, D) to compare ({saved.get('reason', 'none fitted')})")
-    points = sorted((dict(p) for p in rse.runs_as_points(results["experiments"])),
+    # N counted as the study counted it (the two studies' counts are checked equal), so the refit is its fit
+    points = sorted((dict(p) for p in rse.runs_as_points(results["experiments"], study_identity(results)["n_count"])),
                     key=lambda p: (p["N"], p["D"], str(p["name"])))
     by_name = {e.get("name"): e for e in results["experiments"]}
     for p in points:
         e = by_name[p["name"]]
         p["flops_per_token"] = e.get("flops_per_token")
     joint = rse.fit_joint_law([p["N"] for p in points], [p["D"] for p in points], [p["loss"] for p in points],
-                              n_bootstrap, seed)
+                              n_bootstrap, seed, rows=rse.point_rows(points))
     if not joint.get("available") or joint.get("_samples") is None:
         raise rse.UserError(f"{flag}: {path}: its joint law cannot be refitted with bootstrap draws "
                             f"({joint.get('reason') or joint.get('note')})")

@@ -6157,7 +6157,7 @@ def finish_results(results: dict, out_dir: Path, n_bootstrap: int = N_BOOTSTRAP,
     """Fit, predict, write results.json, then draw the figures: a fit or plotting error never loses
     results. figure=False (an interrupted run) writes results.json only. N is counted as n_count, else
     as the run's config says, else DEFAULT_N_COUNT."""
-    if results["config"].get("lr_multipliers"):
+    if (results.get("config") or {}).get("lr_multipliers"):
         return finish_lr_sweep(results, out_dir, figure)
     n_count = n_count or (results.get("config") or {}).get("n_count") or DEFAULT_N_COUNT
     t0 = time.time()

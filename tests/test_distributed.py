@@ -31,7 +31,9 @@ def small_args(byte_tokens, out, *extra):
         "--param-sizes", "25K,100K",
         "--data-sizes", "8K,16K", "--max-steps", "16", "--batch-size", "4", "--context-length", "32",
         "--eval-interval", "8", "--eval-batches", "2", "--log-interval", "4", "--no-estimate",
-        "--bootstrap", "50", "--output-dir", out, *extra]]
+        # one process and two ranks sum gradients in different orders, and the drift grows with the
+        # rate: tiny's uncapped rule (9.4e-3 at width 32) moved one 125-step run's loss 0.1%
+        "--lr", "5e-3", "--bootstrap", "50", "--output-dir", out, *extra]]
 
 
 def pinned(n_cores):

@@ -246,8 +246,9 @@ def test_gpt2_is_bit_identical_and_llama_trains(tmp_path, corpus_file, cache_dir
     runs = {}
     for arch in ("gpt2", "llama"):
         out = tmp_path / arch
-        r = run_cli([*FAST, "--arch", arch, "--data", corpus_file, "--cache-dir", cache_dir, "--output-dir", out],
-                    tmp_path)
+        # --lr 5e-3: the LR both widths got from 0cf71dd's capped rule (tiny's cap has gone since)
+        r = run_cli([*FAST, "--lr", "5e-3", "--arch", arch, "--data", corpus_file, "--cache-dir", cache_dir,
+                     "--output-dir", out], tmp_path)
         assert r.returncode == 0, r.stderr[-2000:]
         res = json.loads((out / "results.json").read_text())
         runs[arch] = {e["run_id"]: e for e in res["experiments"]}

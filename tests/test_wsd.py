@@ -212,7 +212,8 @@ def test_a_branchs_first_log_line_counts_only_the_steps_it_trained(monkeypatch):
     branch.step, branch.window = 200, branch.window + [torch.tensor(1.0)] * 5
     now[0] = 12.0
     said = []
-    trainer = SimpleNamespace(cfg=SimpleNamespace(tokens_per_step=1000), mfu=lambda exp, tok_s: tok_s / 1e5)
+    trainer = SimpleNamespace(cfg=SimpleNamespace(tokens_per_step=1000), mfu=lambda exp, tok_s: tok_s / 1e5,
+                              tracker=rse.Tracker())
     rse.Trainer.log_step(trainer, SimpleNamespace(run_id="b", steps=244), branch, said.append)
     assert "| 2.5k tok/s | MFU 2.5% |" in said[0]                  # 5 steps x 1,000 tokens in 2 s
     assert branch.curve["step"][-1] == 200 and branch.step_log == 200
