@@ -5143,9 +5143,31 @@ def draw_fit(ax, fit: dict, sweep: str, xs: np.ndarray, x_max: float, prediction
                         label=f"95% band (bootstrap over {fit['n_points']} runs)")
     else:
         ax.plot([], [], " ", label="no 95% band: " + (fit.get("note") or "no bootstrap")[:60])
-    for i, p in enumerate(marked_predictions(predictions, sweep)):
+    marks = marked_predictions(predictions, sweep)
+    shared = shared_prediction_text(marks)
+    for i, p in enumerate(marks):
         ax.plot([p["N" if sweep == "params" else "D"]], [p["predicted_loss"]], "*", color="darkred", ms=13,
-                zorder=6, label="joint law L(N, D) at each model's own N and D" if i == 0 else None)
+                zorder=6, label=("joint law L(N, D) at each model's own N and D"
+                                 + (f": {shared} for every one" if shared else "")) if i == 0 else None)
+
+
+def prediction_text(p: dict) -> str:
+    """'1.98 [1.69, 2.13]': a star's predicted loss and its closed interval."""
+    ci = p.get("predicted_loss_ci95")
+    ci = ci if ci and not is_open(ci) else None
+    return f"{p['predicted_loss']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def shared_prediction_text(marks: list[dict]) -> str | None:
+    """The stars' common value when every one prints the same loss (far beyond the runs the joint law is at
+    its floor for all of them), with the union of their intervals: said once in the legend instead of on
+    five overlapping labels."""
+    if len(marks) < 2 or len({f"{p['predicted_loss']:.2f}" for p in marks}) > 1:
+        return None
+    cis = [p.get("predicted_loss_ci95") for p in marks]
+    if any(not ci or is_open(ci) for ci in cis):
+        return f"{marks[0]['predicted_loss']:.2f}"
+    return f"{marks[0]['predicted_loss']:.2f}, 95% within [{min(c[0] for c in cis):.2f}, {max(c[1] for c in cis):.2f}]"
 
 
 def reference_marks(results: dict, sweep: str) -> list[dict]:
@@ -5167,14 +5189,25 @@ def label_predictions(ax, predictions: list[dict], sweep: str, x_max: float) -> 
     below only (on a high floor LLaMA's label went under the legend). A label at the right edge extends to
     the left."""
     lo, hi = ax.get_ylim()
-    for i, p in enumerate(marked_predictions(predictions, sweep)):
+    key = "N" if sweep == "params" else "D"
+    marks = sorted(marked_predictions(predictions, sweep), key=lambda p: p[key])   # neighbours alternate
+    shared = shared_prediction_text(marks)          # then the legend gives the value and labels name only
+    if shared:                                      # stars at one x (Llama 3 at 15T tokens) share one label
+        short = lambda p: p["name"].split(" (")[0].split(", ")[0]                 # noqa: E731
+        at = lambda p: round(math.log10(p[key]), 1)                                # noqa: E731
+        by_x: dict[float, list[str]] = {}
+        for p in marks:
+            by_x.setdefault(at(p), []).append(short(p))
+        marks = [{**p, "name": ", ".join(by_x[at(p)])} for p in marks if short(p) == by_x[at(p)][0]]
+    for i, p in enumerate(marks):
         x, y = p["N" if sweep == "params" else "D"], p["predicted_loss"]
-        ci = p.get("predicted_loss_ci95")
-        ci = ci if ci and not is_open(ci) else None
         offsets = ((0, -30), (0, -56), (0, -82)) if y > lo + 0.6 * (hi - lo) else ((0, 12), (0, -30), (0, -56))
-        ax.annotate(f"{p['name'].split(' (')[0]}{'' if p.get('law') == 'joint' else ' ' + format_count(x)}\n{y:.2f}"
-                    + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""),
-                    (x, y), textcoords="offset points", xytext=offsets[i % 3], fontsize=7.5,
+        if shared:
+            offsets = ((0, 12), (0, -22), (0, 26), (0, -36)) if y <= lo + 0.6 * (hi - lo) else \
+                ((0, -22), (0, -36), (0, -50), (0, -64))
+        name = f"{p['name'].split(' (')[0]}{'' if p.get('law') == 'joint' else ' ' + format_count(x)}"
+        ax.annotate(name if shared else f"{name}\n{prediction_text(p)}",
+                    (x, y), textcoords="offset points", xytext=offsets[i % len(offsets)], fontsize=7.5,
                     ha="right" if x > x_max / 3 else "center",
                     bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7})
 

@@ -291,8 +291,32 @@ def test_reference_labels_stay_clear_of_the_legend():
     for floor, first_above in ((3.39, False), (1.5, True)):
         fig, ax = plt.subplots()
         ax.set_ylim(1.0, 4.7)
-        rse.label_predictions(ax, [{**p, "predicted_loss": floor} for p in preds], "data", 1.5e13)
+        # losses that print differently (0.05 apart): each label carries its own value
+        rse.label_predictions(ax, [{**p, "predicted_loss": floor + 0.05 * i} for i, p in enumerate(preds)],
+                              "data", 1.5e13)
         dy = [t.xyann[1] for t in ax.texts]
         assert (dy[0] > 0) == first_above and all(d < 0 for d in dy[1:]) and len(set(dy)) == 3
         assert [t.get_horizontalalignment() for t in ax.texts] == ["center", "center", "right"]
+        assert "\n" in ax.texts[0].get_text()
         plt.close(fig)
+
+
+def test_stars_that_print_the_same_loss_say_it_once_and_label_names_only():
+    """Far beyond the runs every star sits at the floor: the value goes to the legend once, with the
+    union of the intervals; labels carry the names, stars at one D (Llama 3 at 15T and 15.6T) share one,
+    and neighbours sit on opposite sides."""
+    preds = [{"sweep": "data", "law": "joint", "name": n, "D": d, "predicted_loss": 1.98, "predicted_loss_ci95": ci}
+             for n, d, ci in (("GPT-3 175B, 300B tokens", 3e11, [1.77, 2.11]),
+                              ("Chinchilla 70B, 1.4T tokens", 1.4e12, [1.76, 2.11]),
+                              ("Llama 3 8B, 15T tokens", 1.5e13, [1.77, 2.10]),
+                              ("Llama 3 405B, 15.6T tokens", 1.56e13, [1.77, 2.11]))]
+    assert rse.shared_prediction_text(preds) == "1.98, 95% within [1.76, 2.11]"
+    assert rse.shared_prediction_text([preds[0], {**preds[1], "predicted_loss": 2.05}]) is None
+    plt = rse.plt or pytest.skip("matplotlib is not installed")
+    fig, ax = plt.subplots()
+    ax.set_ylim(1.0, 4.7)
+    rse.label_predictions(ax, preds, "data", 1.5e13)
+    assert [t.get_text() for t in ax.texts] == ["GPT-3 175B", "Chinchilla 70B", "Llama 3 8B, Llama 3 405B"]
+    dy = [t.xyann[1] for t in ax.texts]
+    assert dy[0] > 0 > dy[1] and dy[2] > 0
+    plt.close(fig)
