@@ -60,21 +60,26 @@ def creating_command(path: Path, role: str) -> str:
             ("" if folder == default else f" --output-dir {folder}"))
 
 
-def load_results(text: str, role: str) -> tuple[dict, Path]:
-    path = results_path(text)
-    flag = "--sim" if role == "sim" else "--real"
+def read_study_file(path: Path, flag: str, missing: str, rerun: str = "") -> dict:
+    """A study's results.json as a dict, or a one-line UserError: `missing` says how to make it, `rerun`
+    (if any) how to make it again when it cannot be read."""
     if not path.is_file():
-        raise rse.UserError(f"{flag}: no results at {path}; create them with `{creating_command(path, role)}` "
-                            f"or pass {flag} PATH")
+        raise rse.UserError(f"{flag}: no results at {path}; {missing}")
     try:
         results = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise rse.UserError(f"{flag}: cannot read {path} as JSON ({e}); rerun "
-                            f"`{creating_command(path, role)}`") from None
+        raise rse.UserError(f"{flag}: cannot read {path} as JSON ({e}){'; rerun ' + rerun if rerun else ''}") from None
     if not isinstance(results, dict) or not isinstance(results.get("experiments"), list):
         raise rse.UserError(f"{flag}: {path} is not a results.json of the runner or the demo (no "
                             f"'experiments' list)")
-    return results, path
+    return results
+
+
+def load_results(text: str, role: str) -> tuple[dict, Path]:
+    path = results_path(text)
+    flag = "--sim" if role == "sim" else "--real"
+    command = f"`{creating_command(path, role)}`"
+    return read_study_file(path, flag, f"create them with {command} or pass {flag} PATH", command), path
 
 
 def simulate_for(real: dict, sim_file: Path) -> tuple[dict, Path]:
@@ -411,15 +416,8 @@ def load_study(text: str, label: str, n_bootstrap: int, seed: int) -> Study:
     """A finished study with a joint law, or a one-line UserError saying why not."""
     flag = f"--{label}"
     path = results_path(text)
-    if not path.is_file():
-        raise rse.UserError(f"{flag}: no results at {path}: train the recipe first (python "
-                            f"run_scaling_experiments_enhanced.py ...) or pass its results folder")
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise rse.UserError(f"{flag}: cannot read {path} as JSON ({e})") from None
-    if not isinstance(results, dict) or not isinstance(results.get("experiments"), list):
-        raise rse.UserError(f"{flag}: {path} is not a results.json of the runner or the demo")
+    results = read_study_file(path, flag, "train the recipe first (python run_scaling_experiments_enhanced.py "
+                                          "...) or pass its results folder")
     return study_from_results(results, path, label, n_bootstrap, seed)
 
 
