@@ -32,7 +32,7 @@ import numpy as np
 import quick_scaling_demo as demo
 import run_scaling_experiments_enhanced as rse
 
-SWEEPS = {"params": ("n_params_nonembedding", "N"), "data": ("tokens", "D")}
+SWEEPS = {"params": ("N_nonembedding", "N"), "data": ("D", "D")}      # points-table column, symbol
 DEFAULT_SIM = "scaling_results_demo/results.json"
 DEFAULT_REAL = "scaling_results_quick_v2/results.json"
 
@@ -69,10 +69,10 @@ def read_study_file(path: Path, flag: str, missing: str, rerun: str = "") -> dic
         results = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise rse.UserError(f"{flag}: cannot read {path} as JSON ({e}){'; rerun ' + rerun if rerun else ''}") from None
-    if not isinstance(results, dict) or not isinstance(results.get("experiments"), list):
+    if not isinstance(results, dict) or not isinstance(results.get("points", results.get("experiments")), list):
         raise rse.UserError(f"{flag}: {path} is not a results.json of the runner or the demo (no "
-                            f"'experiments' list)")
-    return results
+                            f"'points' table)")
+    return rse.study_file_runs(results, f"{flag} {path}")[0]       # schema 1's records as points
 
 
 def load_results(text: str, role: str) -> tuple[dict, Path]:
@@ -89,13 +89,12 @@ def simulate_for(real: dict, sim_file: Path) -> tuple[dict, Path]:
     folder = sim_file.parent
     for law in demo.LAWS:
         try:
-            results = demo.simulated_study(["--mode", mode], law, demo.DEFAULT_NOISE, 0, folder)
+            results, records = demo.simulated_study(["--mode", mode], law, demo.DEFAULT_NOISE, 0, folder)
             break
         except rse.UserError:
             if law == demo.LAWS[-1]:
                 raise
-    rse.prepare_output_dir(folder)
-    rse.finish_results(results, folder)
+    demo.write_study(results, records, folder)
     rse.log(f"sim: no results at {sim_file}; simulated mode '{mode}' under the {law} law there (as `python "
             f"quick_scaling_demo.py --mode {mode} --law {law} --output-dir {folder}` would)")
     return results, folder / "results.json"
@@ -107,7 +106,7 @@ def fits_of(results: dict) -> tuple[dict, list, str]:
     fits = results.get("fits") or {}
     if all(isinstance(fits.get(s), dict) and "available" in fits[s] for s in SWEEPS):
         return fits, results.get("predictions") or [], "results.json"
-    fits = rse.fit_sweeps(results["experiments"])
+    fits = rse.fit_sweeps(results["points"])
     return fits, rse.predictions_from_fits(fits), "fitted here (the file has no fits: an unfinished run?)"
 
 
@@ -136,9 +135,9 @@ def side_by_side(sim_value, real_value, sim_ci=None, real_ci=None) -> dict:
             "real_ci95": real_ci, "intervals_overlap": intervals_overlap(sim_ci, real_ci)}
 
 
-def fit_record(fit: dict, experiments: list, sweep: str) -> dict:
+def fit_record(fit: dict, points: list, sweep: str) -> dict:
     key = SWEEPS[sweep][0]
-    xs = [r[key] for r in rse.usable_runs(experiments, sweep)]
+    xs = [r[key] for r in rse.usable_runs(points, sweep)]
     rec = {k: fit.get(k) for k in ("available", "reason", "law", "form", "note", "a", "b", "c", "r2",
                                    "n_points")}
     rec["ci95"] = {k: interval(fit, k) for k in ("a", "b", "c")} if fit.get("ci95") else None
@@ -170,7 +169,7 @@ def describe(results: dict, path: Path) -> dict:
     return {"path": str(path), "simulated": bool(results.get("simulated", False)), "mode": results.get("mode"),
             "true_law": law.get("name"), "device": env.get("device"), "corpus": corpus.get("name"),
             "corpus_sha256": corpus.get("sha256"), "tokenizer": corpus.get("tokenizer"),
-            "vocab_size": corpus.get("vocab_size"), "n_experiments": len(results["experiments"])}
+            "vocab_size": corpus.get("vocab_size"), "n_experiments": len(results["points"])}
 
 
 def compare(sim: dict, real: dict, sim_path: Path = Path("sim"), real_path: Path = Path("real")) -> dict:
@@ -197,8 +196,8 @@ def compare(sim: dict, real: dict, sim_path: Path = Path("sim"), real_path: Path
 
     sweeps = {}
     for sweep, (key, var) in SWEEPS.items():
-        sf = fit_record(s_fits.get(sweep, {}), sim["experiments"], sweep)
-        rf = fit_record(r_fits.get(sweep, {}), real["experiments"], sweep)
+        sf = fit_record(s_fits.get(sweep, {}), sim["points"], sweep)
+        rf = fit_record(r_fits.get(sweep, {}), real["points"], sweep)
         exponent = side_by_side(sf["b"], rf["b"], interval(sf, "b"), interval(rf, "b"))
         constants = {k: side_by_side(sf[k], rf[k], interval(sf, k), interval(rf, k)) for k in ("a", "c")}
         r2 = side_by_side(sf["r2"], rf["r2"])
@@ -257,12 +256,12 @@ def print_verdict(report: dict) -> None:
         rse.log(f"  note: {note}")
 
 
-def residuals(experiments: list, sweep: str, fit: dict):
+def residuals(points: list, sweep: str, fit: dict):
     """(x, relative residual) of a sweep's usable runs about its fit: (measured - fitted) / fitted."""
     key = SWEEPS[sweep][0]
-    runs = rse.usable_runs(experiments, sweep)
+    runs = rse.usable_runs(points, sweep)
     x = np.array([r[key] for r in runs], dtype=float)
-    y = np.array([r["final_val_loss"] for r in runs], dtype=float)
+    y = np.array([r["loss"] for r in runs], dtype=float)
     if not fit.get("available") or not len(x):
         return x, np.full(len(x), np.nan)
     f = rse.power_law(x, fit["a"], fit["b"], fit["c"])
@@ -315,8 +314,8 @@ def build_comparison_figure(sim: dict, real: dict, report: dict):
         tops = []
         for role, (color, marker, label) in styles.items():
             fit = c[role]
-            runs = rse.usable_runs(data[role]["experiments"], sweep)
-            ax_fit.scatter([r[key] for r in runs], [r["final_val_loss"] for r in runs], color=color,
+            runs = rse.usable_runs(data[role]["points"], sweep)
+            ax_fit.scatter([r[key] for r in runs], [r["loss"] for r in runs], color=color,
                            marker=marker, s=55, zorder=5, label=f"{label}: {report[role]['mode']}, "
                                                                f"{report[role]['corpus']}")
             if fit["available"]:
@@ -327,8 +326,8 @@ def build_comparison_figure(sim: dict, real: dict, report: dict):
                             label=f"{label} fit: {fit['c']:.3g} + {fit['a']:.3g}/{var}^{fit['b']:.3f} "
                                   f"(R² {fit['r2']:.3f})")
                 ax_fit.plot(grid, np.where(inside, np.nan, law), "--", color=color, lw=1, alpha=0.6)
-                tops.append(max(r["final_val_loss"] for r in runs))
-            x, res = residuals(data[role]["experiments"], sweep, fit)
+                tops.append(max(r["loss"] for r in runs))
+            x, res = residuals(data[role]["points"], sweep, fit)
             ax_res.plot(x, 100 * res, marker=marker, color=color, ls="none", ms=7, label=label)
         ax_fit.set_xscale("log")
         if tops:
@@ -396,8 +395,8 @@ def study_identity(results: dict) -> dict:
 
 def unfinished_runs(results: dict) -> list[str]:
     """Runs of the study's plan that have not ended for good (a missing record counts), by name."""
-    exps = results["experiments"]
-    open_runs = [e.get("name") for e in exps if e.get("status") not in rse.FINAL_STATUSES]
+    exps = results["points"]
+    open_runs = [e["name"] for e in exps if e["status"] not in rse.FINAL_STATUSES]
     if results.get("simulated"):
         return open_runs
     try:         # the plan its settings define; a settings dict from another version is skipped
@@ -405,7 +404,7 @@ def unfinished_runs(results: dict) -> list[str]:
         fields = {f.name for f in dataclasses.fields(rse.RunConfig)}
         plan = rse.build_plan(rse.RunConfig(**{k: v for k, v in cfg.items() if k in fields}),
                               rse.PRESETS[cfg["mode"]])
-        done = {e.get("name") for e in exps if e.get("status") in rse.FINAL_STATUSES}
+        done = {e["name"] for e in exps if e["status"] in rse.FINAL_STATUSES}
         open_runs += sorted({e.name for e in plan} - done - set(open_runs))
     except (KeyError, TypeError, ValueError, rse.UserError):
         pass
@@ -434,12 +433,10 @@ def study_from_results(results: dict, path: Path, label: str, n_bootstrap: int, 
     if not saved.get("available"):
         raise rse.UserError(f"{flag}: {path} has no joint law L(N, D) to compare ({saved.get('reason', 'none fitted')})")
     # N counted as the study counted it (the two studies' counts are checked equal), so the refit is its fit
-    points = sorted((dict(p) for p in rse.runs_as_points(results["experiments"], study_identity(results)["n_count"])),
+    points = sorted((dict(p) for p in rse.runs_as_points(results["points"], study_identity(results)["n_count"])),
                     key=lambda p: (p["N"], p["D"], str(p["name"])))
-    by_name = {e.get("name"): e for e in results["experiments"]}
-    for p in points:
-        e = by_name[p["name"]]
-        p["flops_per_token"] = e.get("flops_per_token")
+    for p in points:           # the real FLOPs per token; a simulation's are 6 N (C = 6 N D)
+        p["flops_per_token"] = p["flops"] / p["D"] if not results.get("simulated") else None
     joint = rse.fit_joint_law([p["N"] for p in points], [p["D"] for p in points], [p["loss"] for p in points],
                               n_bootstrap, seed, rows=rse.point_rows(points))
     if not joint.get("available") or joint.get("_samples") is None:

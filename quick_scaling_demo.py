@@ -142,7 +142,7 @@ def law_record(law: str, sweeps: dict, plan: list[rse.Experiment], noise: float,
                              "noise": noise, "seed": seed}, "sweeps": {}}
     for sweep, truth in sweeps.items():
         xs = [e.n_params_nonembedding if sweep == "params" else e.tokens for e in plan
-              if rse.in_sweep(dataclasses.asdict(e), sweep)]
+              if e.has(rse.SWEEP_ROLE[sweep])]
         ys = rse.power_law(xs, truth["a"], truth["b"], truth["c"])
         out["sweeps"][sweep] = {
             "a": truth["a"], "b": truth["b"], "c": truth["c"], "how": truth["how"],
@@ -209,19 +209,20 @@ def synth_curve(exp: rse.Experiment, cfg: rse.RunConfig, initial: float, final: 
 # ----------------------------------------------------------------------------------------------------
 
 def simulate(cfg: rse.RunConfig, preset: rse.Preset, law: str, noise: float, seed: int,
-             multiplier: float = 1.0) -> dict:
-    """A results dict in the runner's schema (fits and predictions still empty), `simulated` and
-    `true_law` added. Raises UserError when the law predicts a run learns nothing.
+             multiplier: float = 1.0) -> tuple[dict, list[dict]]:
+    """(a results dict in the runner's schema with its points table, fits still to make, `simulated` and
+    `true_law` added; the runs' records, curves included, as the runner writes them under runs/).
+    Raises UserError when the law predicts a run learns nothing.
 
-    Which sweep a run is a point of comes from its roles (rse.in_sweep), not its `sweep` name: in a WSD
-    grid (tiny) the data sweep is a row of the parameter sweep's runs. There, Kaplan's two one-variable
-    laws would give a shared run two losses, so every run takes Kaplan's L(N, D) at its own N and D."""
-    plan = rse.build_plan(cfg, preset)
+    Which law a run is a point of comes from its roles: in a WSD grid (tiny) the data sweep is a row of
+    the parameter sweep's runs. There, Kaplan's two one-variable laws would give a shared run two
+    losses, so every run takes Kaplan's L(N, D) at its own N and D."""
+    plan = [dataclasses.replace(e, seed=seed) for e in rse.build_plan(cfg, preset)]
     constants = multiplied_law(JOINT_LAWS[law], multiplier) if law in JOINT_LAWS else None
-    kaplan_grid = law == "kaplan" and any(e.in_data_sweep for e in plan)
+    kaplan_grid = law == "kaplan" and any(e.has(rse.ROLE_N) and e.has(rse.ROLE_D) for e in plan)
     sweeps = {}
     for sweep in ("params", "data"):
-        runs = [e for e in plan if rse.in_sweep(dataclasses.asdict(e), sweep)]
+        runs = [e for e in plan if e.has(rse.SWEEP_ROLE[sweep])]
         if not runs:
             continue
         fixed = {e.tokens if sweep == "params" else e.n_params_nonembedding for e in runs}
@@ -236,15 +237,16 @@ def simulate(cfg: rse.RunConfig, preset: rse.Preset, law: str, noise: float, see
 
     ln_vocab = math.log(cfg.vocab_size)
     z_final = np.random.default_rng([seed, 0]).standard_normal(len(plan))   # one draw per run, plan order
-    experiments = []
+    records = []
     for i, exp in enumerate(plan):
         # a run of the parameter sweep's rows (a WSD branch, or a row going on past the sweep's D): a
         # point of the law at its own D
         if kaplan_grid:
             true_loss = float(kaplan_joint(exp.n_params_nonembedding, exp.tokens))
         else:
-            t = sweeps["data"] if exp.sweep == "data" else sweep_truth(law, "params", exp.tokens, constants)
-            x = exp.tokens if exp.sweep == "data" else exp.n_params_nonembedding
+            on_d = exp.has(rse.ROLE_D) and not exp.has(rse.ROLE_N)      # a point of L(D) alone: its law
+            t = sweeps["data"] if on_d else sweep_truth(law, "params", exp.tokens, constants)
+            x = exp.tokens if on_d else exp.n_params_nonembedding
             true_loss = float(rse.power_law(x, t["a"], t["b"], t["c"]))
         final = true_loss * math.exp(noise * z_final[i])
         rng = np.random.default_rng([seed, 1, i])
@@ -255,18 +257,9 @@ def simulate(cfg: rse.RunConfig, preset: rse.Preset, law: str, noise: float, see
                 f"D={rse.format_count(exp.tokens)}) a loss of {true_loss:.2f}, no better than chance "
                 f"(ln {cfg.vocab_size} = {ln_vocab:.2f}): these runs are far outside the law's range; "
                 f"use --law kaplan, --law tiny or a larger --mode")
-        experiments.append({
-            "name": exp.name, "sweep": exp.sweep, "target": exp.target,
-            "n_params_nonembedding": exp.n_params_nonembedding, "n_params_total": exp.n_params_total,
-            "n_layer": exp.n_layer, "d_model": exp.d_model, "n_head": exp.n_head,
-            "tokens": exp.tokens, "steps": exp.steps, "tokens_per_step": cfg.tokens_per_step,
-            "in_data_sweep": exp.in_data_sweep, "in_param_sweep": exp.in_param_sweep, "epochs": None,
-            "peak_lr": exp.peak_lr, "flops": exp.flops,
-            "seed": seed,
-            "initial_loss": initial, "final_val_loss": final, "true_loss": true_loss, "status": "completed",
-            "wall_time_s": 0.0, "tokens_per_s": None,
-            "curve": synth_curve(exp, cfg, initial, final, noise, rng),
-        })
+        records.append(rse.run_record(exp, None, epochs=None, initial_loss=initial, final_val_loss=final,
+                                      true_loss=true_loss, status="completed", wall_time_s=0.0, tokens_per_s=None,
+                                      curve=synth_curve(exp, cfg, initial, final, noise, rng)))
     true_law = law_record(law, sweeps, plan, noise, seed, multiplier)
     environment = {"device": "simulated", "device_name": "none: losses drawn from a known law, no training",
                    "dtype": None, "torch_version": None, "python_version": platform.python_version(),
@@ -275,16 +268,17 @@ def simulate(cfg: rse.RunConfig, preset: rse.Preset, law: str, noise: float, see
                               "n_characters": None, "tokenizer": "none (simulated)", "tokenizer_path": None,
                               "vocab_size": cfg.vocab_size, "n_train_tokens": None, "n_val_tokens": None,
                               "validation_split": None, "prepare_time_s": 0.0}}
-    return {"schema_version": rse.SCHEMA_VERSION, "mode": cfg.mode, "simulated": True, "true_law": true_law,
-            "config": dataclasses.asdict(cfg), "environment": environment, "experiments": experiments,
-            "fits": {}, "predictions": [], "wall_time_s": 0.0}
+    results = {"schema_version": rse.SCHEMA_VERSION, "mode": cfg.mode, "simulated": True, "true_law": true_law,
+               "config": dataclasses.asdict(cfg), "environment": environment,
+               "points": [rse.point_row(r) for r in records], "fits": {}, "predictions": [], "wall_time_s": 0.0}
+    return results, records
 
 
 def simulated_study(runner_argv: list[str], law: str, noise: float, seed: int, out_dir: Path,
-                    multiplier: float = 1.0) -> dict:
+                    multiplier: float = 1.0) -> tuple[dict, list[dict]]:
     """The runner's plan for these runner arguments (e.g. ['--mode', 'quick']) simulated under `law`
     (made `multiplier` times more compute-efficient): a results dict whose fits are still to be made
-    (rse.finish_results), the range note in true_law."""
+    (rse.finish_results), the range note in true_law, and the runs' records."""
     if multiplier != 1.0 and law not in JOINT_LAWS:
         raise rse.UserError(f"--compute-multiplier needs a law of the form E + A/N^alpha + B/D^beta: use --law "
                             f"{' or --law '.join(JOINT_LAWS)}, not {law}")
@@ -292,20 +286,29 @@ def simulated_study(runner_argv: list[str], law: str, noise: float, seed: int, o
     # the laws below are written in non-embedding N, so the joint law is fitted in that count
     cfg = dataclasses.replace(cfg, data="simulated", device="none", cache_dir="", seed=seed, output_dir=str(out_dir),
                               n_count="non-embedding")
-    results = simulate(cfg, preset, law, noise, seed, multiplier)
+    results, records = simulate(cfg, preset, law, noise, seed, multiplier)
     note = out_of_range_note(results)
     if note:
         results["true_law"]["note"] = note
-    return results
+    return results, records
+
+
+def write_study(results: dict, records: list[dict], out_dir: Path) -> None:
+    """The simulated study as the runner writes one: each run's record under runs/, then results.json
+    with the fits, runs.csv and the figures."""
+    rse.prepare_output_dir(out_dir)
+    store = rse.RunStore(out_dir)
+    for rec in records:
+        store.save(rec)
+    rse.finish_results(results, out_dir)
 
 
 def out_of_range_note(results: dict) -> str | None:
     """Which of the runs lie outside the span the Chinchilla law was fitted on, if any."""
     if results["true_law"]["name"] != "chinchilla":
         return None
-    exps = results["experiments"]
-    n = [e["n_params_nonembedding"] for e in exps]
-    d = [e["tokens"] for e in exps]
+    n = [p["N_nonembedding"] for p in results["points"]]
+    d = [p["D"] for p in results["points"]]
     (n_lo, n_hi), (d_lo, d_hi) = CHINCHILLA_RANGE["N"], CHINCHILLA_RANGE["D"]
     if min(n) >= n_lo and max(n) <= n_hi and min(d) >= d_lo and max(d) <= d_hi:
         return None
@@ -421,19 +424,20 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, opt) is not None:
                 runner_argv += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
         out_dir = Path(args.output_dir)
-        results = simulated_study(runner_argv, args.law, args.noise, args.seed, out_dir, args.compute_multiplier)
+        results, records = simulated_study(runner_argv, args.law, args.noise, args.seed, out_dir,
+                                           args.compute_multiplier)
         rse.prepare_output_dir(out_dir)
     except rse.UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    rse.log(f"simulating mode '{results['mode']}' ({len(results['experiments'])} runs of the runner's plan) "
+    rse.log(f"simulating mode '{results['mode']}' ({len(records)} runs of the runner's plan) "
             f"under the {args.law} law, noise {args.noise:g}, seed {args.seed}: no training")
     for sweep, truth in results["true_law"]["sweeps"].items():
         rse.log(f"  {sweep} sweep: {truth['how']}")
     if results["true_law"].get("note"):
         rse.log(f"  note: {results['true_law']['note']}")
-    rse.finish_results(results, out_dir)
-    rse.print_summary(results, out_dir)
+    write_study(results, records, out_dir)
+    rse.print_summary(results, out_dir, records)
     print_comparison(results)
     rse.log(f"done in {time.time() - t0:.1f}s")
     return 0

@@ -11,23 +11,25 @@ size), fits L(N) = c + a/N^b and L(D) = c + a/D^b, extrapolates to well-known mo
 
 Map of this file, in data-flow order (each section opens with a banner saying what it owns):
      1. errors and small helpers      UserError, size parsing, atomic JSON, the log line
-     2. presets                       modes, experiment plans, model-shape and learning-rate rules
+     2. presets and the run spec      modes, model-shape and learning-rate rules, RunSpec (one run: what
+                                      defines it and which laws it feeds), build_plan
      3. data                          built-in corpus, text/bin loaders, Hugging Face datasets, streaming
                                       BPE tokenizer and token cache, the repetition check, batches
      4. model                         GPTConfig and the GPT-2 style decoder's modules, FLOPs per token
      5. training                      device, LR schedule, TrainState, the Trainer's step loop and its
                                       out-of-memory retries
-     6. resume and checkpoints        a run's identity, checkpoint files, the output folder's records,
-                                      settings checks, signals
+     6. resume and checkpoints        a run's definition and record (from its RunSpec), checkpoint files,
+                                      the output folder's records, settings checks, signals
      7. speed                         peak FLOP/s, MFU, peak memory, the plan's time estimate, --benchmark
      8. distributed and parallel      torchrun ranks (DDP), --shard/--only, --parallel, merging parts
-     9. fitting                       robust power-law and joint L(N, D) fits with bootstrap intervals,
-                                      hold-out checks, compute-optimal allocation, predictions (pure
-                                      functions, no torch)
+     9. fitting                       the points table (one row per run), robust power-law and joint
+                                      L(N, D) fits with bootstrap intervals, hold-out checks,
+                                      compute-optimal allocation, predictions (pure functions, no torch)
     10. figure                        the 2x2 figure and compute_optimal.png
     11. exports                       runs.csv (the runs as a table), the --tracker writers (TensorBoard,
                                       Weights & Biases)
-    12. CLI                           argparse, the run's configuration, prepare -> train -> finish, main()
+    12. CLI                           argparse, the run's configuration, the Session (one owner of a
+                                      command's state), prepare -> train -> finish, main()
 
 `quick_scaling_demo.py` and `compare_quick_vs_real.py` import from this file; nothing is copied.
 """
@@ -104,7 +106,9 @@ except ImportError:
     torch = dist = nn = F = DistributedDataParallel = None
 _Module = nn.Module if nn is not None else object    # base of the model's classes, importable without torch
 
-SCHEMA_VERSION = 1
+# 2: a flat points table (`points`) in place of every run's record (`experiments`, now under runs/ only);
+# roles in place of `sweep`, `in_param_sweep` and `in_data_sweep`. --fit-only reads both.
+SCHEMA_VERSION = 2
 EOT_TOKEN = "<|endoftext|>"
 
 # ----------------------------------------------------------------------------------------------------
@@ -161,11 +165,34 @@ def write_json_atomic(path: Path, obj) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-        f.write("\n")
+        f.write(json_text(obj) + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+JSON_LINE = 100          # json_text: a value whose JSON fits this many characters stays on one line
+
+
+def json_text(obj, level: int = 0) -> str:
+    """JSON for people and editors: indented by two spaces, but a short value, a list of numbers or
+    strings, and each flat row of a table (a list of dicts of scalars) on one line each."""
+    flat = json.dumps(obj, default=_json_default)
+    if not isinstance(obj, (dict, list)) or not obj or len(flat) <= JSON_LINE or is_flat_row(obj) or \
+            (isinstance(obj, list) and not any(isinstance(v, (dict, list)) for v in obj)):
+        return flat
+    pad, inner = "  " * level, "  " * (level + 1)
+    if isinstance(obj, dict):
+        items = [f"{inner}{json.dumps(str(k))}: {json_text(v, level + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    return "[\n" + ",\n".join(f"{inner}{json_text(v, level + 1)}" for v in obj) + f"\n{pad}]"
+
+
+def is_flat_row(obj) -> bool:
+    """A dict whose values are scalars or lists of scalars: a row of a table."""
+    return isinstance(obj, dict) and all(
+        not isinstance(v, (dict, list)) or (isinstance(v, list) and not any(isinstance(x, (dict, list)) for x in v))
+        for v in obj.values())
 
 
 def _json_default(o):
@@ -204,7 +231,7 @@ def silenced(quiet: bool):
         yield
 
 # ----------------------------------------------------------------------------------------------------
-# 2. presets: the modes, the rule that turns a parameter target into a model shape, the LR rule
+# 2. presets and the run spec: the modes, the shape and LR rules, RunSpec and the plan of RunSpecs
 # ----------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -236,16 +263,11 @@ class Preset:
 
 # tiny: a WSD grid, not two lines. Depth-2 models of width 32, 48, 64, 96, 128 (N = 25K, 57K, 100K, 224K,
 # 397K). The three narrower train once to 8M tokens (3,904 steps of 64 x 32) with cooldowns branched at 1M,
-# 2M and 4M; the two wider to 4M, branched at 1M and 2M (row_steps): the rectangle's costliest corner is
-# left out. L(N) is the five sizes at 4M. The data sweep is the 25K model's row, branched also halfway
-# (in log D) between its horizons: seven sizes from 1M to 8M for a few seconds of cooldowns, so L(D)'s
-# hold-out refits c + a/D^b on six points (on four, a pure power law on three missed English text by
-# -3.3%). 21 points. Measured against the rectangle before it (widths 16-96 at 0.5M-8M): the width-16
-# row was flatter than E + A/N^alpha + B/D^beta allows (residuals -4.4% to +2.7%), and without a wider
-# model the tokens-per-parameter interval at 1e18 FLOPs spanned 300-375x on the built-in corpus; this
-# grid, 14x. A 32-token context and a 512-token BPE make these sizes bend toward a floor within the
-# budget: at context 128 the larger models still lost a constant or growing amount per doubling of D,
-# so no fit found E. Measured designs are in docs/schedules.md.
+# 2M and 4M; the two wider to 4M, branched at 1M and 2M (row_steps), which leaves out the grid's costliest
+# corner. L(N) is the five sizes at 4M. The data sweep is the 25K model's row, branched also halfway (in
+# log D) between its horizons, so L(D)'s hold-out refits on six points for a few seconds of cooldowns.
+# 21 points. A 32-token context and a 512-token BPE make these sizes bend toward a floor within the
+# budget, so the joint law can find E. Why this grid and not the designs before it: docs/schedules.md.
 PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", (25_000, 56_000, 100_000, 220_000, 400_000),
                    tuple(s * 2048 for s in (488, 690, 976, 1380, 1952, 2760, 3904)),    # 1M-8M, the 25K row
@@ -328,32 +350,72 @@ def default_peak_lr(d_model: int, lr_width: float = 0.4, lr_cap: float | None = 
     return lr_width / d_model if lr_cap is None else min(lr_cap, lr_width / d_model)
 
 
-@dataclass
-class Experiment:
-    """One training run of the plan."""
+# What a run feeds: its roles, as the plan decides them. A run can feed several (tiny's 25K run at 4M
+# tokens is a point of L(N), of L(D) and of the joint law); a WSD branch feeds them like any other run.
+ROLE_N, ROLE_D, ROLE_JOINT = "L(N)", "L(D)", "joint"
+ROLE_VALIDATION = "validation"     # --validate's run: a check of the fits, never fitted
+ROLE_LR = "lr-sweep"               # --lr-sweep's runs: a parabola per size, no scaling law
+ROLES = (ROLE_N, ROLE_D, ROLE_JOINT, ROLE_VALIDATION, ROLE_LR)
+SWEEP_ROLE = {"params": ROLE_N, "data": ROLE_D}        # the one-variable fits by the name the figure uses
+
+FROM_CONFIG = {"from_config": True}      # a run setting copied from the command's RunConfig
+NOT_DEFINING = {"defines": False}        # recorded, but changing it does not change the run
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the plan, frozen, built by build_plan and nowhere else. Its fields are the one list of
+    what defines a run: the definition (run_definition), its hash, the settings check, the merge check of
+    --fit-only and the run's record all derive from them, so a setting added here reaches all five.
+    `roles` and `target` say what the run is for and are not part of the definition."""
     name: str
-    sweep: str                     # "params" or "data"
-    target: int                    # the preset's N (params sweep) or D (data sweep)
     n_layer: int
     d_model: int
     n_head: int
     steps: int
-    tokens: int                    # tokens actually trained on: steps * tokens_per_step
     peak_lr: float
-    n_params_nonembedding: int
-    n_params_total: int
-    seed: int = 0                  # with --seeds, one Experiment per (definition, seed)
+    seed: int = 0                  # with --seeds, one RunSpec per (run, seed)
     warmup_steps: int | None = None     # None: warmup_frac of this run's steps (timing probes)
     branch_of: str | None = None   # WSD: the stable run whose state at branch_step this cooldown starts from
     branch_step: int = 0
     branch_points: tuple[int, ...] = ()    # a stable run: the steps where its branches leave it
-    in_data_sweep: bool = False    # WSD: a parameter-sweep run that is also a point of the data sweep
-    # rows that end at different D (row_steps): True for the runs at the D every row reaches, the 1-D
-    # L(N)'s points; False for the row's other runs. None: the parameter sweep is the stable runs.
-    in_param_sweep: bool | None = None
     # --lr-sweep: the ladder run whose initialisation and batches this run reuses, so that within a size
     # only the learning rate differs between multipliers
     draws_of: str | None = None
+    arch: str = field(default="gpt2", metadata=FROM_CONFIG)
+    vocab_size: int = field(default=0, metadata=FROM_CONFIG)
+    context_length: int = field(default=0, metadata=FROM_CONFIG)
+    batch_size: int = field(default=0, metadata=FROM_CONFIG)
+    grad_accum: int = field(default=1, metadata=FROM_CONFIG)
+    warmup_frac: float = field(default=0.1, metadata=FROM_CONFIG)
+    min_lr_frac: float = field(default=0.1, metadata=FROM_CONFIG)
+    weight_decay: float = field(default=0.01, metadata=FROM_CONFIG)
+    grad_clip: float = field(default=1.0, metadata=FROM_CONFIG)
+    schedule: str = field(default="cosine", metadata=FROM_CONFIG)
+    cooldown_frac: float = field(default=0.2, metadata=FROM_CONFIG)
+    cooldown_shape: str = field(default="1-sqrt", metadata=FROM_CONFIG)
+    eval_interval: int = field(default=250, metadata=FROM_CONFIG)
+    eval_batches: int = field(default=20, metadata=FROM_CONFIG)
+    log_interval: int = field(default=50, metadata=FROM_CONFIG)
+    roles: tuple[str, ...] = field(default=(), metadata=NOT_DEFINING)
+    target: int = field(default=0, metadata=NOT_DEFINING)    # the preset's N or D this run was sized for
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.context_length * self.grad_accum
+
+    @property
+    def tokens(self) -> int:
+        """D: the tokens the run is trained on, steps x tokens per step (a branch's include its stable run's)."""
+        return self.steps * self.tokens_per_step
+
+    @property
+    def n_params_nonembedding(self) -> int:
+        return n_params_nonembedding(self.n_layer, self.d_model, self.arch)
+
+    @property
+    def n_params_total(self) -> int:
+        return n_params_total(self.n_layer, self.d_model, self.vocab_size, self.context_length, self.arch)
 
     @property
     def trained_steps(self) -> int:
@@ -377,6 +439,19 @@ class Experiment:
     def run_id(self) -> str:
         """Unique per run: names a run's record under runs/ and its checkpoint."""
         return f"{self.name}-seed{self.seed}"
+
+    def has(self, role: str) -> bool:
+        return role in self.roles
+
+
+def config_settings(cfg) -> dict:
+    """The RunSpec fields every run of a plan copies from the command's RunConfig."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunSpec) if f.metadata.get("from_config")}
+
+
+def run_definition_keys(spec: RunSpec | type = RunSpec) -> list[str]:
+    """The names of the settings that define a run: the spec's fields but the NOT_DEFINING ones."""
+    return [f.name for f in dataclasses.fields(spec) if f.metadata.get("defines", True)]
 
 
 @dataclass(frozen=True)
@@ -490,13 +565,19 @@ def shared_data_model(cfg: RunConfig, preset: Preset, horizons: list[int]) -> in
                 None)
 
 
-def build_plan(cfg: RunConfig, preset: Preset) -> list[Experiment]:
-    """The parameter sweep (every size, cfg.steps steps) then the data sweep (one size, D tokens each).
-    Under WSD a model trains once: with --horizons each parameter-sweep run branches a cooldown at every
-    shorter horizon (sweep "horizons"), and the data sweep is one run to the largest D whose branches
-    give the others. When the data sweep's model is one of the parameter sweep's sizes and its lengths
-    are that size's horizons, those runs are the data sweep (`in_data_sweep`) and nothing trains twice.
-    Branches come before their stable run, in the order they are trained."""
+def with_roles(spec: RunSpec, *roles: str) -> RunSpec:
+    """The spec with these roles added, in ROLES' order."""
+    return dataclasses.replace(spec, roles=tuple(r for r in ROLES if r in spec.roles or r in roles))
+
+
+def build_plan(cfg: RunConfig, preset: Preset) -> list[RunSpec]:
+    """Every run of the command, each a frozen RunSpec with its roles: the parameter sweep (every size,
+    cfg.steps steps) and the data sweep (one size, D tokens each), every run a point of the joint law.
+    Under WSD a model trains once: with --horizons each size's stable run branches a cooldown at every
+    shorter horizon, and the data sweep is one run to the largest D whose branches give the others.
+    When the data sweep's model is one of the parameter sweep's sizes and its lengths are that size's
+    horizons, that row is the data sweep (L(D)) and nothing trains twice. L(N)'s points are the runs at
+    the D every row reaches. Branches come before their stable run, in the order they are trained."""
     if cfg.horizons and cfg.schedule != "wsd":
         raise UserError("--horizons branches cooldowns off a constant learning rate: add --schedule wsd")
     if cfg.lr_multipliers:
@@ -504,7 +585,7 @@ def build_plan(cfg: RunConfig, preset: Preset) -> list[Experiment]:
     tps, warmup = cfg.tokens_per_step, plan_warmup_steps(cfg)
     schedule = schedule_of(cfg, warmup)
 
-    def make(name, sweep, target, n_target, steps, branch_of=None):
+    def make(name, target, n_target, steps, branch_of=None):
         n_layer, d_model, n_head = choose_shape(n_target, preset)
         branch_step = schedule.cooldown_start(steps) if branch_of else 0
         if branch_of and branch_step < warmup:
@@ -512,13 +593,11 @@ def build_plan(cfg: RunConfig, preset: Preset) -> list[Experiment]:
                    else " (or fewer tokens per step)")
             raise UserError(f"{name}: a WSD branch of {steps} steps would start its cooldown at step "
                             f"{branch_step}, inside the {warmup}-step warmup; choose longer horizons{fix}")
-        return Experiment(
-            name=name, sweep=sweep, target=target, n_layer=n_layer, d_model=d_model, n_head=n_head,
-            steps=steps, tokens=steps * tps,
-            peak_lr=cfg.lr if cfg.lr is not None else default_peak_lr(d_model, preset.lr_width, preset.lr_cap),
-            n_params_nonembedding=n_params_nonembedding(n_layer, d_model, cfg.arch),
-            n_params_total=n_params_total(n_layer, d_model, cfg.vocab_size, cfg.context_length, cfg.arch),
-            warmup_steps=warmup, branch_of=branch_of, branch_step=branch_step)
+        return RunSpec(name=name, n_layer=n_layer, d_model=d_model, n_head=n_head, steps=steps,
+                       peak_lr=cfg.lr if cfg.lr is not None else default_peak_lr(d_model, preset.lr_width,
+                                                                                 preset.lr_cap),
+                       warmup_steps=warmup, branch_of=branch_of, branch_step=branch_step,
+                       roles=(ROLE_JOINT,), target=target, **config_settings(cfg))
 
     def with_branches(main, branches):
         return [*branches, dataclasses.replace(main, branch_points=tuple(b.branch_step for b in branches))]
@@ -528,22 +607,21 @@ def build_plan(cfg: RunConfig, preset: Preset) -> list[Experiment]:
     rows = [data_steps(cfg) if n == shared else row             # the data sweep's row: its lengths
             for n, row in zip(cfg.param_sizes, row_horizons(cfg, horizons))]
     common = min(row[-1] for row in rows)       # the steps every row reaches: the 1-D L(N)'s D
-    ragged = len({row[-1] for row in rows}) > 1
     for n, steps in zip(cfg.param_sizes, rows):
-        main = make(f"params-N{format_count(n)}", "params", n, n, steps[-1])
-        row = with_branches(main, [make(f"{main.name}@{format_count(h * tps)}", "horizons", n, n, h, main.name)
+        main = make(f"params-N{format_count(n)}", n, n, steps[-1])
+        row = with_branches(main, [make(f"{main.name}@{format_count(h * tps)}", n, n, h, main.name)
                                    for h in steps[:-1]])
-        if ragged:
-            row = [dataclasses.replace(e, in_param_sweep=e.steps == common) for e in row]
-        plan += [dataclasses.replace(e, in_data_sweep=True) for e in row] if n == shared else row
+        row = [with_roles(e, ROLE_N) if e.steps == common else e for e in row]
+        plan += [with_roles(e, ROLE_D) for e in row] if n == shared else row
     if cfg.data_sizes and shared is None:
         sizes = sorted(cfg.data_sizes)
-        data_main = make(f"data-D{format_count(sizes[-1])}", "data", sizes[-1], cfg.data_model_size,
+        data_main = make(f"data-D{format_count(sizes[-1])}", sizes[-1], cfg.data_model_size,
                          max(1, round(sizes[-1] / tps)))
-        others = [make(f"data-D{format_count(d)}", "data", d, cfg.data_model_size, max(1, round(d / tps)),
+        others = [make(f"data-D{format_count(d)}", d, cfg.data_model_size, max(1, round(d / tps)),
                        data_main.name if cfg.schedule == "wsd" else None) for d in sizes[:-1]]
-        plan += with_branches(data_main, [b for b in others if b.branch_of]) if cfg.schedule == "wsd" \
+        data = with_branches(data_main, [b for b in others if b.branch_of]) if cfg.schedule == "wsd" \
             else [*others, data_main]
+        plan += [with_roles(e, ROLE_D) for e in data]
     return plan
 
 # --lr-sweep: each size of the ladder at a few multiples of its learning-rate rule, at one short horizon
@@ -574,7 +652,7 @@ def lr_multiplier_of(name: str) -> float:
     return float(name.rsplit("-x", 1)[1])
 
 
-def build_lr_sweep_plan(cfg: RunConfig, preset: Preset) -> list[Experiment]:
+def build_lr_sweep_plan(cfg: RunConfig, preset: Preset) -> list[RunSpec]:
     """One run per (size, multiplier) of `lr_sweep_steps` steps under the plan's schedule and warmup.
     Each reuses its size's ladder run's initialisation and batches (`draws_of`), so within a size only
     the peak LR differs; under WSD the 1x run is the computation of the ladder's branch at that horizon."""
@@ -587,12 +665,10 @@ def build_lr_sweep_plan(cfg: RunConfig, preset: Preset) -> list[Experiment]:
         n_layer, d_model, n_head = choose_shape(n, preset)
         rule = cfg.lr if cfg.lr is not None else default_peak_lr(d_model, preset.lr_width, preset.lr_cap)
         for m in cfg.lr_multipliers:
-            plan.append(Experiment(
-                name=f"lr-N{format_count(n)}-x{m:g}", sweep="lr", target=n, n_layer=n_layer, d_model=d_model,
-                n_head=n_head, steps=steps, tokens=steps * cfg.tokens_per_step, peak_lr=rule * m,
-                n_params_nonembedding=n_params_nonembedding(n_layer, d_model, cfg.arch),
-                n_params_total=n_params_total(n_layer, d_model, cfg.vocab_size, cfg.context_length, cfg.arch),
-                warmup_steps=warmup, draws_of=f"params-N{format_count(n)}"))
+            plan.append(RunSpec(
+                name=f"lr-N{format_count(n)}-x{m:g}", n_layer=n_layer, d_model=d_model, n_head=n_head,
+                steps=steps, peak_lr=rule * m, warmup_steps=warmup, draws_of=f"params-N{format_count(n)}",
+                roles=(ROLE_LR,), target=n, **config_settings(cfg)))
     return plan
 
 # ----------------------------------------------------------------------------------------------------
@@ -621,9 +697,11 @@ CAPPED_VAL_CHARS = 8_000_000
 # Before a capped preparation the tokenizer does not exist yet, so its BPE sample is bounded in
 # characters: the cap times this (English runs ~4 characters per token at these vocabularies).
 CAPPED_BPE_CHARS_PER_TOKEN = 4
-# The built-in corpus (Python source) at the tiny preset's 2,048-token BPE: 31.5M characters, 10.5M
-# tokens. Used only to say how many epochs a plan would read of it.
-BUILTIN_CHARS_PER_TOKEN = 3.0
+# Characters per token of the built-in corpus (Python source, 31.5M characters) under a BPE of each
+# measured vocabulary: 15.1M tokens at 512 (tiny), 10.5M at 2,048. Used only to say how many epochs a
+# plan would read before the corpus is tokenized; another vocabulary takes the largest measured one
+# below it (fewer characters per token than it will have: epochs read high, never low).
+BUILTIN_CHARS_PER_TOKEN = {512: 2.09, 2048: 3.0}
 HUB_HOST = "huggingface.co"
 HUB_TIMEOUT_S = 3.0
 # Muennighoff et al. 2023: up to ~4 epochs repeated tokens are worth almost as much as fresh ones.
@@ -1299,11 +1377,16 @@ def hub_unreachable_reason(host: str = HUB_HOST, timeout_s: float = HUB_TIMEOUT_
     return f"no connection to {host} ({outcome.get('error', f'no answer in {timeout_s:.0f}s')})"
 
 
-def builtin_epochs(plan_tokens: int) -> float:
+def builtin_chars_per_token(vocab_size: int) -> float:
+    measured = [v for v in BUILTIN_CHARS_PER_TOKEN if v <= vocab_size] or [min(BUILTIN_CHARS_PER_TOKEN)]
+    return BUILTIN_CHARS_PER_TOKEN[max(measured)]
+
+
+def builtin_epochs(plan_tokens: int, vocab_size: int) -> float:
     """Epochs of the built-in corpus's training split that `plan_tokens` would read, estimated from its
-    size in characters (BUILTIN_CHARS_PER_TOKEN; 95% of it is training text)."""
+    size in characters (builtin_chars_per_token; 95% of it is training text)."""
     n_chars = sum(p.stat().st_size for p in builtin_corpus_files()[1])
-    return plan_tokens / (n_chars * (1 - 1 / VAL_EVERY) / BUILTIN_CHARS_PER_TOKEN)
+    return plan_tokens / (n_chars * (1 - 1 / VAL_EVERY) / builtin_chars_per_token(vocab_size))
 
 
 def check_hub_reachable(cfg: RunConfig, preset: Preset) -> None:
@@ -1315,7 +1398,7 @@ def check_hub_reachable(cfg: RunConfig, preset: Preset) -> None:
     if reason is None:
         return
     largest = max(e.tokens for e in build_plan(cfg, preset))
-    epochs = builtin_epochs(largest)
+    epochs = builtin_epochs(largest, cfg.vocab_size)
     epochs_text = f"{epochs:.0f}" if epochs >= 10 else f"{epochs:.1f}"
     default = f" (the default of --mode {cfg.mode})" if cfg.data == default_data(cfg.mode) else ""
     raise UserError(f"--data {cfg.data}{default} streams from the Hugging Face Hub, which cannot be reached: "
@@ -1330,7 +1413,7 @@ def check_data_budget(plan: list, n_train_tokens: int, no_repeat: bool = False) 
     tokens). With `no_repeat`, a plan in which any run needs more tokens than the split holds is refused
     with the number missing. Runs sample windows at random offsets, so even under one epoch a window can
     recur; this check guarantees only that the corpus is large enough for one pass."""
-    runs = [{"name": e.name, "sweep": e.sweep, "tokens": int(e.tokens),
+    runs = [{"name": e.name, "tokens": int(e.tokens),
              "epochs": round(e.tokens / n_train_tokens, 4),
              "tokens_missing": max(0, int(e.tokens) - int(n_train_tokens))} for e in plan]
     short = [r for r in runs if r["tokens_missing"] > 0]
@@ -1506,10 +1589,8 @@ class Block(_Module):
 def init_std(d_model: int) -> float:
     """Initial standard deviation of the attention's qkv and the MLP's first layer: sqrt(2 / (5 d_model)),
     the "small init" of Nguyen & Salazar 2019 that GPT-NeoX and Pythia use. It is GPT-2's 0.02 at d_model
-    1,000 and grows as 1/sqrt(d_model) below it. With GPT-2's fixed 0.02, tiny's narrow models sat on a
-    plateau near the unigram loss for a random 100-250 steps: three seeds of the 56K model ended 488 steps
-    of English text at 3.53, 3.28 and 3.27; with this rule (and zero residual projections) at 3.10, 3.10
-    and 3.10 (docs/schedules.md)."""
+    1,000 and grows as 1/sqrt(d_model) below it: GPT-2's fixed 0.02 left tiny's narrow models on a plateau
+    near the unigram loss for a random number of steps (the measurements are in docs/schedules.md)."""
     return math.sqrt(2.0 / (5.0 * d_model))
 
 
@@ -1533,10 +1614,14 @@ class GPT(_Module):
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
         std = init_std(config.d_model)
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):    # each block's residual branches start at zero (identity)
+        # the layers that write into the residual stream start at zero, so each block starts as the
+        # identity; the embeddings at GPT-2's 0.02, so the tied output layer starts near uniform
+        residual_out = {id(b.attn.proj.weight) for b in self.blocks} | {id(b.mlp.proj.weight) for b in self.blocks}
+        embeddings = {id(m.weight) for m in (self.tok_emb, self.pos_emb) if m is not None}
+        for name, p in self.named_parameters():      # in registration order: the random draws depend on it
+            if id(p) in residual_out:
                 nn.init.zeros_(p)
-            elif name.endswith("emb.weight"):   # GPT-2's: the tied output layer starts near uniform
+            elif id(p) in embeddings:
                 nn.init.normal_(p, 0.0, 0.02)
             elif p.dim() == 2:                  # the attention's qkv and the MLP's first layer
                 nn.init.normal_(p, 0.0, std)
@@ -1813,24 +1898,15 @@ class TrainState:
         ok = torch.isfinite(torch.stack(self.window)).cpu()
         return None if bool(ok.all()) else int((~ok).nonzero()[0, 0])
 
-    def record(self, exp: Experiment, trainer: "Trainer", status: str, steps_done: int) -> dict:
-        """This run's entry in results.json (and its file under runs/)."""
+    def record(self, exp: RunSpec, trainer: "Trainer", status: str, steps_done: int) -> dict:
+        """This run's record (its file under runs/; results.json's points table holds its row)."""
         cfg, vocab = trainer.cfg, trainer.corpus.vocab_size
-        definition = experiment_definition(exp, cfg, trainer.corpus.record)
         wall_s = self.wall_time_s if status != "out_of_memory" else 0.0
         trained = max(0, steps_done - exp.branch_step) * cfg.tokens_per_step     # a branch: its cooldown
         tok_s = trained / max(wall_s, 1e-9)                 # the whole run: evaluations, checkpoints too
-        return {
-            "name": exp.name, "run_id": exp.run_id, "seed": exp.seed, "sweep": exp.sweep, "target": exp.target,
-            "n_params_nonembedding": exp.n_params_nonembedding, "n_params_total": exp.n_params_total,
-            "n_layer": exp.n_layer, "d_model": exp.d_model, "n_head": exp.n_head,
-            "tokens": exp.tokens, "steps": exp.steps, "tokens_per_step": cfg.tokens_per_step,
-            "tokens_processed": trained, "arch": cfg.arch, "schedule": cfg.schedule, "warmup_steps": exp.warmup_steps,
-            "branch_of": exp.branch_of, "branch_step": exp.branch_step if exp.branch_of else None,
-            "in_data_sweep": exp.in_data_sweep, "in_param_sweep": exp.in_param_sweep,
-            "epochs": round(exp.tokens / len(trainer.corpus.train), 4),
-            "peak_lr": exp.peak_lr,
-            "flops": exp.flops, "initial_loss": self.initial_loss,
+        return run_record(exp, trainer.corpus.record, **{
+            "tokens_processed": trained, "epochs": round(exp.tokens / len(trainer.corpus.train), 4),
+            "initial_loss": self.initial_loss,
             "final_val_loss": self.curve["val_loss"][-1] if status == "completed" else None,
             "status": status, "steps_done": steps_done,
             "diverged_at_step": self.diverged[0] if self.diverged else None,
@@ -1845,9 +1921,7 @@ class TrainState:
             "micro_batch_size": math.ceil(cfg.batch_size / self.micro_split),
             "micro_steps_per_step": cfg.grad_accum * self.micro_split,
             "oom_retries": list(self.oom_events), "resumed_at_steps": list(self.resumed_at_steps),
-            "experiment_hash": definition_hash(definition), "definition": definition,
-            "curve": self.curve,
-        }
+            "curve": self.curve})
 
 
 @dataclass
@@ -1877,7 +1951,6 @@ class Trainer:
         self._peak: tuple[float, str] | None = None
         self._compiled_shape: tuple[int, int] | None = None    # (n_layer, d_model) whose code Dynamo holds
         # called with (branch, record) as each WSD cooldown branch finishes; the CLI saves the record
-        self.on_branch_done: Callable[[Experiment, dict], None] = lambda branch, record: None
         self.tracker: Tracker = NullTracker()      # the CLI's --tracker; each point as it is logged
 
     @property
@@ -1887,7 +1960,7 @@ class Trainer:
             self._peak = device_peak_flops(self.device, self.cfg.peak_tflops)
         return self._peak
 
-    def mfu(self, exp: Experiment, tokens_per_s: float) -> float:
+    def mfu(self, exp: RunSpec, tokens_per_s: float) -> float:
         """tokens_per_s counts the global batch, which every torchrun rank's device shares."""
         fpt = flops_per_token(exp.n_layer, exp.d_model, self.corpus.vocab_size, self.cfg.context_length,
                               self.cfg.arch)
@@ -1898,7 +1971,7 @@ class Trainer:
             return torch.autocast(device_type=self.device.name, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def new_model(self, exp: Experiment, seed: int, micro_split: int = 1) -> RunModel:
+    def new_model(self, exp: RunSpec, seed: int, micro_split: int = 1) -> RunModel:
         """The run's model initialised from `seed`; compiled on CUDA by default (evaluation uses the eager
         one); under torchrun wrapped in DistributedDataParallel (compile inside DDP, as PyTorch advises,
         so DDP's gradient hooks stay eager)."""
@@ -1959,7 +2032,7 @@ class Trainer:
         # equal shares per rank, so the mean over ranks is the mean over the whole validation set
         return float(self.dist.mean_(torch.stack(losses).sum() / cfg.eval_batches))
 
-    def train_step(self, rm: RunModel, exp: Experiment, step: int, micro_split: int = 1):
+    def train_step(self, rm: RunModel, exp: RunSpec, step: int, micro_split: int = 1):
         """One optimizer step over grad_accum micro-batches; returns the mean train loss as a device tensor
         (so the step loop need not wait for the device) and the learning rate."""
         cfg = self.cfg
@@ -1993,22 +2066,21 @@ class Trainer:
 
     # --- one run: start or resume, the step loop, and what each step may also do --------------------
 
-    def train(self, exp: Experiment, branches: list[Experiment] = ()) -> dict:
-        """Train `exp` and return its record; on a CUDA or MPS out-of-memory error retry it with half the
-        micro-batch and twice the micro-steps (the same sequences per optimizer step), from its latest
-        checkpoint if it has one. Gives up with status "out_of_memory" once a micro-batch would be less
-        than one sequence."""
+    def train(self, exp: RunSpec, branches: list[RunSpec] = (),
+              on_branch_done: Callable[[RunSpec, dict], None] = lambda branch, record: None) -> dict:
+        """Train `exp` and return its record; each branch's record goes to `on_branch_done` as it
+        finishes. On a CUDA or MPS out-of-memory error retry with half the micro-batch and twice the
+        micro-steps (the same sequences per optimizer step), from its latest checkpoint if it has one.
+        Gives up with status "out_of_memory" once a micro-batch would be less than one sequence."""
         micro_split, oom_events, finished = 1, [], set()
-        report = self.on_branch_done
 
         def branch_done(branch, record):      # a retry after an out-of-memory error skips finished branches
             finished.add(branch.run_id)
-            report(branch, record)
-        self.on_branch_done = branch_done
+            on_branch_done(branch, record)
         while True:
             try:
                 return self.train_once(exp, micro_split, oom_events,
-                                       [b for b in branches if b.run_id not in finished])
+                                       [b for b in branches if b.run_id not in finished], branch_done)
             except Exception as e:
                 if not is_out_of_memory(e):
                     raise
@@ -2026,7 +2098,6 @@ class Trainer:
                 log(f"[{exp.run_id}] out of memory even with micro-batches of {before} sequence(s): giving up "
                     f"on this run ({message}); the others continue")
                 oom_events.append({"micro_batch_size": before, "error": message, "gave_up": True})
-                self.on_branch_done = report
                 state = TrainState(micro_split=micro_split, oom_events=oom_events)
                 return state.record(exp, self, "out_of_memory", 0)
             micro_split *= 2
@@ -2043,8 +2114,8 @@ class Trainer:
         elif self.device.name == "mps":
             torch.mps.empty_cache()
 
-    def train_once(self, exp: Experiment, micro_split: int = 1, oom_events: list | None = None,
-                   branches: list[Experiment] = ()) -> dict:
+    def train_once(self, exp: RunSpec, micro_split: int = 1, oom_events: list | None = None,
+                   branches: list[RunSpec] = (), on_branch_done=lambda branch, record: None) -> dict:
         """Train one experiment, continuing from its checkpoint if it has one, and return its
         results.json record (status completed or diverged). On a stop request it checkpoints and raises
         TrainingInterrupted."""
@@ -2056,9 +2127,10 @@ class Trainer:
             log(f"[{exp.run_id}] compiled in {rm.compile_s:.1f}s (compile_s; not counted in tok/s or MFU)")
         state = self.start_or_resume(exp, rm, micro_split, oom_events or [])
         state.compile_s = rm.compile_s
-        return self.run_steps(exp, rm, state, branches)
+        return self.run_steps(exp, rm, state, branches, on_branch_done)
 
-    def run_steps(self, exp: Experiment, rm: RunModel, state: TrainState, branches: list[Experiment] = ()) -> dict:
+    def run_steps(self, exp: RunSpec, rm: RunModel, state: TrainState, branches: list[RunSpec] = (),
+                  on_branch_done=lambda branch, record: None) -> dict:
         """The step loop, from state.step to the end of `exp`; at each branch point a cooldown branch
         trains first (train_branch), then the stable run goes on from where it was."""
         branch_at = {b.branch_step: b for b in branches}
@@ -2072,7 +2144,7 @@ class Trainer:
         say = bar.write if bar else log
         for step in range(state.step, exp.steps):
             if step in branch_at:
-                self.train_branch(exp, rm, state, branch_at.pop(step))
+                on_branch_done(*self.train_branch(exp, rm, state, branch_at.pop(step)))
             if self.stop.signum is not None:
                 self.save_checkpoint(exp, rm, state)
                 raise TrainingInterrupted(self.stop.signum, state.record(exp, self, "interrupted", state.step))
@@ -2102,40 +2174,43 @@ class Trainer:
         self.tracker.end_run(exp, record)
         return record
 
-    def train_branch(self, exp: Experiment, rm: RunModel, state: TrainState, branch: Experiment) -> None:
+    def train_branch(self, exp: RunSpec, rm: RunModel, state: TrainState, branch: RunSpec) -> tuple[RunSpec, dict]:
         """Train `branch`'s cooldown from the stable run's state, then put that state back: a branch costs
         only its cooldown. The stable run is checkpointed first, so after a kill inside the branch the same
         command resumes the branch from its own checkpoint and then carries on from here."""
         t0 = time.time()
         self.save_checkpoint(exp, rm, state)
         stable = copy.deepcopy((rm.model.state_dict(), rm.opt.state_dict()))
-        ckpt = self.load_checkpoint(branch)
-        if ckpt is not None:
-            rm.model.load_state_dict(ckpt["model"])
-            rm.opt.load_state_dict(ckpt["optimizer"])
-            set_rng_state(ckpt["rng"], self.device.name)
-            branch_state = TrainState.from_checkpoint(ckpt, self.device.name, state.micro_split, state.oom_events)
-            log(f"[{branch.run_id}] resuming its cooldown from its checkpoint at step {branch_state.step}/{branch.steps}")
-        else:
+        branch_state = self.restore(branch, rm, state.micro_split, state.oom_events)
+        if branch_state is None:
             branch_state = state.branch()
             log(f"[{branch.run_id}] cooldown branch of {exp.run_id} at step {state.step}: {branch.trained_steps} "
                 f"steps to {format_count(branch.tokens)} tokens")
-        self.on_branch_done(branch, self.run_steps(branch, rm, branch_state))
+        record = self.run_steps(branch, rm, branch_state)
         rm.model.load_state_dict(stable[0])
         rm.opt.load_state_dict(stable[1])
         state.pause(time.time() - t0)
+        return branch, record
 
-    def start_or_resume(self, exp: Experiment, rm: RunModel, micro_split: int, oom_events: list) -> TrainState:
-        """The run's state from its checkpoint (model, optimizer and RNGs restored), or a new one whose
-        curve starts with the untrained model's validation loss."""
+    def restore(self, exp: RunSpec, rm: RunModel, micro_split: int, oom_events: list) -> TrainState | None:
+        """The run's state from its checkpoint, with model, optimizer and RNGs restored; None without one."""
         ckpt = self.load_checkpoint(exp)      # every rank reads rank 0's checkpoint
         self.dist.agree(ckpt["step"] if ckpt is not None else 0, f"the step {exp.run_id} resumes from")
-        if ckpt is not None:
-            rm.model.load_state_dict(ckpt["model"])
-            rm.opt.load_state_dict(ckpt["optimizer"])
-            set_rng_state(ckpt["rng"], self.device.name)
-            state = TrainState.from_checkpoint(ckpt, self.device.name, micro_split, oom_events)
-            log(f"[{exp.run_id}] resuming from its checkpoint at step {state.step}/{exp.steps}")
+        if ckpt is None:
+            return None
+        rm.model.load_state_dict(ckpt["model"])
+        rm.opt.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"], self.device.name)
+        state = TrainState.from_checkpoint(ckpt, self.device.name, micro_split, oom_events)
+        what = "its cooldown " if exp.branch_of else ""
+        log(f"[{exp.run_id}] resuming {what}from its checkpoint at step {state.step}/{exp.steps}")
+        return state
+
+    def start_or_resume(self, exp: RunSpec, rm: RunModel, micro_split: int, oom_events: list) -> TrainState:
+        """The run's state from its checkpoint (model, optimizer and RNGs restored), or a new one whose
+        curve starts with the untrained model's validation loss."""
+        state = self.restore(exp, rm, micro_split, oom_events)
+        if state is not None:
             return state
         state = TrainState(micro_split=micro_split, oom_events=oom_events)
         state.initial_loss = self.evaluate(rm.model, micro_split)
@@ -2168,7 +2243,7 @@ class Trainer:
             state.diverged = (state.step_log + bad + 1, state.last_good_loss)
         return False
 
-    def log_step(self, exp: Experiment, state: TrainState, say) -> None:
+    def log_step(self, exp: RunSpec, state: TrainState, say) -> None:
         """One line per log interval: mean train loss, lr, speed, MFU, this run's ETA."""
         train_loss = float(torch.stack(state.window).mean())    # the only host sync of the interval
         state.window = []
@@ -2186,7 +2261,7 @@ class Trainer:
         say(f"[{exp.run_id}] step {state.step}/{exp.steps} | loss {train_loss:.3f} | lr {state.lr:.2e} | "
             f"{tok_s / 1e3:.1f}k tok/s | MFU {100 * self.mfu(exp, tok_s):.1f}% | eta {format_duration(eta)}")
 
-    def evaluate_into(self, exp: Experiment, rm: RunModel, state: TrainState, say) -> bool:
+    def evaluate_into(self, exp: RunSpec, rm: RunModel, state: TrainState, say) -> bool:
         """Evaluate and add the loss to the curve; False (the run diverged) if it is not finite."""
         v = self.evaluate(rm.model, state.micro_split)
         if not math.isfinite(v):
@@ -2199,7 +2274,7 @@ class Trainer:
         say(f"[{exp.run_id}] eval step {state.step}: val loss {v:.4f}")
         return True
 
-    def finish_run(self, exp: Experiment, rm: RunModel, state: TrainState) -> dict:
+    def finish_run(self, exp: RunSpec, rm: RunModel, state: TrainState) -> dict:
         if state.diverged:
             step, good = state.diverged
             log(f"[{exp.run_id}] diverged: non-finite loss at step {step}/{exp.steps} (last finite loss "
@@ -2216,31 +2291,31 @@ class Trainer:
 
     # --- checkpoints of this Trainer's runs (the format and the folder's rules: section 6) -------------
 
-    def save_checkpoint(self, exp: Experiment, rm: RunModel, state: TrainState) -> None:
+    def save_checkpoint(self, exp: RunSpec, rm: RunModel, state: TrainState) -> None:
         """Model, optimizer, RNGs and the run's state, written to a temporary file and renamed, so a kill
         at any moment leaves the previous checkpoint whole. DDP keeps the replicas identical: rank 0's
         state is everyone's."""
         if not self.dist.is_main or self.checkpoints.folder is None:
             return
-        definition = experiment_definition(exp, self.cfg, self.corpus.record)
+        definition = run_definition(exp, self.corpus.record)
         write_checkpoint(self.checkpoints.path(exp.run_id), {
             "format": CHECKPOINT_FORMAT, "run_id": exp.run_id, "experiment_hash": definition_hash(definition),
             "definition": definition, "model": rm.model.state_dict(), "optimizer": rm.opt.state_dict(),
             "rng": rng_state(self.device.name), **state.checkpoint_fields()})
         state.t_ckpt, state.step_ckpt = time.time(), state.step
 
-    def load_checkpoint(self, exp: Experiment) -> dict | None:
+    def load_checkpoint(self, exp: RunSpec) -> dict | None:
         if self.checkpoints.folder is None or not self.checkpoints.path(exp.run_id).exists():
             return None
         path = self.checkpoints.path(exp.run_id)
         # to the CPU: the RNG states must stay CPU ByteTensors; load_state_dict moves weights and moments
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        exp_hash = definition_hash(experiment_definition(exp, self.cfg, self.corpus.record))
+        exp_hash = definition_hash(run_definition(exp, self.corpus.record))
         if ckpt.get("experiment_hash") != exp_hash:          # the CLI refuses this case before training
             raise UserError(f"checkpoint {path} belongs to other settings; pass --fresh to move it aside")
         return ckpt
 
-    def remove_checkpoint(self, exp: Experiment) -> None:
+    def remove_checkpoint(self, exp: RunSpec) -> None:
         if self.checkpoints.folder is not None and not self.checkpoints.keep and self.dist.is_main:
             self.checkpoints.path(exp.run_id).unlink(missing_ok=True)
 
@@ -2248,33 +2323,44 @@ class Trainer:
 # 6. resume and checkpoints: a run's identity, checkpoint files, the output folder, signals
 # ----------------------------------------------------------------------------------------------------
 
-# 2: one warmup for every run of a plan, the schedule and WSD branches in the definition
-DEFINITION_VERSION = 2
+# 3: the definition is RunSpec's defining fields, every one of them for every run (2: one warmup for every
+# run of a plan, the schedule and WSD branches; 1: before WSD)
+DEFINITION_VERSION = 3
+CORPUS_KEYS = ("corpus_sha256", "tokenizer", "validation_split")
 
-def experiment_definition(exp: Experiment, cfg: RunConfig, corpus_record: dict | None) -> dict:
-    """Everything that determines a run's results; its hash decides whether earlier work is reused.
+
+def run_definition(spec: RunSpec, corpus_record: dict | None) -> dict:
+    """Everything that determines a run's results: RunSpec's defining fields and the corpus. Its hash
+    decides whether earlier work is reused.
 
     The device is left out on purpose: a run may continue on another machine (exactly on a CPU, within
     bf16 noise on a GPU), and every record says which device trained it. Without `corpus_record` the
     corpus keys are left out, so settings can be compared before the corpus is prepared.
     """
-    d = {"definition_version": DEFINITION_VERSION, "name": exp.name, "sweep": exp.sweep,
-         "target": exp.target, "n_layer": exp.n_layer, "d_model": exp.d_model, "n_head": exp.n_head,
-         "steps": exp.steps, "tokens": exp.tokens, "peak_lr": exp.peak_lr, "seed": exp.seed,
-         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "context_length": cfg.context_length,
-         "vocab_size": cfg.vocab_size, "warmup_frac": cfg.warmup_frac, "min_lr_frac": cfg.min_lr_frac,
-         "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "eval_interval": cfg.eval_interval,
-         "eval_batches": cfg.eval_batches, "log_interval": cfg.log_interval, "schedule": cfg.schedule,
-         "warmup_steps": exp.warmup_steps}
-    if cfg.arch != "gpt2":         # gpt2's runs keep the hashes they had before --arch existed
-        d["arch"] = cfg.arch
-    if cfg.schedule == "wsd":
-        d.update(cooldown_frac=cfg.cooldown_frac, cooldown_shape=cfg.cooldown_shape, branch_of=exp.branch_of,
-                 branch_step=exp.branch_step, branch_points=list(exp.branch_points))
+    d = {"definition_version": DEFINITION_VERSION}
+    for key in run_definition_keys(spec):
+        value = getattr(spec, key)
+        d[key] = list(value) if isinstance(value, tuple) else value
     if corpus_record is not None:
-        d.update(corpus_sha256=corpus_record.get("sha256"), tokenizer=corpus_record.get("tokenizer"),
-                 validation_split=corpus_record.get("validation_split"))
+        d.update(zip(CORPUS_KEYS, (corpus_record.get("sha256"), corpus_record.get("tokenizer"),
+                                   corpus_record.get("validation_split"))))
     return d
+
+
+def run_record(spec: RunSpec, corpus_record: dict | None, **measured) -> dict:
+    """A run's record, its file under runs/: what its spec says of it, then what was measured (or, in
+    the demo, simulated), then its definition and hash. The runner's, the demo's and --parallel's runs
+    all get theirs here."""
+    definition = run_definition(spec, corpus_record)
+    return {"name": spec.name, "run_id": spec.run_id, "seed": spec.seed, "roles": list(spec.roles),
+            "target": spec.target, "n_params_nonembedding": spec.n_params_nonembedding,
+            "n_params_total": spec.n_params_total, "n_layer": spec.n_layer, "d_model": spec.d_model,
+            "n_head": spec.n_head, "tokens": spec.tokens, "steps": spec.steps,
+            "tokens_per_step": spec.tokens_per_step, "arch": spec.arch, "schedule": spec.schedule,
+            "warmup_steps": spec.warmup_steps, "branch_of": spec.branch_of,
+            "branch_step": spec.branch_step if spec.branch_of else None, "peak_lr": spec.peak_lr,
+            "flops": spec.flops, **measured,
+            "experiment_hash": definition_hash(definition), "definition": definition}
 
 
 def definition_hash(definition: dict) -> str:
@@ -2287,13 +2373,13 @@ def definition_differences(old: dict, new: dict, keys=None) -> list[tuple[str, o
     return [(k, old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)]
 
 
-def init_seed(exp: Experiment) -> int:
+def init_seed(exp: RunSpec) -> int:
     """Initialisation seed of a run: depends on its name and seed only, not on its place in the plan,
     so adding a size to a ladder leaves the other runs (and their hashes) untouched."""
     return int(hashlib.sha256(f"init|{exp.draws_of or exp.name}|{exp.seed}".encode()).hexdigest()[:8], 16)
 
 
-def data_stream_seed(exp: Experiment) -> int:
+def data_stream_seed(exp: RunSpec) -> int:
     """The seed of this run's stream of training batches (with the step, it fixes every batch). A WSD
     branch reads its stable run's stream, so it sees the batches a separate run of its length would."""
     return int(hashlib.sha256((exp.branch_of or exp.draws_of or exp.name).encode()).hexdigest()[:8], 16)
@@ -2367,14 +2453,14 @@ def checkpoint_bytes(n_params_total: int) -> int:
     return 12 * n_params_total + 2**20
 
 
-def required_free_bytes(runs: list[Experiment], keep_checkpoints: bool) -> int:
+def required_free_bytes(runs: list[RunSpec], keep_checkpoints: bool) -> int:
     """Two copies of the largest checkpoint exist for a moment during its atomic replacement; with
     --keep-checkpoints every run's final checkpoint stays. Plus room for records and the figure."""
     sizes = [checkpoint_bytes(e.n_params_total) for e in runs]
     return (sum(sizes) + max(sizes) if keep_checkpoints else 2 * max(sizes)) + 50 * 2**20
 
 
-def check_free_space(out_dir: Path, runs: list[Experiment], keep_checkpoints: bool) -> None:
+def check_free_space(out_dir: Path, runs: list[RunSpec], keep_checkpoints: bool) -> None:
     need = required_free_bytes(runs, keep_checkpoints)
     free = shutil.disk_usage(out_dir).free
     if free < need:
@@ -2386,11 +2472,9 @@ def check_free_space(out_dir: Path, runs: list[Experiment], keep_checkpoints: bo
 
 # statuses that end a run for good; "out_of_memory" and "interrupted" are tried again on the next run
 FINAL_STATUSES = ("completed", "diverged")
-# run-level settings whose change makes earlier results incomparable (sizes and seeds may be extended)
-DEFINING_CONFIG_KEYS = ("mode", "steps", "batch_size", "grad_accum", "context_length", "vocab_size", "lr",
-                        "warmup_frac", "min_lr_frac", "weight_decay", "grad_clip", "eval_interval",
-                        "eval_batches", "log_interval", "seed", "schedule", "cooldown_frac", "cooldown_shape",
-                        "horizons", "warmup_steps")
+# settings of the folder as a whole, checked besides every run's definition: another mode is another
+# study even where two plans share a run's name
+FOLDER_KEYS = ("mode",)
 OPTION_OF = {"mode": "--mode", "steps": "--max-steps", "batch_size": "--batch-size",
              "grad_accum": "--grad-accum", "context_length": "--context-length", "vocab_size": "--vocab-size",
              "lr": "--lr", "peak_lr": "--lr", "schedule": "--schedule", "cooldown_frac": "--cooldown-frac",
@@ -2418,17 +2502,23 @@ def read_results(out_dir: Path, name: str = "results.json") -> dict | None:
         return None
     advice = "it is left untouched: move it away, choose another --output-dir, or pass --fresh to move it aside"
     obj = read_json_file(path, advice)
-    if not (isinstance(obj, dict) and "schema_version" in obj and isinstance(obj.get("experiments"), list)
-            and isinstance(obj.get("config"), dict)):
-        raise UserError(f"{path} was not written by this script (no schema_version, config and experiments); "
-                        f"{advice}")
+    if not (isinstance(obj, dict) and "schema_version" in obj and isinstance(obj.get("config"), dict)):
+        raise UserError(f"{path} was not written by this script (no schema_version and config); {advice}")
     if obj["schema_version"] != SCHEMA_VERSION:
         raise UserError(f"{path} has schema version {obj['schema_version']}, this script writes "
-                        f"{SCHEMA_VERSION}; {advice}")
-    if not all(isinstance(e, dict) and "run_id" in e and "experiment_hash" in e for e in obj["experiments"]):
-        raise UserError(f"{path} holds experiments without resume records (written before resume support); "
-                        f"{advice}")
+                        f"{SCHEMA_VERSION} (--fit-only still reads it); {advice}")
+    if not (isinstance(obj.get("points"), list) and all(isinstance(p, dict) and "run_id" in p for p in obj["points"])):
+        raise UserError(f"{path} has no points table of runs; {advice}")
     return obj
+
+
+def finished_earlier(store: "RunStore", spec: RunSpec, corpus_record: dict | None) -> dict | None:
+    """The run's record under runs/ when it ended for good with this very definition; None otherwise."""
+    rec = store.load(spec.run_id)
+    if rec is not None and rec["status"] in FINAL_STATUSES and \
+            rec["experiment_hash"] == definition_hash(run_definition(spec, corpus_record)):
+        return rec
+    return None
 
 
 class RunStore:
@@ -2453,12 +2543,6 @@ class RunStore:
     def save(self, record: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.path(record["run_id"]), record)
-
-    def recover(self, experiments: list[dict]) -> None:
-        """Records that results.json holds but runs/ lost (deleted by hand) are written back."""
-        for e in experiments:
-            if e.get("status") in FINAL_STATUSES and "definition" in e and not self.path(e["run_id"]).exists():
-                self.save(e)
 
 
 def archive_previous(out_dir: Path, why: str = "--fresh") -> Path | None:
@@ -2517,7 +2601,7 @@ def hold_output_lock(out_dir: Path, results_name: str = "results.json"):
     return f
 
 
-def refuse_changed_settings(existing: dict | None, cfg: RunConfig, runs: list[Experiment], store: RunStore,
+def refuse_changed_settings(existing: dict | None, cfg: RunConfig, runs: list[RunSpec], store: RunStore,
                             checkpoints: CheckpointPolicy, corpus_record: dict | None) -> None:
     """Compare this command with the earlier work in the output folder: results.json's settings and
     the definition of every run that has a record or a checkpoint. Any difference is a UserError that
@@ -2529,18 +2613,18 @@ def refuse_changed_settings(existing: dict | None, cfg: RunConfig, runs: list[Ex
                         f"aside, or choose another --output-dir")
 
 
-def changed_settings(existing: dict | None, cfg: RunConfig, runs: list[Experiment], store: RunStore,
+def changed_settings(existing: dict | None, cfg: RunConfig, runs: list[RunSpec], store: RunStore,
                      checkpoints: CheckpointPolicy, corpus_record: dict | None) -> str | None:
     """The settings in which this command differs from the folder's earlier work, as 'steps 30 -> 20
     (--max-steps, 2 runs); ...', or None when nothing differs."""
     diffs: dict[str, list] = {}          # key -> [old, new, number of runs]
     if existing is not None:
         old_cfg = existing["config"]
-        for key in DEFINING_CONFIG_KEYS:
+        for key in FOLDER_KEYS:
             if key in old_cfg and old_cfg[key] != getattr(cfg, key):
                 diffs[key] = [old_cfg[key], getattr(cfg, key), 0]
     for exp in runs:
-        new = experiment_definition(exp, cfg, corpus_record)
+        new = run_definition(exp, corpus_record)
         earlier = []
         rec = store.load(exp.run_id)
         if rec is not None:
@@ -2559,18 +2643,20 @@ def changed_settings(existing: dict | None, cfg: RunConfig, runs: list[Experimen
     return "; ".join(parts) or None
 
 
-def settle_changed_settings(existing: dict | None, cfg: RunConfig, runs: list[Experiment], store: RunStore,
+def settle_changed_settings(existing: dict | None, cfg: RunConfig, runs: list[RunSpec], store: RunStore,
                             checkpoints: CheckpointPolicy, corpus_record: dict | None, *,
                             archive_on_change: bool, dist_info: Distributed) -> dict | None:
     """Earlier work made with other settings: in the mode's default folder (no --output-dir given,
     `archive_on_change`) it is moved aside as --fresh does and this run starts over; in a folder the
-    user named, a one-line refusal. Returns the earlier results.json still in force (None once moved).
-    Every rank compares before rank 0 moves anything."""
+    user named, a one-line refusal. Then the other parts' results files of a sharded sweep are compared
+    too. Returns the earlier results.json still in force (None once moved). Every rank compares before
+    rank 0 moves anything."""
     changed = changed_settings(existing, cfg, runs, store, checkpoints, corpus_record)
     if changed and not archive_on_change:
         refuse_changed_settings(existing, cfg, runs, store, checkpoints, corpus_record)
     dist_info.barrier()
     if not changed:
+        refuse_other_results_files(Path(cfg.output_dir), cfg, store, checkpoints, corpus_record)
         return existing
     if dist_info.is_main:
         archive_previous(Path(cfg.output_dir), why=f"settings changed ({changed}) in the default output folder")
@@ -2702,7 +2788,7 @@ def available_memory_bytes(device: str) -> tuple[int | None, str]:
         return None, "memory"
 
 
-def check_run_memory(runs: list[Experiment], cfg: RunConfig, device: str,
+def check_run_memory(runs: list[RunSpec], cfg: RunConfig, device: str,
                      available: tuple[int | None, str]) -> str | None:
     """Refuse, in one line, a plan whose largest run cannot fit (estimated_run_memory_bytes); else the
     log line comparing the two. On CUDA an out-of-memory step is retried with smaller micro-batches, so
@@ -2725,12 +2811,12 @@ def check_run_memory(runs: list[Experiment], cfg: RunConfig, device: str,
             f"({memory / gb:.3g} GB)")
 
 
-def probe_experiment(n_layer: int, d_model: int, n_head: int) -> Experiment:
+def probe_experiment(n_layer: int, d_model: int, n_head: int) -> RunSpec:
     """A stand-in run of this shape for timing: small constant lr, never saved or recorded."""
-    return Experiment("probe", "params", 0, n_layer, d_model, n_head, 10**9, 0, 1e-4, 0, 0)
+    return RunSpec("probe", n_layer, d_model, n_head, steps=10**9, peak_lr=1e-4)
 
 
-def plan_shapes(plan: list[Experiment]) -> list[tuple[int, int, int]]:
+def plan_shapes(plan: list[RunSpec]) -> list[tuple[int, int, int]]:
     """The plan's distinct (n_layer, d_model, n_head), smallest first."""
     return sorted({(e.n_layer, e.d_model, e.n_head) for e in plan}, key=lambda s: s[0] * s[1] ** 2)
 
@@ -2770,7 +2856,7 @@ def eval_overhead(cfg: RunConfig) -> float:
     return cfg.eval_batches / (3 * cfg.eval_interval)
 
 
-def estimate_wall_time(trainer: Trainer, plan: list[Experiment], budget_s: float = 30.0) -> dict[str, float]:
+def estimate_wall_time(trainer: Trainer, plan: list[RunSpec], budget_s: float = 30.0) -> dict[str, float]:
     """Seconds per experiment, from a few timed steps of each distinct shape on this device.
 
     Shapes are timed from the smallest up; once a step would take long, the larger shapes are
@@ -2800,7 +2886,7 @@ def estimate_wall_time(trainer: Trainer, plan: list[Experiment], budget_s: float
     return {e.name: e.trained_steps * step_s[(e.n_layer, e.d_model)] * (1 + eval_overhead(cfg)) for e in plan}
 
 
-def plan_progress(runs: list[Experiment], done_ids: set[str], trained_ids: set[str], elapsed_s: float,
+def plan_progress(runs: list[RunSpec], done_ids: set[str], trained_ids: set[str], elapsed_s: float,
                   estimates: dict[str, float] | None) -> dict:
     """How far a plan is: runs and tokens done of the total, and the time left. The time left sums the
     remaining runs' estimates (estimate_wall_time) when there are any; else it scales the seconds per
@@ -2882,7 +2968,7 @@ def benchmark_shape(trainer: Trainer, shape: tuple[int, int, int], steps: int, w
     return row
 
 
-def benchmark(trainer: Trainer, plan: list[Experiment], steps: int = 30, warmup: int = 5,
+def benchmark(trainer: Trainer, plan: list[RunSpec], steps: int = 30, warmup: int = 5,
               reference: bool = True) -> dict:
     """Time `steps` training steps (after `warmup`) of every distinct model shape in the plan; report
     tokens/s, MFU, peak memory and the projected wall time of the whole plan. With `reference`, a plain
@@ -3019,7 +3105,7 @@ PARALLEL_MAX_PARAMS = 100 * 10**6
 CPU_PARALLEL_MAX_PARAMS = 10**6
 CPU_PARALLEL_MIN_FLOPS = 1e12
 
-def estimated_run_memory_bytes(exp: Experiment, cfg: RunConfig) -> int:
+def estimated_run_memory_bytes(exp: RunSpec, cfg: RunConfig) -> int:
     """Rough device memory of one run: fp32 weights, gradients and AdamW's two moments (16 bytes per
     parameter); activations of a micro-batch at about 34 bytes per (token, layer, channel) (Korthikanti
     et al. 2022, 16-bit, attention by a fused kernel); fp32 logits and their gradient; 1 GiB for the CUDA
@@ -3029,7 +3115,7 @@ def estimated_run_memory_bytes(exp: Experiment, cfg: RunConfig) -> int:
     return int(16 * exp.n_params_total + activations + 2**30)
 
 
-def default_parallel(runs: list[Experiment], cfg: RunConfig, device: str, memory_bytes: int | None) -> int:
+def default_parallel(runs: list[RunSpec], cfg: RunConfig, device: str, memory_bytes: int | None) -> int:
     """How many runs share the device when --parallel is not given. On CUDA, where small models leave
     most of a GPU idle: if every model is under PARALLEL_MAX_PARAMS total parameters, as many runs as fit
     in 90% of the GPU's free memory at once (by estimated_run_memory_bytes of the largest), at most
@@ -3049,7 +3135,7 @@ def default_parallel(runs: list[Experiment], cfg: RunConfig, device: str, memory
     return max(1, min(PARALLEL_MAX, units, fit))
 
 
-def runs_at_once(scope: RunScope, under_torchrun: bool, todo: list[Experiment], cfg: RunConfig,
+def runs_at_once(scope: RunScope, under_torchrun: bool, todo: list[RunSpec], cfg: RunConfig,
                  device: str) -> int:
     """--parallel K, else 1 for a --parallel child and under torchrun (every rank is already one of a
     run's processes), else default_parallel."""
@@ -3067,7 +3153,7 @@ def gpu_memory_bytes(device: str) -> int | None:
     return int(torch.cuda.mem_get_info()[0])
 
 
-def balance_runs(runs: list[Experiment], k: int) -> list[list[Experiment]]:
+def balance_runs(runs: list[RunSpec], k: int) -> list[list[RunSpec]]:
     """Split runs into k groups of similar total FLOPs (largest first, each to the lightest group), each
     group in plan order. Which process trains a run does not change its result."""
     def cost(e):        # total parameters: a small model's tied output layer is most of its work
@@ -3107,7 +3193,7 @@ class RunScope:
             return f"results.only-{key}.json"
         return "results.json"
 
-    def record(self, runs: list[Experiment]) -> dict:
+    def record(self, runs: list[RunSpec]) -> dict:
         return {"shard": f"{self.shard[0]}/{self.shard[1]}" if self.shard else None, "only": self.only,
                 "run_ids": [e.run_id for e in runs],
                 "note": "part of a sweep: merge every part with --fit-only on this folder"}
@@ -3137,12 +3223,12 @@ def scope_from_args(args, argv: list[str]) -> RunScope:
                     parallel=args.parallel, argv=argv)
 
 
-def training_unit(exp: Experiment) -> tuple[str, int]:
+def training_unit(exp: RunSpec) -> tuple[str, int]:
     """A WSD stable run and its cooldown branches train together in one process; any other run alone."""
     return exp.branch_of or exp.name, exp.seed
 
 
-def select_runs(runs: list[Experiment], scope: RunScope) -> list[Experiment]:
+def select_runs(runs: list[RunSpec], scope: RunScope) -> list[RunSpec]:
     """--only (by name, or by run_id for one seed), then --shard (every N-th unit from I), in plan order.
     A stable run and its branches are one unit: naming either selects both."""
     units = list(dict.fromkeys(training_unit(e) for e in runs))
@@ -3161,7 +3247,7 @@ def select_runs(runs: list[Experiment], scope: RunScope) -> list[Experiment]:
     return [e for e in runs if training_unit(e) in chosen]
 
 
-def expand_seeds(plan: list[Experiment], seeds: list[int]) -> list[Experiment]:
+def expand_seeds(plan: list[RunSpec], seeds: list[int]) -> list[RunSpec]:
     """Seed-major order: the whole ladder of the first seed comes first, so an early stop still leaves
     complete sweeps to fit."""
     return [dataclasses.replace(e, seed=s) for s in seeds for e in plan]
@@ -3198,21 +3284,28 @@ def refuse_other_results_files(out_dir: Path, cfg: RunConfig, store: RunStore, p
             raise UserError(f"{path} was trained on another corpus (sha256 {theirs[:12]}, this --data "
                             f"{ours[:12]}): give the same --data to every part of a sweep, or another --output-dir")
 
-# settings every run of one sweep shares; --fit-only refuses to merge runs that differ in any of them
-MERGE_KEYS = ("definition_version", "batch_size", "grad_accum", "context_length", "vocab_size", "warmup_frac",
-              "min_lr_frac", "weight_decay", "grad_clip", "eval_interval", "eval_batches", "corpus_sha256",
-              "tokenizer", "validation_split")
-MERGE_KEYS_PER_SWEEP = {"params": ("steps",), "data": ("n_layer", "d_model")}
+# what the runs of one fit share besides every setting copied from the command: --fit-only refuses to
+# merge runs that differ in any of them (the points of L(N) share a length, those of L(D) a model)
+MERGE_KEYS_PER_ROLE = {ROLE_N: ("steps",), ROLE_D: ("n_layer", "d_model")}
+
+
+def merge_keys() -> tuple[str, ...]:
+    """The definition keys every run of one study shares: its version, the corpus, RunSpec's settings
+    copied from the command."""
+    return ("definition_version", *[f.name for f in dataclasses.fields(RunSpec) if f.metadata.get("from_config")],
+            *CORPUS_KEYS)
+
 
 def check_mergeable(records: list[dict]) -> None:
     """Runs trained with different settings (a shard started with another --batch-size, another corpus)
     would make the fits meaningless: name the first difference and the runs on each side."""
     defined = [r for r in records if isinstance(r.get("definition"), dict)]
-    for key in MERGE_KEYS + tuple(k for ks in MERGE_KEYS_PER_SWEEP.values() for k in ks):
+    checks = [(key, None) for key in merge_keys()]
+    checks += [(key, role) for role, keys in MERGE_KEYS_PER_ROLE.items() for key in keys]
+    for key, role in checks:
         groups: dict[str, list[str]] = {}
         for r in defined:
-            if key in MERGE_KEYS or any(key in keys and in_sweep(r, sweep)
-                                        for sweep, keys in MERGE_KEYS_PER_SWEEP.items()):
+            if role is None or role in roles_of(r):
                 groups.setdefault(json.dumps(r["definition"].get(key)), []).append(r["run_id"])
         if len(groups) > 1:
             sides = "; ".join(f"{key} {v} in {', '.join(ids[:3])}" + (" ..." if len(ids) > 3 else "")
@@ -3221,49 +3314,46 @@ def check_mergeable(records: list[dict]) -> None:
                             f"move the runs that do not belong out of runs/ and merge again")
 
 
-def merge_saved_runs(folder: Path) -> dict:
-    """results.json for a folder that one run, several shards or --parallel wrote to: every record under
-    runs/ (one file per run, the source of truth), plus runs that only a results file mentions
-    (interrupted ones), in plan order; settings and environment from results.json or a part's file."""
+def merge_saved_runs(folder: Path) -> tuple[dict, list[dict]]:
+    """(results with its points table, the run records) for a folder that one run, several shards or
+    --parallel wrote to: every record under runs/ (one file per run, the source of truth), plus runs that
+    only a results file mentions (interrupted ones), in plan order; settings and environment from
+    results.json or a part's file. Results files of this schema or schema 1 (0cf71dd)."""
     files = [folder / "results.json"] if (folder / "results.json").is_file() else []
     files += sorted(folder.glob("results.*.json"))
     bases = []
     for f in files:
-        obj = read_json_file(f, "move it away and merge again")
-        if isinstance(obj, dict) and isinstance(obj.get("experiments"), list):
-            bases.append((f, obj))
+        with contextlib.suppress(UserError):
+            bases.append((f, *study_file_runs(read_json_file(f, "move it away and merge again"), str(f))))
     store = RunStore(folder)
     records = {}
     for path in sorted(store.folder.glob("*.json")):
         rec = store.load(path.stem)
         records[rec.get("run_id", path.stem)] = rec
-    for _, obj in bases:
-        for e in obj["experiments"]:
-            key = e.get("run_id", e.get("name"))
-            if key not in records:
-                records[key] = e
-    if not records:
+    check_mergeable(list(records.values()))
+    points = {run_id: point_row(rec) for run_id, rec in records.items()}
+    for _, obj, _ in bases:
+        for p in obj["points"]:
+            points.setdefault(p["run_id"], p)
+    if not points:
         raise UserError(f"--fit-only {folder}: no runs under runs/ and no results file; give the folder that "
                         f"the training command (or its shards) wrote")
-    experiments = list(records.values())
-    check_mergeable(experiments)
-    results = dict(bases[0][1]) if bases else {"schema_version": SCHEMA_VERSION, "config": {}}
-    results.pop("scope", None)
+    results = {k: v for k, v in bases[0][1].items() if k != "scope"} if bases else \
+        {"schema_version": SCHEMA_VERSION, "config": {}}
     seeds = (results.get("config") or {}).get("seeds") or []
-    sweep_rank = {"params": 0, "horizons": 0, "data": 1}
 
-    def plan_order(e):      # build_plan's: each row's branches, shortest first, then its stable run
-        seed = e.get("seed", 0)
-        return (seeds.index(seed) if seed in seeds else len(seeds) + (seed or 0),
-                sweep_rank.get(e.get("sweep"), 2), e.get("target") or 0, e.get("tokens") or 0,
-                str(e.get("run_id", e.get("name"))))
+    def plan_order(p):      # build_plan's: the ladder's rows by size, the data sweep's after, each by D
+        seed = p["seed"]
+        return (seeds.index(seed) if seed in seeds else len(seeds) + seed, fit_order(p)[0] == 0,
+                p["N_nonembedding"] or 0, p["D"] or 0, str(p["run_id"]))
 
-    results["experiments"] = sorted(experiments, key=plan_order)
+    results["schema_version"] = SCHEMA_VERSION
+    results["points"] = sorted(points.values(), key=plan_order)
     results["merged_from"] = {"runs_folder": str(store.folder), "run_records": len(records),
-                              "results_files": [f.name for f, _ in bases],
+                              "results_files": [f.name for f, _, _ in bases],
                               "processes": sorted({str((o.get("environment") or {}).get("device_name"))
-                                                   for _, o in bases})}
-    return results
+                                                   for _, o, _ in bases})}
+    return results, [*records.values(), *(r for _, _, recs in bases for r in recs if r["run_id"] not in records)]
 
 class ParallelFailure(Exception):
     """A child of --parallel failed; main() prints this and exits with status 1."""
@@ -3273,7 +3363,7 @@ def train_parallel(s: Session, k: int) -> dict:
     """--parallel K: train the runs not finished yet in K child processes of this same command (each
     given its runs with --only), forward SIGINT/SIGTERM to them, stop the others if one fails, then
     assemble the records in plan order and fit them exactly as a sequential run would."""
-    t0 = time.time()
+    s.start_training()
     todo = [e for e in s.todo if not e.branch_of]      # a branch trains with its stable run (one unit)
     groups = balance_runs(todo, k)
     announce_plan(s, None)
@@ -3291,22 +3381,22 @@ def train_parallel(s: Session, k: int) -> dict:
         # a session of its own: a Ctrl-C in the terminal reaches the parent alone, which forwards it once
         children.append((ids, subprocess.Popen(argv, env=env, start_new_session=True,
                                                preexec_fn=stop_with_parent)))
-    failed, received = wait_for_children(children, ChildProgress(s, t0))
-    unfinished = {}                              # a stopped child's interrupted run lives only in its file
-    for ids, _ in children:
+    failed, received = wait_for_children(children, ChildProgress(s))
+    for exp in s.runs:
+        if exp.run_id not in s.done and (rec := s.store.load(exp.run_id)) is not None:
+            s.keep(rec)
+    for ids, _ in children:                      # a stopped child's interrupted run is a point of its file
         part = s.out_dir / RunScope(only=ids).results_name()
         if part.exists():
             with contextlib.suppress(UserError, KeyError, TypeError):   # a half-written part: its
                 obj = read_json_file(part, "")                          # finished runs are under runs/
-                unfinished.update((e["run_id"], e) for e in obj["experiments"])
+                for p in obj["points"]:
+                    if p["run_id"] not in s.records:
+                        s.keep(p)
             part.unlink()
-    for exp in s.runs:                           # plan order, as a sequential run writes them
-        rec = s.done.get(exp.run_id) or s.store.load(exp.run_id) or unfinished.get(exp.run_id)
-        if rec is not None:
-            s.results["experiments"].append(rec)
     if received or failed:
         save_partial_results(s)
-        n_final = sum(1 for r in s.results["experiments"] if r["status"] in FINAL_STATUSES)
+        n_final = s.n_final()
         if failed:
             raise ParallelFailure(f"the process training {', '.join(failed[0])} failed with exit status "
                                   f"{failed[1]} (its error is above); the others stopped with checkpoints "
@@ -3315,7 +3405,7 @@ def train_parallel(s: Session, k: int) -> dict:
         raise RunInterrupted(received[0], f"interrupted by {signal.Signals(received[0]).name}; "
                              f"{s.results_file.name} holds {n_final} finished runs. Resume with the same "
                              f"command: {s.command}")
-    return finish(s, t0, f" with {len(groups)} processes at once")
+    return finish(s, f" with {len(groups)} processes at once")
 
 
 def child_gpus(n_children: int) -> list[str | None]:
@@ -3340,8 +3430,8 @@ class ChildProgress:
     """What a sequential run says between runs, said by the --parallel parent as its children's records
     appear under runs/: the plan's progress, and the interim figures after each stable run."""
 
-    def __init__(self, s: Session, t0: float):
-        self.s, self.t0, self.seen = s, t0, set(s.done)
+    def __init__(self, s: Session):
+        self.s, self.seen = s, set(s.done)
 
     def __call__(self) -> None:
         s = self.s
@@ -3357,9 +3447,10 @@ class ChildProgress:
                     records.append(rec)
         done_ids = {r["run_id"] for r in records if r.get("status") in FINAL_STATUSES}
         if any(not e.branch_of for e in new) and any(e.run_id not in done_ids for e in s.runs):
-            draw_interim_figures({**s.results, "experiments": records}, s.out_dir, len(s.runs))
-            s.tracker.study({**s.results, "experiments": records}, s.out_dir)
-        log(progress_line(plan_progress(s.runs, done_ids, set(), time.time() - self.t0, None)))
+            results = {**s.results(), "points": [point_row(r) for r in records]}
+            draw_interim_figures(results, s.out_dir, len(s.runs))
+            s.tracker.study(results, s.out_dir)
+        log(progress_line(plan_progress(s.runs, done_ids, set(), time.time() - s.t0, None)))
 
 
 def wait_for_children(children: list,
@@ -3475,7 +3566,7 @@ OPEN_SHARE = 0.025                 # more draws than this beyond a side of an in
 UNIDENTIFIED = [None, None]        # the interval of a quantity the runs do not identify: both sides open
 # The N of the joint law: every parameter (Chinchilla's count) or all but the embeddings (Kaplan's). The
 # default, and the measurement behind it: docs/fits.md.
-N_COUNTS = {"non-embedding": "n_params_nonembedding", "total": "n_params_total"}
+N_COUNTS = {"non-embedding": "N_nonembedding", "total": "N_total"}     # points-table columns
 DEFAULT_N_COUNT = "total"
 
 
@@ -4150,12 +4241,12 @@ def compute_optimal(joint: dict, run_flops, k_flops: float = 6.0) -> dict:
 
 # --- a check of the fits: the compute-optimal model at a larger budget (--validate) -----------------
 
-VALIDATE_SWEEP = "validate"        # the sweep of the --validate run: a check of the fits, never fitted
+VALIDATE_NAME = "validate"         # the --validate run's name begins with it
 
 
-def fitted_runs(experiments: list[dict]) -> list[dict]:
-    """The runs the laws are fitted to: every run but the --validate one."""
-    return [e for e in experiments if e.get("sweep") != VALIDATE_SWEEP]
+def fitted_runs(points: list[dict]) -> list[dict]:
+    """The points the laws are fitted to: those of the joint law (not the --validate run, a check)."""
+    return [p for p in points if ROLE_JOINT in p["roles"]]
 
 
 def validation_target(joint: dict, run_flops, factor: float) -> dict:
@@ -4394,23 +4485,60 @@ def isoflop_agreement(iso: dict, joint: dict) -> dict:
 
 # --- runs -> points ---------------------------------------------------------------------------------
 
-def in_sweep(e: dict, sweep: str) -> bool:
-    """A run of this sweep: the data sweep also holds parameter-sweep runs marked `in_data_sweep`; in a
-    grid whose rows end at different D, the parameter sweep is the runs marked `in_param_sweep`."""
-    if sweep == "params" and e.get("in_param_sweep") is not None:
-        return bool(e["in_param_sweep"])
-    return e.get("sweep") == sweep or (sweep == "data" and bool(e.get("in_data_sweep")))
+def roles_of(record: dict) -> tuple[str, ...]:
+    """A run record's roles. Records written before roles existed (schema 1, 0cf71dd) said `sweep`
+    ("params", "horizons", "data", "validate", "lr") and two flags: `in_param_sweep` (True, False or
+    None: then the stable runs of the parameter sweep) and `in_data_sweep`."""
+    if "roles" in record:
+        return tuple(record["roles"])
+    sweep = record.get("sweep")
+    if sweep in ("validate", "lr"):
+        return (ROLE_VALIDATION,) if sweep == "validate" else (ROLE_LR,)
+    on_n = sweep == "params" if record.get("in_param_sweep") is None else bool(record["in_param_sweep"])
+    on_d = sweep == "data" or bool(record.get("in_data_sweep"))
+    return tuple(r for r, on in ((ROLE_N, on_n), (ROLE_D, on_d), (ROLE_JOINT, True)) if on)
 
 
-def usable_runs(experiments: list[dict], sweep: str) -> list[dict]:
-    return [e for e in experiments if in_sweep(e, sweep) and e.get("status") == "completed"
-            and e.get("final_val_loss") is not None]
+POINT_COLUMNS = ("run_id", "name", "seed", "status", "roles", "branch_of", "n_layer", "d_model", "peak_lr",
+                 "N_nonembedding", "N_total", "D", "flops", "loss")
 
 
-SWEEP_X = {"params": "n_params_nonembedding", "data": "tokens"}
+def point_row(record: dict) -> dict:
+    """A run record as a row of results.json's points table: N under both counts, D, the run's real
+    training FLOPs (its FLOPs per token x D; 6 N D for a record without them), the final validation loss
+    (None unless completed) and its roles. Reads records of every schema; a row is returned as it is."""
+    if is_point(record):
+        return record
+    n, d = record.get("n_params_nonembedding"), record.get("tokens")
+    fpt = record.get("flops_per_token")
+    done = record.get("status") == "completed"
+    return {"run_id": record.get("run_id", record.get("name")), "name": record.get("name"),
+            "seed": record.get("seed") or 0, "status": record.get("status"), "roles": list(roles_of(record)),
+            "branch_of": record.get("branch_of"), "n_layer": record.get("n_layer"), "d_model": record.get("d_model"),
+            "peak_lr": record.get("peak_lr"), "N_nonembedding": n, "N_total": record.get("n_params_total"), "D": d,
+            "flops": (fpt * d if fpt else 6.0 * n * d) if n and d else None,
+            "loss": record.get("final_val_loss") if done else None}
 
 
-def fit_sweeps(experiments: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED,
+def is_point(row: dict) -> bool:
+    return "D" in row and "roles" in row and "loss" in row
+
+
+def as_points(runs: list[dict]) -> list[dict]:
+    """Points-table rows, from rows (kept) or run records of any schema (converted)."""
+    return [point_row(r) for r in runs]
+
+
+def usable_runs(points: list[dict], sweep: str) -> list[dict]:
+    """The completed points of one sweep's law (L(N) for "params", L(D) for "data")."""
+    return [p for p in points if SWEEP_ROLE[sweep] in p["roles"] and p["status"] == "completed"
+            and p["loss"] is not None]
+
+
+SWEEP_X = {"params": "N_nonembedding", "data": "D"}
+
+
+def fit_sweeps(points: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED,
                n_count: str = DEFAULT_N_COUNT) -> dict:
     """Fits of both sweeps (x is non-embedding N for the parameter sweep, tokens D for the data sweep),
     each with its 95% band from the smallest run to the right edge of its figure panel, and the joint
@@ -4418,9 +4546,9 @@ def fit_sweeps(experiments: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: in
     drawing noise per row (run_row)."""
     fits = {}
     for sweep, key in SWEEP_X.items():
-        runs = usable_runs(experiments, sweep)
-        skipped = [e for e in experiments if in_sweep(e, sweep) and e not in runs]
-        fit = fit_power_law([r[key] for r in runs], [r["final_val_loss"] for r in runs], n_bootstrap, seed)
+        runs = usable_runs(points, sweep)
+        skipped = [p for p in points if SWEEP_ROLE[sweep] in p["roles"] and p not in runs]
+        fit = fit_power_law([r[key] for r in runs], [r["loss"] for r in runs], n_bootstrap, seed)
         if skipped:
             msg = f"{len(skipped)} run(s) left out: " + ", ".join(f"{e.get('name')} ({e.get('status')})"
                                                                    for e in skipped)
@@ -4432,11 +4560,9 @@ def fit_sweeps(experiments: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: in
             grid = np.logspace(np.log10(xs.min() / 2), np.log10(X_MAX[sweep]), 60)
             fit["band95"] = band95(fit, grid)
         fits[sweep] = fit
-    done = [e for e in experiments if e.get("status") == "completed" and e.get("final_val_loss") is not None]
-    fits["joint"] = fit_joint_law([e.get(N_COUNTS[n_count]) or e.get("n_params_nonembedding") for e in done],
-                                  [e.get("tokens") for e in done],
-                                  [e.get("final_val_loss") for e in done], n_bootstrap, seed,
-                                  rows=[run_row(e) for e in done])
+    done = runs_as_points(points, n_count)
+    fits["joint"] = fit_joint_law([p["N"] for p in done], [p["D"] for p in done], [p["loss"] for p in done],
+                                  n_bootstrap, seed, rows=point_rows(done))
     fits["joint"]["n_count"] = n_count
     return fits
 
@@ -4485,11 +4611,11 @@ def reference_predictions(joint: dict, corpus: dict | None = None) -> list[dict]
             for i, (name, n, d) in enumerate(REFERENCE_POINTS)]
 
 
-def sweep_fixed_values(experiments: list[dict]) -> dict:
+def sweep_fixed_values(points: list[dict]) -> dict:
     """The variable each sweep holds fixed: the parameter sweep's D and the data sweep's N."""
     out = {}
-    for sweep, other in (("params", "tokens"), ("data", "n_params_nonembedding")):
-        values = {e.get(other) for e in usable_runs(experiments, sweep)}
+    for sweep, other in (("params", "D"), ("data", "N_nonembedding")):
+        values = {p[other] for p in usable_runs(points, sweep)}
         if len(values) == 1 and None not in values:
             out[sweep] = float(values.pop())
     return out
@@ -4524,7 +4650,7 @@ def _relative_error(pred, measured, draws, noisy=None):
 def holdout_one_variable(runs: list[dict], key: str, n_bootstrap: int, seed: int) -> dict:
     """Refit one sweep without its largest x (every run there, all seeds) and predict that x."""
     xs = np.array([r[key] for r in runs], dtype=float)
-    ys = np.array([r["final_val_loss"] for r in runs], dtype=float)
+    ys = np.array([r["loss"] for r in runs], dtype=float)
     if len(np.unique(xs)) < 3:
         return {"available": False, "reason": f"needs at least 3 distinct {key} (2 left to fit after holding "
                                               f"out the largest), got {len(np.unique(xs))}"}
@@ -4535,7 +4661,7 @@ def holdout_one_variable(runs: list[dict], key: str, n_bootstrap: int, seed: int
     x_out, measured = float(xs.max()), float(ys[top].mean())
     draws = law_samples(fit, [x_out])
     noisy = with_noise(draws, fit["residual_std_log"], seed)
-    out = {"available": True, "held_out": f"largest {key}", key: x_out, "x": x_out,
+    out = {"available": True, "held_out": f"largest {key}", key: x_out, "held_out_value": x_out,
            "runs": [r["name"] for r, t in zip(runs, top) if t], "n_fit_points": int((~top).sum()),
            "fit_law": fit["law"], "fit_b": fit["b"], "residual_std_log": fit["residual_std_log"],
            **_relative_error(power_law(x_out, fit["a"], fit["b"], fit["c"]), measured,
@@ -4557,7 +4683,8 @@ def holdout_joint(points: list[dict], axis: str, n_bootstrap: int, seed: int) ->
     if not fit.get("available"):
         return {"available": False, "reason": f"refit without the largest {axis}: {fit['reason']}"}
     summary = _predict_held_out(fit, held, seed)
-    return {"available": True, "held_out": f"largest {axis}", axis: float(vals.max()), "x": float(vals.max()),
+    return {"available": True, "held_out": f"largest {axis}", axis: float(vals.max()),
+            "held_out_value": float(vals.max()),
             "n_fit_points": len(rest), "fit_law": fit["law"],
             "fit": {k: fit[k] for k in ("E", "A", "B", "alpha", "beta", "residual_std_log")},
             "relative_error": summary["mean_bias"], "relative_error_ci95": summary["mean_bias_ci95"],
@@ -4577,7 +4704,7 @@ def _predict_held_out(fit: dict, held: list[dict], seed: int) -> dict:
         x = np.array([p["x"] for p in held], dtype=float)
         pred, draws = power_law(x, fit["a"], fit["b"], fit["c"]), law_samples(fit, x)
     noisy = with_noise(draws, fit.get("residual_std_log"), seed)
-    runs = [{k: v for k, v in p.items() if k != "loss"}
+    runs = [{k: p[k] for k in ("name", "x", "N", "D", "C") if k in p}
             | _relative_error(pr, m, *(d[:, i] if d is not None else None for d in (draws, noisy)))
             for i, (p, pr, m) in enumerate(zip(held, pred, measured))]
     out = {"n_predicted": len(held), "runs": runs,
@@ -4604,7 +4731,8 @@ def rollout(points: list[dict], order_key: str, min_fit: int, fit_fn, n_bootstra
     """Refit on every expanding prefix of the points ordered by `order_key` (points with equal values
     enter together) from `min_fit` distinct values on, and predict every larger point. fit_fn(prefix,
     n_bootstrap, seed) returns a fit. With more candidate cutoffs than max_cutoffs, an evenly spaced
-    subset is refitted, the largest always among them. `headline` is the largest cutoff."""
+    subset is refitted, the largest always among them. The largest usable cutoff is the headline
+    (rollout_headline); only it lists its predictions run by run, the others their summaries."""
     vals = np.array([p[order_key] for p in points], dtype=float)
     levels = np.unique(vals)
     candidates = levels[min_fit - 1:-1]                    # the last value fitted at each cutoff
@@ -4622,17 +4750,26 @@ def rollout(points: list[dict], order_key: str, min_fit: int, fit_fn, n_bootstra
         held = [p for p, m in zip(points, fit_mask) if not m]
         cutoffs.append({**row, "available": True, "n_bootstrap": fit["n_bootstrap"],
                         **_predict_held_out(fit, held, seed)})
-    usable = [c for c in cutoffs if c["available"]]
+    usable = [i for i, c in enumerate(cutoffs) if c["available"]]
+    for i, c in enumerate(cutoffs):
+        if usable and i != usable[-1]:
+            c.pop("runs", None)
     return {"available": bool(usable), "order": order_key, "n_candidate_cutoffs": int(len(candidates)),
-            "cutoffs": cutoffs, "headline": usable[-1] if usable else None,
+            "cutoffs": cutoffs, "headline_cutoff": usable[-1] if usable else None,
             **({} if usable else {"reason": f"no cutoff could be fitted: {cutoffs[-1]['reason']}"})}
+
+
+def rollout_headline(ro: dict) -> dict | None:
+    """A rollout's largest usable cutoff: its headline check."""
+    i = ro.get("headline_cutoff")
+    return ro["cutoffs"][i] if i is not None else None
 
 
 def rollout_one_variable(runs: list[dict], key: str, n_bootstrap: int = ROLLOUT_BOOTSTRAP,
                          seed: int = BOOTSTRAP_SEED) -> dict:
     """Rollout of one sweep's L = c + a x^-b: fit the runs at the 3 smallest x, then 4, ..., and
     predict every run at a larger x."""
-    points = [{"name": r.get("name"), "x": float(r[key]), "loss": float(r["final_val_loss"])} for r in runs]
+    points = [{"name": r["name"], "x": float(r[key]), "loss": float(r["loss"])} for r in runs]
     out = rollout(points, "x", 3, lambda pts, nb, s: fit_power_law([p["x"] for p in pts], [p["loss"] for p in pts],
                                                                    nb, s), n_bootstrap, seed)
     return {**out, "order": f"{key}, ascending (runs at equal {key} enter together)"}
@@ -4654,24 +4791,18 @@ def run_row(e: dict) -> tuple:
     return (e.get("branch_of") or e.get("name"), e.get("seed") or 0)
 
 
-def runs_as_points(experiments: list[dict], n_count: str = DEFAULT_N_COUNT) -> list[dict]:
-    """Completed runs but the --validate one as {'name', 'row', 'N', 'D', 'C', 'loss', 'N_nonembedding',
-    'N_total'}: N counted as `n_count` (a record without a total count falls back to non-embedding),
-    tokens D, and C the run's real training FLOPs (its FLOPs per token times D; 6 N D for a record
-    without them)."""
-    pts = []
-    for e in fitted_runs(experiments):
-        if e.get("status") != "completed" or e.get("final_val_loss") is None:
-            continue
-        n = e.get(N_COUNTS[n_count]) or e.get("n_params_nonembedding")
-        vals = (n, e.get("tokens"), e.get("final_val_loss"))
-        if all(v is not None and np.isfinite(v) and v > 0 for v in vals):
-            fpt = e.get("flops_per_token")
-            pts.append({"name": e.get("name"), "row": run_row(e), "N": float(vals[0]), "D": float(vals[1]),
-                        "C": float(fpt * vals[1]) if fpt else 6.0 * float(vals[0]) * float(vals[1]),
-                        "loss": float(vals[2]), "N_nonembedding": e.get("n_params_nonembedding"),
-                        "N_total": e.get("n_params_total")})
-    return pts
+def runs_as_points(points: list[dict], n_count: str = DEFAULT_N_COUNT) -> list[dict]:
+    """The joint law's points (completed, not the --validate run) with the fit's columns added: N
+    counted as `n_count` (a row without a total count falls back to non-embedding), C the run's real
+    training FLOPs, and the row its loss shares noise with (run_row)."""
+    out = []
+    for p in fitted_runs(as_points(points)):
+        n = p[N_COUNTS[n_count]] or p["N_nonembedding"]
+        vals = (n, p["D"], p["loss"])
+        if p["status"] == "completed" and all(v is not None and np.isfinite(v) and v > 0 for v in vals):
+            out.append({**p, "row": run_row(p), "N": float(n), "D": float(p["D"]), "C": float(p["flops"]),
+                        "loss": float(p["loss"])})
+    return out
 
 
 def point_rows(points: list[dict]):
@@ -4698,22 +4829,22 @@ def analyse_points(points: list[dict], fits: dict, n_bootstrap: int, seed: int) 
             "isoflop": fit_isoflop(points, fits["joint"], n_bootstrap, seed)}
 
 
-def tokens_per_parameter_by_count(experiments: list[dict], fits: dict, n_bootstrap: int, seed: int) -> dict:
+def tokens_per_parameter_by_count(points: list[dict], fits: dict, n_bootstrap: int, seed: int) -> dict:
     """Tokens per parameter at the compute-optimal point under both N counts, each from its own joint
     law (the fitted count's is compute_optimal's; the other is refitted here), at the largest run's
     compute and at 1e18 FLOPs, each with its interval; and the largest run's own D / N under both."""
     out = {}
     for count in N_COUNTS:
-        points = runs_as_points(experiments, count)
-        if not points:
+        pts = runs_as_points(points, count)
+        if not pts:
             continue
         joint = fits["joint"] if fits["joint"].get("n_count") == count else fit_joint_law(
-            [p["N"] for p in points], [p["D"] for p in points], [p["loss"] for p in points], n_bootstrap, seed,
-            rows=point_rows(points)) | {"n_count": count}
-        largest = max(points, key=point_flops)
+            [p["N"] for p in pts], [p["D"] for p in pts], [p["loss"] for p in pts], n_bootstrap, seed,
+            rows=point_rows(pts)) | {"n_count": count}
+        largest = max(pts, key=point_flops)
         row = {"largest_run": largest["name"], "largest_run_tokens_per_parameter": largest["D"] / largest["N"],
                "alpha": joint.get("alpha"), "alpha_ci95": (joint.get("ci95") or {}).get("alpha")}
-        co = compute_optimal(joint, [point_flops(largest)], flops_per_nd(points))
+        co = compute_optimal(joint, [point_flops(largest)], flops_per_nd(pts))
         for b in co.get("budgets", []):
             if b["label"].startswith("runs:") or b["label"] == "1e18 FLOPs":
                 key = "at_largest_run_compute" if b["label"].startswith("runs:") else "at_1e18_flops"
@@ -4732,30 +4863,34 @@ def strip_private(obj):
     return obj
 
 
-def analyse_runs(experiments: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED,
+def fit_order(p: dict) -> tuple:
+    """A fixed order of the points, so that the bootstrap's draws do not depend on the order the runs
+    finished in: the plan's groups (a separate data sweep's runs, the branches, the stable runs), then
+    N, D, seed and name."""
+    group = 0 if str(p["name"]).startswith("data-") else 1 if p["branch_of"] else 2
+    return group, p["N_nonembedding"] or 0, p["D"] or 0, p["seed"] or 0, str(p["name"])
+
+
+def analyse_runs(runs: list[dict], n_bootstrap: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED,
                  n_count: str = DEFAULT_N_COUNT, corpus: dict | None = None) -> dict:
-    """Everything results.json says about the fits of a set of training runs: `fits` (params, data,
-    joint), `predictions`, `holdout`, `compute_optimal`. Pure; never raises on degenerate runs. The
-    --validate run, a check of these fits, is left out of them."""
-    # a fixed order, so that the bootstrap's draws do not depend on the order the runs finished in (a
-    # run's results.json and --fit-only on its folder list them differently)
-    experiments = sorted(fitted_runs(experiments), key=lambda e: (
-        str(e.get("sweep")), e.get("n_params_nonembedding") or 0, e.get("tokens") or 0, e.get("seed") or 0,
-        str(e.get("name"))))
-    fits = fit_sweeps(experiments, n_bootstrap, seed, n_count)
+    """Everything results.json says about the fits of a set of training runs (points-table rows, or run
+    records of any schema): `fits` (params, data, joint), `predictions`, `holdout`, `compute_optimal`.
+    Pure; never raises on degenerate runs. The --validate run, a check of these fits, is left out."""
+    points = sorted(fitted_runs(as_points(runs)), key=fit_order)
+    fits = fit_sweeps(points, n_bootstrap, seed, n_count)
     holdout = {}
     for sweep, key in SWEEP_X.items():
-        runs = usable_runs(experiments, sweep)
-        holdout[sweep] = holdout_one_variable(runs, key, n_bootstrap, seed)
-        holdout[f"rollout_{sweep}"] = rollout_one_variable(runs, key, min(n_bootstrap, ROLLOUT_BOOTSTRAP), seed)
-    extra = analyse_points(runs_as_points(experiments, n_count), fits, n_bootstrap, seed)
+        used = usable_runs(points, sweep)
+        holdout[sweep] = holdout_one_variable(used, key, n_bootstrap, seed)
+        holdout[f"rollout_{sweep}"] = rollout_one_variable(used, key, min(n_bootstrap, ROLLOUT_BOOTSTRAP), seed)
+    extra = analyse_points(runs_as_points(points, n_count), fits, n_bootstrap, seed)
     holdout.update(extra["holdout"])
-    out = {"fits": fits, "predictions": predictions_from_fits(fits, sweep_fixed_values(experiments)),
+    out = {"fits": fits, "predictions": predictions_from_fits(fits, sweep_fixed_values(points)),
            "holdout": holdout,
            "compute_optimal": extra["compute_optimal"], "isoflop": extra["isoflop"]}
     if fits["joint"].get("available"):
         out["compute_optimal"]["tokens_per_parameter_by_count"] = tokens_per_parameter_by_count(
-            experiments, fits, n_bootstrap, seed)
+            points, fits, n_bootstrap, seed)
     out["reference_models"] = reference_predictions(fits["joint"], corpus)
     return strip_private(out)
 
@@ -4933,20 +5068,19 @@ def lr_rule_warnings(sizes: list[dict], tolerance: float = LR_RULE_TOLERANCE) ->
     return lines
 
 
-def analyse_lr_sweep(experiments: list[dict], uncapped_lr: Callable[[int], float],
+def analyse_lr_sweep(runs: list[dict], uncapped_lr: Callable[[int], float],
                      tolerance: float = LR_RULE_TOLERANCE, n_draws: int = LR_DRAWS, seed: int = BOOTSTRAP_SEED) -> dict:
     """--lr-sweep's results: a flat points table (size, multiplier, validation loss), one row per size
     (the parabola's optimum, its interval, the optimum over the rule) and the warning lines.
     A run's multiplier is in its name (build_lr_sweep_plan's); the rule's LR is its peak LR over it, as
     trained. `uncapped_lr(d_model)`: the preset's rule without its cap, for reference."""
     points, by_size = [], {}
-    for e in sorted(experiments, key=lambda e: (e["n_params_nonembedding"], e["peak_lr"])):
+    for e in sorted(as_points(runs), key=lambda e: (e["N_nonembedding"], e["peak_lr"])):
         multiplier = lr_multiplier_of(e["name"])
-        loss = e.get("final_val_loss") if e.get("status") == "completed" else None
-        points.append({"n_params_nonembedding": e["n_params_nonembedding"], "d_model": e["d_model"],
+        points.append({"n_params_nonembedding": e["N_nonembedding"], "d_model": e["d_model"],
                        "multiplier": multiplier, "peak_lr": e["peak_lr"], "rule_lr": e["peak_lr"] / multiplier,
-                       "final_val_loss": loss, "status": e.get("status")})
-        by_size.setdefault((e["n_params_nonembedding"], e["d_model"]), []).append(points[-1])
+                       "final_val_loss": e["loss"], "status": e["status"]})
+        by_size.setdefault((e["N_nonembedding"], e["d_model"]), []).append(points[-1])
     sizes = []
     for (n, d_model), pts in sorted(by_size.items()):
         fit = fit_lr_parabola([p["peak_lr"] for p in pts],
@@ -4982,10 +5116,23 @@ def save_figure_atomic(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def draw_figures(results: dict, out_dir: Path) -> None:
+def saved_curves(out_dir: Path) -> dict[str, dict]:
+    """run_id -> training curve, from the run records under out_dir/runs/ (results.json holds none)."""
+    curves = {}
+    for path in sorted((Path(out_dir) / "runs").glob("*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            rec = json.loads(path.read_text())
+            if isinstance(rec, dict) and isinstance(rec.get("curve"), dict):
+                curves[rec.get("run_id", path.stem)] = rec["curve"]
+    return curves
+
+
+def draw_figures(results: dict, out_dir: Path, curves: dict | None = None) -> None:
     """scaling_laws_complete.png and compute_optimal.png, each written atomically; a plotting error is
-    one log line, never a lost result or a stopped run."""
-    for name, plot in (("scaling_laws_complete.png", plot_scaling_figure),
+    one log line, never a lost result or a stopped run. The training curves are the run records' under
+    out_dir/runs/ unless `curves` (run_id -> curve) gives them."""
+    curves = saved_curves(out_dir) if curves is None else curves
+    for name, plot in (("scaling_laws_complete.png", lambda r, p: plot_scaling_figure(r, p, curves)),
                        ("compute_optimal.png", plot_compute_optimal_figure)):
         try:
             plot(results, out_dir / name)
@@ -5002,8 +5149,8 @@ def draw_interim_figures(results: dict, out_dir: Path, n_runs_total: int,
     if results["config"].get("lr_multipliers"):
         return
     t0 = time.time()
-    done = [e for e in results["experiments"] if e.get("status") in FINAL_STATUSES]
-    interim = {**results, "experiments": done,
+    done = [p for p in results["points"] if p["status"] in FINAL_STATUSES]
+    interim = {**results, "points": done,
                "interim": f"interim: {len(done)} of {n_runs_total} runs, {n_bootstrap} bootstrap resamples"}
     try:
         with warnings.catch_warnings():
@@ -5020,8 +5167,8 @@ def draw_interim_figures(results: dict, out_dir: Path, n_runs_total: int,
         f"{format_duration(time.time() - t0)})")
 
 
-def plot_scaling_figure(results: dict, path: Path) -> None:
-    save_figure_atomic(build_scaling_figure(results), path)
+def plot_scaling_figure(results: dict, path: Path, curves: dict | None = None) -> None:
+    save_figure_atomic(build_scaling_figure(results, curves or {}), path)
 
 
 def seed_groups(xs, ys) -> list[tuple[float, float, float, float, int]]:
@@ -5033,15 +5180,16 @@ def seed_groups(xs, ys) -> list[tuple[float, float, float, float, int]]:
     return out
 
 
-def build_scaling_figure(results: dict):
-    """The 2x2 figure of a results dict: (1) loss vs N, (2) loss vs D, (3)-(4) the sweeps' curves."""
+def build_scaling_figure(results: dict, curves: dict):
+    """The 2x2 figure of a results dict: (1) loss vs N, (2) loss vs D, (3)-(4) the sweeps' curves
+    (`curves`: run_id -> curve; a run without one is left out of panels 3 and 4)."""
     fig, axes = plt.subplots(2, 2, figsize=(15, 11))
-    draw_law_panel(axes[0][0], results, "params", "n_params_nonembedding", "o", "non-embedding parameters N")
-    draw_law_panel(axes[0][1], results, "data", "tokens", "s", "training tokens D")
+    draw_law_panel(axes[0][0], results, "params", "o", "non-embedding parameters N")
+    draw_law_panel(axes[0][1], results, "data", "s", "training tokens D")
     # panel 3 from blue (smallest N) to yellow (largest), panel 4 from purple (least D) to yellow
-    draw_curves_panel(axes[1][0], results["experiments"], "params", "3. training curves, parameter sweep",
+    draw_curves_panel(axes[1][0], results["points"], curves, "params", "3. training curves, parameter sweep",
                       plt.get_cmap("cividis"))
-    draw_curves_panel(axes[1][1], results["experiments"], "data", "4. training curves, data sweep",
+    draw_curves_panel(axes[1][1], results["points"], curves, "data", "4. training curves, data sweep",
                       plt.get_cmap("viridis"))
     env = results.get("environment", {})
     corpus = env.get("corpus", {})
@@ -5056,14 +5204,13 @@ def build_scaling_figure(results: dict):
     return fig
 
 
-def draw_law_panel(ax, results: dict, sweep: str, key: str, marker: str, xlabel: str) -> None:
+def draw_law_panel(ax, results: dict, sweep: str, marker: str, xlabel: str) -> None:
     """Panel 1 or 2: one sweep's final losses, its fit and extrapolation with the 95% band, the reference
     models' predictions, Kaplan's law, the hold-out check and (panel 1) the --validate run."""
-    x_max = X_MAX[sweep]
-    runs = [r for r in usable_runs(results["experiments"], sweep)
-            if r.get(key) and r[key] > 0 and r["final_val_loss"] > 0]
+    x_max, key = X_MAX[sweep], SWEEP_X[sweep]
+    runs = [r for r in usable_runs(results["points"], sweep) if r[key] and r[key] > 0 and r["loss"] > 0]
     xs = np.array([r[key] for r in runs], dtype=float)
-    ys = np.array([r["final_val_loss"] for r in runs], dtype=float)
+    ys = np.array([r["loss"] for r in runs], dtype=float)
     draw_measured(ax, xs, ys, marker)
     fit = results["fits"].get(sweep, {})
     lo = xs.min() / 2 if len(xs) else 1e4
@@ -5075,7 +5222,7 @@ def draw_law_panel(ax, results: dict, sweep: str, key: str, marker: str, xlabel:
                   f" (WebText2, GPT-2 tokenizer)")
     if fit.get("available"):
         draw_fit(ax, fit, sweep, xs, x_max, reference_marks(results, sweep),
-                 sweep_fixed_values(results["experiments"]).get(sweep))
+                 sweep_fixed_values(results["points"]).get(sweep))
     else:
         ax.text(0.5, 0.5, f"fit unavailable:\n{_wrap(fit.get('reason', 'no runs'))}",
                 transform=ax.transAxes, ha="center", va="center", color="darkred", fontsize=11)
@@ -5226,18 +5373,18 @@ def draw_holdout(ax, holdout: dict, sweep: str, key: str) -> None:
             bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85, "edgecolor": "0.6"})
 
 
-def draw_curves_panel(ax, experiments: list[dict], sweep: str, title: str, cmap) -> None:
+def draw_curves_panel(ax, points: list[dict], curves: dict, sweep: str, title: str, cmap) -> None:
     """Panels 3 and 4: validation (dots) and training (faint) curves of one sweep, one colour per size."""
-    runs = sorted([e for e in experiments if in_sweep(e, sweep)],
-                  key=lambda e: (e["n_params_nonembedding"], e["tokens"]))
-    sizes = sorted({(e["n_params_nonembedding"], e["tokens"]) for e in runs})
+    runs = sorted([p for p in points if SWEEP_ROLE[sweep] in p["roles"] and p["run_id"] in curves],
+                  key=lambda p: (p["N_nonembedding"], p["D"]))
+    sizes = sorted({(p["N_nonembedding"], p["D"]) for p in runs})
     labelled = set()
     for r in runs:
-        size = (r["n_params_nonembedding"], r["tokens"])
+        size = (r["N_nonembedding"], r["D"])
         color = cmap(sizes.index(size) / max(1, len(sizes) - 1))   # repeated seeds share a colour
-        cur = r["curve"]
-        label = (f"N = {format_count(r['n_params_nonembedding'])}" if sweep == "params"
-                 else f"D = {format_count(r['tokens'])}")
+        cur = curves[r["run_id"]]
+        label = (f"N = {format_count(r['N_nonembedding'])}" if sweep == "params"
+                 else f"D = {format_count(r['D'])}")
         if r.get("status") != "completed":
             label += f" ({r.get('status')}, seed {r.get('seed')})"
         elif size in labelled:
@@ -5337,7 +5484,7 @@ def holdout_text(ho: dict, var: str, rollout: dict | None = None) -> str:
                     f"{_fmt_ci(ho.get('predicted_loss_pi95'))}) vs measured {ho['measured_loss']:.3f}: error")
         else:
             what = f"predicts the {len(ho['runs'])} held-out run(s) with mean error"
-        text = (f"hold-out: refit on {ho['n_fit_points']} runs without the largest {var} ({format_count(ho['x'])})\n"
+        text = (f"hold-out: refit on {ho['n_fit_points']} runs without the largest {var} ({format_count(ho['held_out_value'])})\n"
                 f"{what} {100 * ho['relative_error']:+.1f}% {_fmt_pct(ho.get('relative_error_ci95'))} "
                 f"(new run {_fmt_pct(ho.get('relative_error_pi95'))})")
     return text + ("\n" + rollout_text(rollout) if rollout else "")
@@ -5347,7 +5494,7 @@ def rollout_text(ro: dict) -> str:
     """One line on a rollout check: its largest cutoff's mean absolute error and bias."""
     if not ro.get("available"):
         return f"rollout unavailable: {ro.get('reason')}"
-    h = ro["headline"]
+    h = rollout_headline(ro)
     return (f"rollout over {len(ro['cutoffs'])} cutoffs by {ro['order'].split(',')[0]}; at the largest, "
             f"{h['n_fit_points']} runs predict {h['n_predicted']} with mean |error| "
             f"{100 * h['mean_abs_error']:.1f}% {_fmt_ci(h['mean_abs_error_ci95'] and [100 * v for v in h['mean_abs_error_ci95']], '{:.1f}%')}, "
@@ -5400,7 +5547,7 @@ def build_compute_optimal_figure(results: dict):
     with its 95% band; (2) N_opt(C) and D_opt(C), tokens per parameter under both N counts; (3) measured
     vs joint-law loss, hold-out predictions marked."""
     joint = results.get("fits", {}).get("joint", {})
-    pts = runs_as_points(results.get("experiments", []), joint.get("n_count") or DEFAULT_N_COUNT)
+    pts = runs_as_points(results.get("points", []), joint.get("n_count") or DEFAULT_N_COUNT)
     co = results.get("compute_optimal", {})
     fig, axes = plt.subplots(1, 3, figsize=(19, 6))
     ax = axes[0]
@@ -5544,37 +5691,34 @@ def build_lr_sweep_figure(sweep: dict):
 # N_nonembedding and N_total give both counts; D is the run's tokens, flops the model's real FLOPs per
 # token x D (6 N D where a record lacks them), loss the final validation loss (empty unless completed);
 # --fit-csv reads N, D, loss, name and branch_of and skips rows whose status is not completed.
-RUNS_CSV_COLUMNS = ("name", "run_id", "sweep", "branch_of", "in_param_sweep", "in_data_sweep", "seed", "status",
+RUNS_CSV_COLUMNS = ("name", "run_id", "roles", "branch_of", "seed", "status",
                     "n_count", "N", "N_nonembedding", "N_total", "D", "flops", "loss")
 
 
-def runs_table(experiments: list[dict], n_count: str = DEFAULT_N_COUNT) -> list[dict]:
-    """runs.csv's rows: every finished run the fits may use (not the --validate run, a check of them)."""
+def runs_table(points: list[dict], n_count: str = DEFAULT_N_COUNT) -> list[dict]:
+    """runs.csv's rows: every finished run the fits may use (not the --validate run, a check of them),
+    its roles joined by '+'."""
     rows = []
-    for e in fitted_runs(experiments):
-        if e.get("status") not in FINAL_STATUSES:
+    for p in fitted_runs(as_points(points)):
+        if p["status"] not in FINAL_STATUSES:
             continue
-        n_emb, n_tot, d = e.get("n_params_nonembedding"), e.get("n_params_total"), e.get("tokens")
-        n = e.get(N_COUNTS[n_count]) or n_emb
-        fpt = e.get("flops_per_token")
-        loss = e.get("final_val_loss") if e.get("status") == "completed" else None
-        rows.append({"name": e.get("name"), "run_id": e.get("run_id", e.get("name")), "sweep": e.get("sweep"),
-                     "branch_of": e.get("branch_of"), "in_param_sweep": e.get("in_param_sweep"),
-                     "in_data_sweep": e.get("in_data_sweep"), "seed": e.get("seed"), "status": e.get("status"),
-                     "n_count": n_count if e.get(N_COUNTS[n_count]) else "non-embedding", "N": n,
-                     "N_nonembedding": n_emb, "N_total": n_tot, "D": d,
-                     "flops": float(fpt * d) if fpt and d else (6.0 * n_emb * d if n_emb and d else None),
-                     "loss": loss})
+        counted = p[N_COUNTS[n_count]] is not None
+        rows.append({"name": p["name"], "run_id": p["run_id"], "roles": "+".join(p["roles"]),
+                     "branch_of": p["branch_of"], "seed": p["seed"], "status": p["status"],
+                     "n_count": n_count if counted else "non-embedding",
+                     "N": p[N_COUNTS[n_count]] if counted else p["N_nonembedding"],
+                     "N_nonembedding": p["N_nonembedding"], "N_total": p["N_total"], "D": p["D"],
+                     "flops": None if p["flops"] is None else float(p["flops"]), "loss": p["loss"]})
     return rows
 
 
-def write_runs_csv(path: Path, experiments: list[dict], n_count: str = DEFAULT_N_COUNT) -> None:
+def write_runs_csv(path: Path, points: list[dict], n_count: str = DEFAULT_N_COUNT) -> None:
     """runs.csv beside results.json (written after it), atomically; a missing value is an empty cell and
     floats keep every digit, so --fit-csv on it refits exactly the study's points."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=RUNS_CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    for row in runs_table(experiments, n_count):
+    for row in runs_table(points, n_count):
         writer.writerow({k: "" if v is None else repr(v) if isinstance(v, float) else v for k, v in row.items()})
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(buf.getvalue())
@@ -5644,7 +5788,7 @@ class Tracker:
 
     # --- runs: the Trainer calls these ----------------------------------------------------------------
 
-    def start_run(self, exp: Experiment, state: "TrainState") -> None:
+    def start_run(self, exp: RunSpec, state: "TrainState") -> None:
         """Open `exp`'s run at state.step. A new run (or branch) writes the curve's points at that step
         first (the untrained model's loss; a branch's starting point on its stable run); a resumed one
         continues after the checkpoint's step."""
@@ -5663,13 +5807,13 @@ class Tracker:
         if curve["eval_step"] and curve["eval_step"][-1] == state.step:
             self.point(exp, tokens, {"val/loss": curve["val_loss"][-1]})
 
-    def point(self, exp: Experiment, tokens: int, values: dict) -> None:
+    def point(self, exp: RunSpec, tokens: int, values: dict) -> None:
         run = self.runs.get(exp.run_id)
         if run is not None and tokens > self.floor.get(exp.run_id, -1):
             with self.guarded(f"writing {exp.run_id}"):
                 self.write(exp, run, tokens, {k: float(v) for k, v in values.items() if v is not None})
 
-    def end_run(self, exp: Experiment, record: dict | None) -> None:
+    def end_run(self, exp: RunSpec, record: dict | None) -> None:
         run = self.runs.pop(exp.run_id, None)
         if run is not None:
             with self.guarded(f"closing {exp.run_id}"):
@@ -5693,7 +5837,7 @@ class Tracker:
         if not self.with_study or self.failed:
             return
         # the figures' step: finished runs, which only grow, also across the processes of a resumed study
-        n_done = sum(1 for e in results.get("experiments") or [] if e.get("status") in FINAL_STATUSES)
+        n_done = sum(1 for p in results.get("points") or [] if p["status"] in FINAL_STATUSES)
         with self.guarded("sending the figures and fits"):
             for name in ("scaling_laws_complete.png", "compute_optimal.png"):
                 path = out_dir / name
@@ -5705,15 +5849,15 @@ class Tracker:
             summary = study_summary(results)
             if summary and summary != self.summary_sent:
                 self.summary_sent = summary
-                fitted = fitted_runs(results.get("experiments") or [])
-                self.write_summary(summary, sum(1 for e in fitted if e.get("status") == "completed"))
+                fitted = fitted_runs(results.get("points") or [])
+                self.write_summary(summary, sum(1 for p in fitted if p["status"] == "completed"))
 
     # --- what a tool implements ----------------------------------------------------------------------
 
-    def open_run(self, exp: Experiment, tokens: int, resumed: bool):
+    def open_run(self, exp: RunSpec, tokens: int, resumed: bool):
         return None
 
-    def write(self, exp: Experiment, run, tokens: int, values: dict) -> None:
+    def write(self, exp: RunSpec, run, tokens: int, values: dict) -> None:
         pass
 
     def close_run(self, run, record: dict | None) -> None:
@@ -5816,7 +5960,7 @@ class WandbTracker(Tracker):
     def open_run(self, exp, tokens, resumed):
         earlier = self.earlier(exp.run_id)
         self.floor[exp.run_id] = max(tokens if resumed else -1, earlier.get("tokens", -1))
-        run = self.init(exp.run_id, earlier.get("id") or os.urandom(6).hex(), exp.sweep,
+        run = self.init(exp.run_id, earlier.get("id") or os.urandom(6).hex(), "+".join(exp.roles) or "run",
                         {**dataclasses.asdict(exp), "tokens_per_step": self.tokens_per_step})
         self.remember(exp.run_id, run.id, self.floor[exp.run_id])
         return run
@@ -6135,7 +6279,7 @@ def default_output_dir(mode: str, arch: str, lr_sweep: bool = False) -> str:
     return f"scaling_results_{mode}{'' if arch == 'gpt2' else '_' + arch}_{'lrsweep' if lr_sweep else 'v2'}"
 
 
-def print_plan(plan: list[Experiment], cfg: RunConfig, estimates: dict[str, float] | None) -> None:
+def print_plan(plan: list[RunSpec], cfg: RunConfig, estimates: dict[str, float] | None) -> None:
     log(f"plan: {len(plan)} experiments, {format_count(cfg.tokens_per_step)} tokens per step "
         f"(batch {cfg.batch_size} x context {cfg.context_length} x accum {cfg.grad_accum}), {cfg.schedule} "
         f"schedule, {plan_warmup_steps(cfg)} warmup steps for every run")
@@ -6148,19 +6292,20 @@ def print_plan(plan: list[Experiment], cfg: RunConfig, estimates: dict[str, floa
             f"{format_count(e.tokens):>8} {e.steps:>6} {e.flops:>9.2e} {e.peak_lr:>8.2e} {est:>8}{branch}")
     for line in branch_savings_lines(plan):
         log(line)
-    if longer := [e for e in plan if e.in_param_sweep is False and not e.branch_of]:
-        at = next(e for e in plan if e.in_param_sweep)
+    rows_of_n = {e.branch_of or e.name for e in plan if e.has(ROLE_N)}     # the rows L(N)'s points are in
+    if longer := [e for e in plan if e.name in rows_of_n and not e.has(ROLE_N)]:
+        at = next(e for e in plan if e.has(ROLE_N))
         log(f"  parameter sweep: every size at {format_count(at.tokens)} tokens (L(N)); "
             f"{', '.join(e.name for e in longer)} go on to {format_count(max(e.tokens for e in longer))} "
             f"for the joint law")
-    if shared := [e for e in plan if e.in_data_sweep]:
+    if shared := [e for e in plan if e.has(ROLE_D) and (e.branch_of or e.name) in rows_of_n]:
         log(f"  data sweep: the {format_count(shared[0].n_params_nonembedding)} model's runs above at "
             f"{', '.join(format_count(e.tokens) for e in shared)} tokens (its horizons; nothing trains twice)")
     if estimates:
         log(f"  estimated training time: {format_duration(sum(estimates.values()))} on this device")
 
 
-def branch_savings_lines(plan: list[Experiment]) -> list[str]:
+def branch_savings_lines(plan: list[RunSpec]) -> list[str]:
     """What WSD's branches save: per stable run, the tokens it processes (its own steps plus its branches'
     cooldowns) against separate runs to every horizon; then the FLOPs of the whole plan."""
     lines = []
@@ -6186,22 +6331,18 @@ def environment_record(device: DeviceInfo, corpus: Corpus) -> dict:
 
 
 def finish_results(results: dict, out_dir: Path, n_bootstrap: int = N_BOOTSTRAP, figure: bool = True,
-                   n_count: str | None = None) -> None:
-    """Fit, predict, write results.json, then draw the figures: a fit or plotting error never loses
-    results. figure=False (an interrupted run) writes results.json only. N is counted as n_count, else
-    as the run's config says, else DEFAULT_N_COUNT."""
+                   n_count: str | None = None, curves: dict | None = None) -> None:
+    """Fit the points table, predict, write results.json, then draw the figures (training curves from
+    `curves`, else the records under out_dir/runs/): a fit or plotting error never loses results.
+    figure=False (an interrupted run) writes results.json only. N is counted as n_count, else as the
+    run's config says, else DEFAULT_N_COUNT."""
     if (results.get("config") or {}).get("lr_multipliers"):
         return finish_lr_sweep(results, out_dir, figure)
     n_count = n_count or (results.get("config") or {}).get("n_count") or DEFAULT_N_COUNT
     t0 = time.time()
-    results["excluded_from_fits"] = [
-        {"run_id": e.get("run_id", e.get("name")), "name": e.get("name"), "seed": e.get("seed"),
-         "status": e.get("status"),
-         **({"diverged_at_step": e.get("diverged_at_step"), "last_good_loss": e.get("last_good_loss")}
-            if e.get("status") == "diverged" else {})}
-        for e in results["experiments"] if e.get("status") != "completed"]
+    results["excluded_from_fits"] = [p["run_id"] for p in results["points"] if p["status"] != "completed"]
     try:
-        results.update(analyse_runs(results["experiments"], n_bootstrap, n_count=n_count,
+        results.update(analyse_runs(results["points"], n_bootstrap, n_count=n_count,
                                     corpus=(results.get("environment") or {}).get("corpus")))
         results["n_count"] = n_count
         flag_rising_losses(results["fits"])
@@ -6214,9 +6355,9 @@ def finish_results(results: dict, out_dir: Path, n_bootstrap: int = N_BOOTSTRAP,
     results["fit_wall_time_s"] = round(time.time() - t0, 2)
     results["n_bootstrap"] = n_bootstrap
     write_json_atomic(out_dir / "results.json", results)
-    write_runs_csv(out_dir / "runs.csv", results["experiments"], n_count)
+    write_runs_csv(out_dir / "runs.csv", results["points"], n_count)
     if figure:
-        draw_figures(results, out_dir)
+        draw_figures(results, out_dir, curves)
 
 
 def log_fit_summary(results: dict) -> None:
@@ -6306,28 +6447,33 @@ def log_isoflop(iso: dict | None) -> None:
         log(f"  WARNING: {iso['warning']}")
 
 
-def print_summary(results: dict, out_dir: Path) -> None:
+def print_summary(results: dict, out_dir: Path, records: list[dict] = ()) -> None:
+    """Every run's final loss (or why it has none) and time, then the fits. `records`: the runs' full
+    records, for their times and divergence steps (the points table has neither)."""
     if "lr_sweep" in results:
         return print_lr_sweep_summary(results, out_dir)
     log("")
     log("summary")
-    several_seeds = len({e.get("seed") for e in results["experiments"]}) > 1
-    for e in results["experiments"]:       # records of older or simulated results may lack some keys
-        status = e.get("status") or "unknown"
-        if e.get("final_val_loss") is not None:
-            loss = f"val loss {e['final_val_loss']:.4f}"
+    points = results["points"]
+    by_id = {r.get("run_id"): r for r in records}
+    several_seeds = len({p["seed"] for p in points}) > 1
+    for p in points:
+        rec = by_id.get(p["run_id"], {})
+        status = p["status"] or "unknown"
+        if p["loss"] is not None:
+            loss = f"val loss {p['loss']:.4f}"
         elif status == "diverged":
-            good = e.get("last_good_loss")
-            loss = (f"DIVERGED at step {e.get('diverged_at_step')}/{e.get('steps')} (last finite loss "
+            good = rec.get("last_good_loss")
+            loss = (f"DIVERGED at step {rec.get('diverged_at_step')}/{rec.get('steps')} (last finite loss "
                     f"{'-' if good is None else f'{good:.4f}'})")
         else:
             loss = status.upper().replace("_", " ")
-        name = e.get("run_id", e.get("name")) if several_seeds else e.get("name")
-        log(f"  {name:<22} N={format_count(e['n_params_nonembedding']):>7} "
-            f"D={format_count(e['tokens']):>7}  {loss}  ({format_duration(e.get('wall_time_s') or 0)})")
-    excluded = results.get("excluded_from_fits", [])
+        name = p["run_id"] if several_seeds else p["name"]
+        log(f"  {name:<22} N={format_count(p['N_nonembedding']):>7} D={format_count(p['D']):>7}  {loss}"
+            + (f"  ({format_duration(rec['wall_time_s'])})" if rec.get("wall_time_s") is not None else ""))
+    excluded = [p for p in points if p["status"] != "completed"]
     if excluded:
-        log("  left out of the fits: " + ", ".join(f"{x['run_id']} ({x['status']})" for x in excluded))
+        log("  left out of the fits: " + ", ".join(f"{p['run_id']} ({p['status']})" for p in excluded))
     log_fit_summary(results)
     log(f"  results: {out_dir / 'results.json'}")
     log(f"  figures: {out_dir / 'scaling_laws_complete.png'}, {out_dir / 'compute_optimal.png'}")
@@ -6338,10 +6484,12 @@ def print_summary(results: dict, out_dir: Path) -> None:
 def finish_lr_sweep(results: dict, out_dir: Path, figure: bool = True) -> None:
     """--lr-sweep's counterpart of finish_results: the per-size parabolas into results.json (first),
     then lr_sweep.png."""
-    runs = [e for e in results["experiments"] if e.get("sweep") == "lr"]
+    runs = [p for p in results["points"] if ROLE_LR in p["roles"]]
     fixed, lr_width = results["config"].get("lr"), PRESETS[results["mode"]].lr_width
-    results["lr_sweep"] = {"horizon_steps": max((e["steps"] for e in runs), default=0),
-                           "horizon_tokens": max((e["tokens"] for e in runs), default=0),
+    tokens_per_step = results["config"]["batch_size"] * results["config"]["context_length"] * \
+        results["config"]["grad_accum"]
+    results["lr_sweep"] = {"horizon_steps": max((p["D"] // tokens_per_step for p in runs), default=0),
+                           "horizon_tokens": max((p["D"] for p in runs), default=0),
                            "multipliers": results["config"]["lr_multipliers"],
                            **analyse_lr_sweep(runs, lambda d: fixed or lr_width / d)}
     write_json_atomic(out_dir / "results.json", results)
@@ -6396,31 +6544,45 @@ def print_lr_sweep_summary(results: dict, out_dir: Path) -> None:
 
 
 def refit_saved_runs(path: str, output_dir: str | None, n_bootstrap: int, n_count: str | None = None) -> dict:
-    """--fit-only: recompute fits, predictions and figures from a results folder or results.json."""
+    """--fit-only: recompute fits, predictions and figures from a results folder (its run records under
+    runs/ and its results files) or one results.json, of this schema or schema 1 (0cf71dd)."""
     src = Path(path).expanduser()
     if src.is_dir() and any((src / "runs").glob("*.json")):
-        results = merge_saved_runs(src)
+        results, records = merge_saved_runs(src)
         out_dir = Path(output_dir) if output_dir else src
         prepare_output_dir(out_dir)
         m = results["merged_from"]
-        log(f"fit-only: {len(results['experiments'])} runs merged from {m['run_records']} records in "
+        log(f"fit-only: {len(results['points'])} runs merged from {m['run_records']} records in "
             f"{m['runs_folder']}" + (f" and {', '.join(m['results_files'])}" if m["results_files"] else "")
             + f", {n_bootstrap} bootstrap resamples")
-        finish_results(results, out_dir, n_bootstrap, n_count=n_count)
-        print_summary(results, out_dir)
-        return results
-    file = src / "results.json" if src.is_dir() else src
-    if not file.is_file():
-        raise UserError(f"--fit-only {path}: no results.json there; give a results folder or its results.json")
-    results = read_json_file(file, "--fit-only needs a results.json of this script")
-    if not isinstance(results, dict) or not isinstance(results.get("experiments"), list):
-        raise UserError(f"--fit-only {file}: no 'experiments' list; is it a results.json of this script?")
-    out_dir = Path(output_dir) if output_dir else file.parent
-    prepare_output_dir(out_dir)
-    log(f"fit-only: {len(results['experiments'])} saved runs from {file}, {n_bootstrap} bootstrap resamples")
-    finish_results(results, out_dir, n_bootstrap, n_count=n_count)
-    print_summary(results, out_dir)
+    else:
+        file = src / "results.json" if src.is_dir() else src
+        if not file.is_file():
+            raise UserError(f"--fit-only {path}: no results.json there; give a results folder or its results.json")
+        results, records = study_file_runs(read_json_file(file, "--fit-only needs a results.json of this script"),
+                                           f"--fit-only {file}")
+        out_dir = Path(output_dir) if output_dir else file.parent
+        prepare_output_dir(out_dir)
+        log(f"fit-only: {len(results['points'])} saved runs from {file}, {n_bootstrap} bootstrap resamples")
+    curves = {r["run_id"]: r["curve"] for r in records if isinstance(r.get("curve"), dict)}
+    finish_results(results, out_dir, n_bootstrap, n_count=n_count, curves=curves or None)
+    print_summary(results, out_dir, records)
     return results
+
+
+def study_file_runs(obj, where: str) -> tuple[dict, list[dict]]:
+    """(results with its points table, the full run records it holds) of a results.json: this schema's
+    (points, no records) or schema 1's (every run's record under `experiments`)."""
+    if isinstance(obj, dict) and isinstance(obj.get("points"), list):
+        return obj, []
+    if not isinstance(obj, dict) or not isinstance(obj.get("experiments"), list):
+        raise UserError(f"{where}: no 'points' table (nor a schema-1 'experiments' list); is it a results.json "
+                        f"of this script?")
+    records = [dict(e, run_id=e.get("run_id", e.get("name"))) for e in obj["experiments"]]
+    results = {k: v for k, v in obj.items() if k != "experiments"}
+    results["schema_version"] = SCHEMA_VERSION          # what it becomes when written again
+    results["points"] = [point_row(r) for r in records]
+    return results, records
 
 
 def fit_table(path: str, output_dir: str | None, n_bootstrap: int) -> dict:
@@ -6437,15 +6599,16 @@ def fit_table(path: str, output_dir: str | None, n_bootstrap: int) -> dict:
             f"from branch_of) share their noise in the bootstrap")
     t0 = time.time()
     results = {"schema_version": SCHEMA_VERSION, "mode": "fit-csv", "source": str(path),
-               "experiments": [{"name": p["name"], "sweep": "table", "line": p["line"],
-                                "n_params_nonembedding": p["N"], "tokens": p["D"], "final_val_loss": p["loss"],
-                                "status": "completed"} for p in points]}
+               "points": [{"run_id": p["name"], "name": p["name"], "seed": 0, "status": "completed",
+                           "roles": [ROLE_JOINT], "branch_of": None, "N_nonembedding": p["N"], "N_total": None,
+                           "D": p["D"], "flops": 6.0 * p["N"] * p["D"], "loss": p["loss"], "line": p["line"]}
+                          for p in points]}
     results.update(analyse_table(points, n_bootstrap))
     flag_rising_losses(results["fits"])
     results["fit_wall_time_s"] = round(time.time() - t0, 2)
     results["n_bootstrap"] = n_bootstrap
     write_json_atomic(out_dir / "results.json", results)
-    write_runs_csv(out_dir / "runs.csv", results["experiments"])
+    write_runs_csv(out_dir / "runs.csv", results["points"])
     try:
         plot_compute_optimal_figure(results, out_dir / "compute_optimal.png")
     except Exception as e:       # the fit is already on disk
@@ -6467,17 +6630,39 @@ class Session:
     dist: Distributed
     device: DeviceInfo
     corpus: Corpus
-    plan: list[Experiment]           # one seed's experiments
-    all_runs: list[Experiment]       # every (experiment, seed)
-    runs: list[Experiment]           # the runs this process is responsible for (--shard, --only)
+    plan: list[RunSpec]           # one seed's experiments
+    all_runs: list[RunSpec]       # every (experiment, seed)
+    runs: list[RunSpec]           # the runs this process is responsible for (--shard, --only)
     store: RunStore
     policy: CheckpointPolicy
     existing: dict | None            # the output folder's earlier results.json
     done: dict                       # run_id -> record of the runs finished earlier
-    results: dict                    # what results.json (or this part's file) will hold
+    header: dict                     # what results.json (or this part's file) says before any run
     command: str                     # the command that resumes this one
     n_bootstrap: int = N_BOOTSTRAP
     tracker: Tracker = field(default_factory=NullTracker)     # --tracker: the study's writer and its runs'
+    records: dict = field(default_factory=dict)     # run_id -> record of this command's runs (keep() only)
+    t0: float | None = None          # when training began (start_training)
+
+    def start_training(self) -> None:
+        self.t0 = time.time()
+
+    def keep(self, record: dict) -> None:
+        """The one writer of the session's run records: a finished, interrupted or earlier run's."""
+        self.records[record["run_id"]] = record
+
+    def ordered_records(self) -> list[dict]:
+        """The records in plan order (each row's branches, then its stable run), as results.json lists them."""
+        order = {e.run_id: i for i, e in enumerate(self.runs)}
+        return sorted(self.records.values(), key=lambda r: order.get(r["run_id"], len(order)))
+
+    def results(self) -> dict:
+        """results.json's content before the fits: the header, the elapsed time, the points table."""
+        elapsed = {"wall_time_s": round(time.time() - self.t0, 2)} if self.t0 is not None else {}
+        return {**self.header, **elapsed, "points": [point_row(r) for r in self.ordered_records()]}
+
+    def n_final(self) -> int:
+        return sum(1 for r in self.records.values() if r["status"] in FINAL_STATUSES)
 
     @property
     def out_dir(self) -> Path:
@@ -6488,44 +6673,48 @@ class Session:
         return self.out_dir / self.scope.results_name()
 
     @property
-    def todo(self) -> list[Experiment]:
+    def todo(self) -> list[RunSpec]:
         return [e for e in self.runs if e.run_id not in self.done]
 
 
-def run(cfg: RunConfig, preset: Preset, estimate: bool = True, n_bootstrap: int = N_BOOTSTRAP,
-        benchmark_steps: int = 0, fresh: bool = False, command: str | None = None,
-        scope: RunScope | None = None, default_folder: bool = False, dry_run: bool = False) -> dict:
+@dataclass(frozen=True)
+class Invocation:
+    """How this command was asked to run, besides the runs' settings (RunConfig) and its share (RunScope)."""
+    resume_command: str = "the same command"  # the command that resumes this one (without --fresh)
+    estimate: bool = True                   # time the plan before training
+    n_bootstrap: int = N_BOOTSTRAP
+    benchmark_steps: int = 0                # --benchmark: time this many steps per shape, train nothing
+    fresh: bool = False                     # move earlier results aside first
+    default_folder: bool = False            # no --output-dir: changed settings move earlier results aside
+    dry_run: bool = False
+
+
+def run(cfg: RunConfig, preset: Preset, scope: RunScope | None = None, how: Invocation = Invocation()) -> dict:
     """The training command: prepare, then train the runs one after another (under torchrun, every rank
     together), in --parallel child processes, or time them (--benchmark); then fit and draw. Rank 0 of
-    a command (not a --parallel child: its parent does) holds the output folder's lock throughout.
-    `default_folder`: no --output-dir was given, so changed settings move the earlier results aside."""
+    a command (not a --parallel child: its parent does) holds the output folder's lock throughout."""
     scope = scope or RunScope()
     check_hub_reachable(cfg, preset)               # offline: one line, before any other work
-    if dry_run:
-        return dry_run_plan(cfg, preset, scope, estimate)
+    if how.dry_run:
+        return dry_run_plan(cfg, preset, scope, how.estimate)
     dist_info = distributed_from_env()
     lock = (hold_output_lock(Path(cfg.output_dir), scope.results_name())
             if dist_info.is_main and not scope.child else None)
     try:
-        return run_holding_lock(cfg, preset, scope, dist_info, estimate=estimate, n_bootstrap=n_bootstrap,
-                                benchmark_steps=benchmark_steps, fresh=fresh, command=command,
-                                archive_on_change=default_folder and not scope.partial and not scope.child)
+        return run_holding_lock(cfg, preset, scope, dist_info, how)
     finally:
         if lock is not None:
             lock.close()
 
 
-def run_holding_lock(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info: Distributed, *,
-                     estimate: bool, n_bootstrap: int, benchmark_steps: int, fresh: bool, command: str | None,
-                     archive_on_change: bool) -> dict:
+def run_holding_lock(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info: Distributed,
+                     how: Invocation) -> dict:
     # every rank but rank 0 trains in silence, so each log line appears once
     with silenced(not dist_info.is_main), open_tracker(cfg, scope, dist_info.is_main) as tracker:
-        s = prepare(cfg, preset, scope, dist_info, fresh=fresh, n_bootstrap=n_bootstrap,
-                    command=command or "the same command", benchmark=bool(benchmark_steps),
-                    archive_on_change=archive_on_change)
+        s = prepare(cfg, preset, scope, dist_info, how)
         s.tracker = tracker
-        if benchmark_steps:
-            report = benchmark(Trainer(cfg, s.corpus, s.device), s.plan, steps=benchmark_steps)
+        if how.benchmark_steps:
+            report = benchmark(Trainer(cfg, s.corpus, s.device), s.plan, steps=how.benchmark_steps)
             write_json_atomic(s.out_dir / "benchmark.json", report)
             log(f"benchmark: written to {s.out_dir / 'benchmark.json'}")
             return report
@@ -6535,7 +6724,7 @@ def run_holding_lock(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info:
                 log(f"parallel: small models on {cpu_cores()} CPU cores train {k} at a time, one thread each "
                     f"(faster than one run on every core: docs/speed.md); --parallel 1 trains one at a time")
             return validate_fits(s, preset, train_parallel(s, min(k, len(s.todo))))
-        return validate_fits(s, preset, train_sequential(s, estimate))
+        return validate_fits(s, preset, train_sequential(s, how.estimate))
 
 
 def start_device(cfg: RunConfig, scope: RunScope, dist_info: Distributed,
@@ -6561,14 +6750,14 @@ def start_device(cfg: RunConfig, scope: RunScope, dist_info: Distributed,
     return dist_info, device
 
 
-def prepare(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info: Distributed, *, fresh: bool,
-            n_bootstrap: int, command: str, benchmark: bool = False, archive_on_change: bool = False) -> Session:
+def prepare(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info: Distributed, how: Invocation) -> Session:
     """Every check that can fail before training (each a one-line UserError), the corpus (tokenized by
     rank 0 while the others wait), and the runs that finished earlier."""
-    dist_info, device = start_device(cfg, scope, dist_info, benchmark)
+    archive_on_change = how.default_folder and not scope.partial and not scope.child
+    dist_info, device = start_device(cfg, scope, dist_info, bool(how.benchmark_steps))
     out_dir = Path(cfg.output_dir)
     prepare_output_dir(out_dir)
-    if fresh and dist_info.is_main and not scope.child:
+    if how.fresh and dist_info.is_main and not scope.child:
         archive_previous(out_dir)
     dist_info.barrier()
     existing = read_results(out_dir)
@@ -6581,12 +6770,9 @@ def prepare(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info: Distribu
     every_s, every_steps = parse_checkpoint_every(cfg.checkpoint_every)
     policy = CheckpointPolicy(out_dir / "checkpoints", every_s, every_steps, cfg.keep_checkpoints)
     store = RunStore(out_dir)
-    if existing is not None and dist_info.is_main:
-        store.recover(existing["experiments"])
-    dist_info.barrier()
+    # settings first without the corpus (a refusal should not wait for minutes of tokenizing), then with it
     existing = settle_changed_settings(existing, cfg, runs, store, policy, None,
                                        archive_on_change=archive_on_change, dist_info=dist_info)
-    refuse_other_results_files(out_dir, cfg, store, policy, None)
     corpus = load_corpus_on_rank0_first(cfg, preset, dist_info)
     shortest = min(len(corpus.train), len(corpus.val))
     if shortest <= cfg.context_length + 1:
@@ -6596,32 +6782,30 @@ def prepare(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info: Distribu
     data_budget = check_data_budget(plan, len(corpus.train), cfg.no_repeat)    # refuses under --no-repeat
     existing = settle_changed_settings(existing, cfg, runs, store, policy, corpus.record,
                                        archive_on_change=archive_on_change, dist_info=dist_info)
-    refuse_other_results_files(out_dir, cfg, store, policy, corpus.record)
     if dist_info.is_main:
         remove_stale_temporaries(policy.folder)
         remove_stale_temporaries(store.folder)
     done = {}
     for exp in runs:
-        rec = store.load(exp.run_id)
-        if rec is not None and rec["status"] in FINAL_STATUSES and \
-                rec["experiment_hash"] == definition_hash(experiment_definition(exp, cfg, corpus.record)):
-            done[exp.run_id] = {**rec, "in_data_sweep": exp.in_data_sweep,   # this plan's sweeps
-                                "in_param_sweep": exp.in_param_sweep}
+        if (rec := finished_earlier(store, exp, corpus.record)) is not None:
+            done[exp.run_id] = {**rec, "roles": list(exp.roles)}      # what it feeds in this plan
     for exp in runs:    # a stable run counts as finished only with its branches: they need its states
         if exp.branch_points and any(b.branch_of == exp.name and b.seed == exp.seed and b.run_id not in done
                                      for b in runs):
             done.pop(exp.run_id, None)
     dist_info.agree(sorted(done), "which runs finished earlier")
-    results = {"schema_version": SCHEMA_VERSION, "mode": cfg.mode, "config": dataclasses.asdict(cfg),
-               "environment": {**environment_record(device, corpus), "processes": dist_info.world_size},
-               "data_budget": data_budget, "experiments": [], "fits": {}, "predictions": []}
-    s = Session(cfg, scope, dist_info, device, corpus, plan, all_runs, runs, store, policy, existing, done,
-                results, command, n_bootstrap)
+    header = {"schema_version": SCHEMA_VERSION, "mode": cfg.mode, "config": dataclasses.asdict(cfg),
+              "environment": {**environment_record(device, corpus), "processes": dist_info.world_size},
+              "data_budget": data_budget}
     if scope.partial:
-        results["scope"] = scope.record(runs)
-        if dist_info.is_main:   # written before training, so parts started at the same moment see each other
-            write_json_atomic(s.results_file, results)
-            refuse_other_results_files(out_dir, cfg, store, policy, corpus.record)
+        header["scope"] = scope.record(runs)
+    s = Session(cfg, scope, dist_info, device, corpus, plan, all_runs, runs, store, policy, existing, done,
+                header, how.resume_command, how.n_bootstrap)
+    for rec in done.values():
+        s.keep(rec)
+    if scope.partial and dist_info.is_main:  # written before training, so parts started together see each other
+        write_json_atomic(s.results_file, s.results())
+        refuse_other_results_files(out_dir, cfg, store, policy, corpus.record)
     return s
 
 
@@ -6671,8 +6855,9 @@ def known_train_tokens(cfg: RunConfig, preset: Preset) -> tuple[int | None, str]
         return min(int(meta["n_train_tokens"]), cap or meta["n_train_tokens"]), f"cached in {entry}"
     if cfg.data == "builtin":
         probe = 10**9
-        return round(probe / builtin_epochs(probe)), (f"estimated from its {source.n_chars / 1e6:.1f}M characters "
-                                                      f"at {BUILTIN_CHARS_PER_TOKEN:g} per token; not tokenized yet")
+        return round(probe / builtin_epochs(probe, cfg.vocab_size)), (
+            f"estimated from its {source.n_chars / 1e6:.1f}M characters at "
+            f"{builtin_chars_per_token(cfg.vocab_size):g} per token; not tokenized yet")
     return None, "not tokenized yet"
 
 
@@ -6704,7 +6889,7 @@ def announce_plan(s: Session, estimates: dict[str, float] | None) -> None:
     if len(s.cfg.seeds) > 1:
         log(f"  every experiment runs once per seed: seeds {', '.join(map(str, s.cfg.seeds))} "
             f"({len(s.all_runs)} runs)")
-    for line in data_budget_lines(s.results["data_budget"]):
+    for line in data_budget_lines(s.header["data_budget"]):
         log(line)
     if s.device.name == "cpu" and s.cfg.mode != "tiny" and estimates:
         log(f"note: mode '{s.cfg.mode}' would take about {sum(estimates.values()) / 3600:.1f} hours on this CPU; "
@@ -6714,7 +6899,7 @@ def announce_plan(s: Session, estimates: dict[str, float] | None) -> None:
         log(f"resume: {len(s.done)} of {len(s.runs)} runs finished earlier (kept, not retrained)"
             + (f"; continuing {', '.join(resumable)} from checkpoints" if resumable else ""))
     if s.existing is not None:
-        others = {e["run_id"] for e in s.existing["experiments"]} - {e.run_id for e in s.all_runs}
+        others = {p["run_id"] for p in s.existing["points"]} - {e.run_id for e in s.all_runs}
         if others:
             log(f"note: {len(others)} earlier runs are not in this plan; their records stay in {s.store.folder} "
                 f"and are left out of results.json")
@@ -6737,17 +6922,15 @@ def train_sequential(s: Session, estimate: bool) -> dict:
             log("plan: the time estimate ran out of device memory; skipping it (training retries with "
                 "smaller micro-batches)")
     announce_plan(s, estimates)
-    t0 = time.time()
+    s.start_training()
     trained: set[str] = set()            # run ids trained by this process (the measured speed's runs)
+
+    def branch_done(branch, record):
+        save_record(s, trainer, branch, record, trained, estimates)
     # under torchrun a signal ends every rank at once (see docs/distributed.md); one process checkpoints
     with stop_on_signals(stop) if not s.dist.enabled else contextlib.nullcontext():
-        trainer.on_branch_done = lambda branch, record: save_record(s, trainer, branch, record, t0, trained,
-                                                                     estimates)
         for i, exp in enumerate(s.runs):
-            if exp.run_id in s.done:
-                s.results["experiments"].append(s.done[exp.run_id])
-                continue
-            if exp.branch_of:                    # trained inside its stable run, which comes after it
+            if exp.run_id in s.done or exp.branch_of:    # a branch trains inside its stable run, after it
                 continue
             branches = [b for b in s.todo if b.branch_of == exp.name and b.seed == exp.seed]
             log(f"experiment {i + 1}/{len(s.runs)}: {exp.run_id}"
@@ -6755,59 +6938,58 @@ def train_sequential(s: Session, estimate: bool) -> dict:
             try:
                 if stop.signum is not None:      # a signal between two runs: nothing of this one to save
                     raise TrainingInterrupted(stop.signum, None)
-                record = trainer.train(exp, branches)
+                record = trainer.train(exp, branches, branch_done)
             except TrainingInterrupted as e:
-                raise interrupted(s, e, exp, t0) from None
-            save_record(s, trainer, exp, record, t0, trained, estimates)
-    return finish(s, t0)
+                raise interrupted(s, e) from None
+            save_record(s, trainer, exp, record, trained, estimates)
+    return finish(s)
 
 
-def save_record(s: Session, trainer: Trainer, exp: Experiment, record: dict, t0: float, trained: set[str],
+def save_record(s: Session, trainer: Trainer, exp: RunSpec, record: dict, trained: set[str],
                 estimates: dict[str, float] | None) -> None:
     """A finished run (or branch): its record under runs/ first, then its checkpoint may go, then the
     results file with it, the interim figures and the plan's progress."""
     if s.dist.is_main:
         s.store.save(record)
     trainer.remove_checkpoint(exp)
-    s.results["experiments"].append(record)
-    s.results["wall_time_s"] = round(time.time() - t0, 2)
+    s.keep(record)
     trained.add(exp.run_id)
     if s.dist.is_main:
-        write_json_atomic(s.results_file, s.results)
+        results = s.results()
+        write_json_atomic(s.results_file, results)
         if not s.scope.partial:             # a part's runs are tabled once merged (--fit-only)
-            write_runs_csv(s.out_dir / "runs.csv", s.results["experiments"], s.cfg.n_count or DEFAULT_N_COUNT)
-        after_run(s, trained, time.time() - t0, estimates, redraw=not exp.branch_of)
+            write_runs_csv(s.out_dir / "runs.csv", results["points"], s.cfg.n_count or DEFAULT_N_COUNT)
+        after_run(s, results, trained, estimates, redraw=not exp.branch_of)
 
 
-def after_run(s: Session, trained: set[str], elapsed_s: float, estimates: dict[str, float] | None,
+def after_run(s: Session, results: dict, trained: set[str], estimates: dict[str, float] | None,
               redraw: bool = True) -> None:
     """Between two runs: redraw the figures from the runs so far (a whole plan only: a part's runs are
     fitted once merged, and the last run's figure is the final one; not after a cooldown branch, whose
     stable run finishes soon after it: a redraw costs about 2 s, a tiny branch 1-17 s), then the plan's
     progress."""
-    done_ids = {r["run_id"] for r in s.results["experiments"] if r.get("status") in FINAL_STATUSES}
+    done_ids = {p["run_id"] for p in results["points"] if p["status"] in FINAL_STATUSES}
     if redraw and not s.scope.partial and any(e.run_id not in done_ids for e in s.runs):
-        draw_interim_figures(s.results, s.out_dir, len(s.runs))
-        s.tracker.study(s.results, s.out_dir)
+        draw_interim_figures(results, s.out_dir, len(s.runs))
+        s.tracker.study(results, s.out_dir)
     if not s.scope.child:                # a --parallel child's parent reports the whole plan's progress
-        log(progress_line(plan_progress(s.runs, done_ids, trained, elapsed_s, estimates)))
+        log(progress_line(plan_progress(s.runs, done_ids, trained, time.time() - s.t0, estimates)))
 
 
 def save_partial_results(s: Session) -> None:
     """After a stop: a part writes its own file; a whole plan writes results.json with fits, no figure."""
     if s.scope.partial:
-        write_json_atomic(s.results_file, s.results)
+        write_json_atomic(s.results_file, s.results())
     else:
-        finish_results(s.results, s.out_dir, s.n_bootstrap, figure=False)
+        finish_results(s.results(), s.out_dir, s.n_bootstrap, figure=False)
 
 
-def interrupted(s: Session, e: TrainingInterrupted, exp: Experiment, t0: float) -> RunInterrupted:
-    """Save what a stop leaves (the current run's curve so far, every finished run) and say how to resume."""
+def interrupted(s: Session, e: TrainingInterrupted) -> RunInterrupted:
+    """Save what a stop leaves (the current run's point, every finished run) and say how to resume."""
     if e.record is not None:
-        s.results["experiments"].append(e.record)
-    s.results["wall_time_s"] = round(time.time() - t0, 2)
+        s.keep(e.record)
     save_partial_results(s)
-    n_final = sum(1 for r in s.results["experiments"] if r["status"] in FINAL_STATUSES)
+    n_final = s.n_final()
     where = (f" in {e.record['run_id']} at step {e.record['steps_done']}/{e.record['steps']} (checkpoint saved)"
              if e.record is not None else "")
     return RunInterrupted(e.signum, f"interrupted by {signal.Signals(e.signum).name}{where}; "
@@ -6815,23 +6997,24 @@ def interrupted(s: Session, e: TrainingInterrupted, exp: Experiment, t0: float) 
                           f"Resume with the same command: {s.command}")
 
 
-def finish(s: Session, t0: float, how: str = "") -> dict:
+def finish(s: Session, how: str = "") -> dict:
     """Rank 0 fits and writes everything; a part of a sweep only says how to merge it."""
+    results = s.results()
     if not s.dist.is_main:
-        return s.results
+        return results
     if s.scope.partial:
-        write_json_atomic(s.results_file, s.results)
-        n = len(s.results["experiments"])
-        log(f"done in {format_duration(time.time() - t0)}: {n} run{'' if n == 1 else 's'} recorded in "
+        write_json_atomic(s.results_file, results)
+        n = len(results["points"])
+        log(f"done in {format_duration(time.time() - s.t0)}: {n} run{'' if n == 1 else 's'} recorded in "
             f"{s.store.folder} and {s.results_file}" + ("" if s.scope.child else
             f"; when every part has finished, merge and fit them with: python {Path(__file__).name} "
             f"--fit-only {s.out_dir}"))
-        return s.results
-    finish_results(s.results, s.out_dir, s.n_bootstrap)
-    s.tracker.study(s.results, s.out_dir)
-    print_summary(s.results, s.out_dir)
-    log(f"done in {format_duration(time.time() - t0)}{how}")
-    return s.results
+        return results
+    finish_results(results, s.out_dir, s.n_bootstrap)
+    s.tracker.study(results, s.out_dir)
+    print_summary(results, s.out_dir, s.ordered_records())
+    log(f"done in {format_duration(time.time() - s.t0)}{how}")
+    return results
 
 
 # --- --validate: after the fits, train the model they call compute-optimal at a larger budget ------
@@ -6854,17 +7037,17 @@ def validate_fits(s: Session, preset: Preset, results: dict) -> dict:
     v.update(status=record.get("status"), wall_time_s=record.get("wall_time_s"),
              **score_validation(v, record.get("final_val_loss")))
     write_json_atomic(s.results_file, results)
-    redraw_figures(results, s.out_dir)
+    draw_figures(results, s.out_dir)
     s.tracker.study(results, s.out_dir)
     log_validation(v, prediction=False)
     return results
 
 
-def plan_validation(s: Session, preset: Preset, results: dict) -> Experiment | None:
+def plan_validation(s: Session, preset: Preset, results: dict) -> RunSpec | None:
     """The validation run and its prediction, written to results.json before it trains; None (said in
     one line, and recorded) when the joint law cannot place it."""
     # non-embedding N: the shape rule builds a model from a non-embedding target (choose_shape)
-    points = runs_as_points(results["experiments"], "non-embedding")
+    points = runs_as_points(results["points"], "non-embedding")
     joint = fit_joint_law([p["N"] for p in points], [p["D"] for p in points], [p["loss"] for p in points],
                           s.n_bootstrap, rows=point_rows(points))
     target = validation_target(joint, [6 * p["N"] * p["D"] for p in points] or [0.0], s.cfg.validate)
@@ -6888,28 +7071,22 @@ def plan_validation(s: Session, preset: Preset, results: dict) -> Experiment | N
     return exp
 
 
-def validation_experiment(cfg: RunConfig, preset: Preset, n_target: float, d_target: float) -> Experiment:
+def validation_experiment(cfg: RunConfig, preset: Preset, n_target: float, d_target: float) -> RunSpec:
     """The model the shape rule builds nearest N_opt, trained on D_opt tokens rounded to whole steps."""
     n_layer, d_model, n_head = choose_shape(max(1, round(n_target)), preset)
     steps = max(1, round(d_target / cfg.tokens_per_step))
     n = n_params_nonembedding(n_layer, d_model, cfg.arch)
-    return Experiment(name=f"{VALIDATE_SWEEP}-N{format_count(n)}-D{format_count(steps * cfg.tokens_per_step)}",
-                      sweep=VALIDATE_SWEEP, target=int(round(n_target)), n_layer=n_layer, d_model=d_model,
-                      n_head=n_head, steps=steps, tokens=steps * cfg.tokens_per_step,
-                      peak_lr=(cfg.lr if cfg.lr is not None
-                               else default_peak_lr(d_model, preset.lr_width, preset.lr_cap)),
-                      n_params_nonembedding=n,
-                      n_params_total=n_params_total(n_layer, d_model, cfg.vocab_size, cfg.context_length,
-                                                    cfg.arch),
-                      seed=cfg.seeds[0], warmup_steps=plan_warmup_steps(cfg))
+    return RunSpec(name=f"{VALIDATE_NAME}-N{format_count(n)}-D{format_count(steps * cfg.tokens_per_step)}",
+                   n_layer=n_layer, d_model=d_model, n_head=n_head, steps=steps,
+                   peak_lr=cfg.lr if cfg.lr is not None else default_peak_lr(d_model, preset.lr_width, preset.lr_cap),
+                   seed=cfg.seeds[0], warmup_steps=plan_warmup_steps(cfg), roles=(ROLE_VALIDATION,),
+                   target=int(round(n_target)), **config_settings(cfg))
 
 
-def train_validation(s: Session, exp: Experiment) -> dict:
+def train_validation(s: Session, exp: RunSpec) -> dict:
     """Train the validation run like any other (record under runs/, checkpoints, resumable); a record
     of it with the same definition from an earlier command is kept, not retrained."""
-    rec = s.store.load(exp.run_id)
-    if rec is not None and rec["status"] in FINAL_STATUSES and \
-            rec["experiment_hash"] == definition_hash(experiment_definition(exp, s.cfg, s.corpus.record)):
+    if (rec := finished_earlier(s.store, exp, s.corpus.record)) is not None:
         log(f"validate: {exp.run_id} finished earlier (kept, not retrained)")
         return rec
     stop = StopRequest()
@@ -6927,16 +7104,6 @@ def train_validation(s: Session, exp: Experiment) -> dict:
     s.store.save(record)                     # the record first, then the checkpoint may go
     trainer.remove_checkpoint(exp)
     return record
-
-
-def redraw_figures(results: dict, out_dir: Path) -> None:
-    """Both figures again (results.json is already written): a plotting error is said, not raised."""
-    for name, plot in (("scaling_laws_complete.png", plot_scaling_figure),
-                       ("compute_optimal.png", plot_compute_optimal_figure)):
-        try:
-            plot(results, out_dir / name)
-        except Exception as e:
-            log(f"figure: could not draw {name} ({type(e).__name__}: {e})")
 
 
 def log_validation(v: dict | None, prediction: bool = True) -> None:
@@ -6993,10 +7160,10 @@ def main(argv: list[str] | None = None) -> int:
         check_installed(tokenizers=tokenizers, tqdm=tqdm)
         cfg, preset = config_from_args(args)
         scope = scope_from_args(args, [str(a) for a in given])
-        run(cfg, preset, estimate=not args.no_estimate, n_bootstrap=args.bootstrap,
-            benchmark_steps=args.benchmark_steps if args.benchmark else 0,
-            fresh=args.fresh and not scope.child, command=command, scope=scope,
-            default_folder=args.output_dir is None, dry_run=args.dry_run)
+        run(cfg, preset, scope, Invocation(
+            resume_command=command, estimate=not args.no_estimate, n_bootstrap=args.bootstrap,
+            benchmark_steps=args.benchmark_steps if args.benchmark else 0, fresh=args.fresh and not scope.child,
+            default_folder=args.output_dir is None, dry_run=args.dry_run))
     except UserError as e:
         print(f"error{who}: {e}", file=sys.stderr, flush=True)
         return leave_process_group(2)

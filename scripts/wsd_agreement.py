@@ -25,19 +25,18 @@ def main() -> int:
     steps = sorted(int(s) for s in args.steps.split(","))
     cfg, preset = rse.config_from_args(rse.build_parser().parse_args(
         ["--device", "cpu", *runner_argv, "--max-steps", str(steps[-1]), "--schedule", "wsd"]))
+    # the runner's own plan with these horizons: its first size's stable run and its cooldown branches
+    cfg = dataclasses.replace(cfg, horizons=",".join(str(s * cfg.tokens_per_step) for s in steps), row_steps=None)
+    plan = rse.build_plan(cfg, preset)
+    main_run = next(e for e in plan if e.branch_points or not e.branch_of)
+    branches = [e for e in plan if e.branch_of == main_run.name]
     device = rse.setup_device(cfg.device, cfg.dtype)
     corpus = rse.prepare_corpus(cfg, preset)
     trainer = rse.Trainer(cfg, corpus, device)
-    main_run = next(e for e in rse.build_plan(cfg, preset) if e.sweep == "params")
     warmup = rse.plan_warmup_steps(cfg)
-    schedule = rse.schedule_of(cfg, warmup)
-    branches = [dataclasses.replace(main_run, name=f"{main_run.name}@{s}", sweep="horizons", steps=s,
-                                    tokens=s * cfg.tokens_per_step, branch_of=main_run.name,
-                                    branch_step=schedule.cooldown_start(s)) for s in steps[:-1]]
-    main_run = dataclasses.replace(main_run, branch_points=tuple(b.branch_step for b in branches))
     branched = {}
-    trainer.on_branch_done = lambda b, rec: branched.__setitem__(b.steps, rec["final_val_loss"])
-    branched[steps[-1]] = trainer.train(main_run, branches)["final_val_loss"]
+    branched[steps[-1]] = trainer.train(main_run, branches, lambda b, rec: branched.__setitem__(
+        b.steps, rec["final_val_loss"]))["final_val_loss"]
     processed = main_run.steps + sum(b.trained_steps for b in branches)
     rows = {}
     for kind in ("wsd", "cosine"):
@@ -46,8 +45,7 @@ def main() -> int:
             t = rse.Trainer(cfg_k, corpus, device)
             for s in steps:
                 w = warmup if rule == "fixed" else max(1, round(0.1 * s))
-                run = dataclasses.replace(main_run, steps=s, tokens=s * cfg.tokens_per_step, warmup_steps=w,
-                                          branch_points=())
+                run = dataclasses.replace(main_run, steps=s, warmup_steps=w, branch_points=(), schedule=kind)
                 rows[(kind, rule, s)] = t.train(run)["final_val_loss"]
     print(f"\nmodel {rse.format_count(main_run.n_params_nonembedding)}, peak lr {main_run.peak_lr:.2e}, fixed "
           f"warmup {warmup} steps, cooldown {cfg.cooldown_frac:.0%} {cfg.cooldown_shape}; corpus {cfg.data}")
