@@ -1,4 +1,5 @@
 """Shared fixtures: a small generated corpus, a shared token cache, and a runner for the real CLI."""
+import json
 import os
 import subprocess
 import sys
@@ -98,3 +99,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def run_records(out_dir) -> list[dict]:
+    """A study folder's runs as full records (curves, definitions, timings), in results.json's points
+    order: each run's file under runs/, or its points-table row where it has none (an interrupted run)."""
+    out_dir = Path(out_dir)
+    points = json.loads((out_dir / "results.json").read_text())["points"]
+    out = []
+    for p in points:
+        path = out_dir / "runs" / f"{p['run_id']}.json"
+        out.append(json.loads(path.read_text()) if path.exists() else dict(p))
+    return out

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import run_scaling_experiments_enhanced as rse
-from conftest import ROOT, SECONDS_SIZED, make_text, run_cli
+from conftest import ROOT, SECONDS_SIZED, make_text, run_cli, run_records
 
 datasets = pytest.importorskip("datasets")
 
@@ -79,7 +79,7 @@ def test_dataset_folder_is_prepared_and_trained_through_the_cli(tmp_path, kind, 
     assert (val == eot).sum() == 40 and (train == eot).sum() == 760
     assert tok.decode(val.tolist()) == "".join(rows[10::20])
     assert corpus["n_train_tokens"] == len(train) and corpus["n_val_tokens"] == len(val)
-    exps = res["experiments"]
+    exps = run_records(out)
     assert [e["status"] for e in exps] == ["completed", "completed"]
     assert abs(exps[0]["initial_loss"] - math.log(512)) < 0.3 and exps[0]["final_val_loss"] < exps[0]["initial_loss"] - 0.5
     assert res["data_budget"]["n_train_tokens"] == len(train)
@@ -194,7 +194,7 @@ def test_uint32_tokens(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = read_results(out)
     assert res["environment"]["corpus"]["token_dtype"] == "uint32"
-    assert abs(res["experiments"][0]["initial_loss"] - math.log(66_000)) < 0.3
+    assert abs(run_records(out)[0]["initial_loss"] - math.log(66_000)) < 0.3
 
 
 def test_data_budget_counts_epochs_and_refuses_under_no_repeat():
@@ -234,7 +234,7 @@ def test_repetition_warning_and_no_repeat_refusal_through_the_cli(tmp_path, cach
     assert f"warning: data-D4K trains on 3.97K tokens, {epochs:.2f} epochs" in r.stdout
     res = read_results(out)
     assert res["data_budget"]["n_train_tokens"] == n_train and res["data_budget"]["repeats"]
-    assert res["experiments"][1]["epochs"] == round(epochs, 4)
+    assert run_records(out)[1]["epochs"] == round(epochs, 4)
 
 
 def test_missing_datasets_library_is_one_line(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import compare_quick_vs_real as cmp
 import quick_scaling_demo as demo
 import run_scaling_experiments_enhanced as rse
-from conftest import ROOT, SECONDS_SIZED, run_cli
+from conftest import ROOT, SECONDS_SIZED, run_cli, run_records
 
 # Besiroglu et al. 2024's fit of L(N, D) = E + A/N^alpha + B/D^beta to Chinchilla's runs and Kaplan et al.
 # 2020's L(N), L(D), as given in the project's reference-data notes; written out here independently of
@@ -26,9 +26,13 @@ def run_demo(out, *args):
     return json.loads((out / "results.json").read_text())
 
 
+def sweep_points(results, sweep):
+    """The points-table rows of one sweep's law (L(N) for "params", L(D) for "data"), in plan order."""
+    return [p for p in results["points"] if rse.SWEEP_ROLE[sweep] in p["roles"]]
+
+
 def sweep_xs(results, sweep):
-    key = "n_params_nonembedding" if sweep == "params" else "tokens"
-    return np.array([e[key] for e in results["experiments"] if e["sweep"] == sweep], dtype=float)
+    return np.array([p[rse.SWEEP_X[sweep]] for p in sweep_points(results, sweep)], dtype=float)
 
 
 def fisher_se(x, a, b, c, noise):
@@ -51,7 +55,8 @@ def standard_demo(tmp_path_factory):
     # seed 1: a typical draw (both sweeps' exponents within 1 Fisher standard error of the truth), so the
     # interval test below checks that intervals are centred and wide enough, not a 1-in-20 draw
     out = tmp_path_factory.mktemp("demo-standard")
-    return run_demo(out, "--mode", "standard", "--seed", "1")
+    res = run_demo(out, "--mode", "standard", "--seed", "1")
+    return res, run_records(out)
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +82,18 @@ def test_demo_cli_needs_no_torch_and_writes_the_runners_schema(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "NO-TORCH 0"
     res = json.loads((out / "results.json").read_text())
-    for key in ("schema_version", "mode", "config", "environment", "experiments", "fits", "predictions"):
+    for key in ("schema_version", "mode", "config", "environment", "points", "fits", "predictions"):
         assert key in res
+    assert res["schema_version"] == rse.SCHEMA_VERSION
     assert res["simulated"] is True and res["mode"] == "quick"
     assert res["true_law"]["constants"] == {"E": E, "A": A, "B": B, "alpha": ALPHA, "beta": BETA}
     # the runner's own plan for --mode quick: same runs, N, D and steps
     cfg, preset = rse.config_from_args(rse.build_parser().parse_args(["--mode", "quick"]))
     plan = rse.build_plan(cfg, preset)
-    exps = res["experiments"]
+    assert [(q["name"], q["N_nonembedding"], q["D"]) for q in res["points"]] == \
+        [(p.name, p.n_params_nonembedding, p.tokens) for p in plan]
+    # each run's full record (its curve) is under runs/, as the runner writes it
+    exps = run_records(out)
     assert [(e["name"], e["n_params_nonembedding"], e["tokens"], e["steps"]) for e in exps] == \
         [(p.name, p.n_params_nonembedding, p.tokens, p.steps) for p in plan]
     for e, p in zip(exps, plan):
@@ -114,12 +123,10 @@ def test_demo_cli_needs_no_torch_and_writes_the_runners_schema(tmp_path):
 
 def test_noiseless_demo_is_the_law_and_the_fit_recovers_it(tmp_path):
     res = run_demo(tmp_path, "--mode", "standard", "--noise", "0")
-    n_params, d_params = sweep_xs(res, "params"), {e["tokens"] for e in res["experiments"] if e["sweep"] == "params"}
-    d_data, n_data = sweep_xs(res, "data"), {e["n_params_nonembedding"] for e in res["experiments"]
-                                              if e["sweep"] == "data"}
+    n_params, d_params = sweep_xs(res, "params"), {p["D"] for p in sweep_points(res, "params")}
+    d_data, n_data = sweep_xs(res, "data"), {p["N_nonembedding"] for p in sweep_points(res, "data")}
     (d_fixed,), (n_fixed,) = d_params, n_data
-    finals = {s: np.array([e["final_val_loss"] for e in res["experiments"] if e["sweep"] == s])
-              for s in ("params", "data")}
+    finals = {s: np.array([p["loss"] for p in sweep_points(res, s)]) for s in ("params", "data")}
     np.testing.assert_allclose(finals["params"], E + A / n_params ** ALPHA + B / d_fixed ** BETA, rtol=1e-12)
     np.testing.assert_allclose(finals["data"], E + A / n_fixed ** ALPHA + B / d_data ** BETA, rtol=1e-12)
     fits = res["fits"]
@@ -132,9 +139,9 @@ def test_noiseless_demo_is_the_law_and_the_fit_recovers_it(tmp_path):
 
 def test_kaplan_law_and_how_its_sweeps_are_simulated(tmp_path, capsys):
     res = run_demo(tmp_path, "--law", "kaplan", "--noise", "0")
-    np.testing.assert_allclose([e["final_val_loss"] for e in res["experiments"] if e["sweep"] == "params"],
+    np.testing.assert_allclose([p["loss"] for p in sweep_points(res, "params")],
                                (KAPLAN_N / sweep_xs(res, "params")) ** KAPLAN_ALPHA_N, rtol=1e-12)
-    np.testing.assert_allclose([e["final_val_loss"] for e in res["experiments"] if e["sweep"] == "data"],
+    np.testing.assert_allclose([p["loss"] for p in sweep_points(res, "data")],
                                (KAPLAN_D / sweep_xs(res, "data")) ** KAPLAN_ALPHA_D, rtol=1e-12)
     # pure power laws: the c = 0 fit of 3 points is the right form and recovers the exponents
     assert res["fits"]["params"]["b"] == pytest.approx(KAPLAN_ALPHA_N, rel=1e-3)
@@ -147,15 +154,15 @@ def test_demo_recovers_true_exponents_within_tolerance(standard_demo):
     """Tolerance: 3 standard errors from the Fisher information at the true law (computed here, not by
     the fitting code). Over 40 seeds the fit's errors measured 1.0 (params) and 1.35 (data) of these
     standard errors, so 3 holds for any typical draw and fails for a biased fit or a wrong truth."""
-    res = standard_demo
+    res, records = standard_demo
     noise = res["true_law"]["noise"]["noise"]
     assert noise == demo.DEFAULT_NOISE == 0.01
     for sweep, (b_true, d_or_n) in (("params", (ALPHA, "tokens")), ("data", (BETA, "n_params_nonembedding"))):
         xs = sweep_xs(res, sweep)
-        fixed = res["experiments"][[e["sweep"] for e in res["experiments"]].index(sweep)][d_or_n]
+        runs = [e for e in records if rse.SWEEP_ROLE[sweep] in e["roles"]]
+        fixed = runs[0][d_or_n]
         a_true = A if sweep == "params" else B
         c_true = E + (B / fixed ** BETA if sweep == "params" else A / fixed ** ALPHA)
-        runs = [e for e in res["experiments"] if e["sweep"] == sweep]
         # the noise is there and about as large as asked: 5 draws of log(final / law)
         scatter = np.std([math.log(e["final_val_loss"] / e["true_loss"]) for e in runs])
         assert 0.3 * noise < scatter < 2.5 * noise
@@ -168,7 +175,7 @@ def test_demo_recovers_true_exponents_within_tolerance(standard_demo):
 
 
 def test_demo_recovers_true_exponents_within_its_own_intervals(standard_demo):
-    fits = standard_demo["fits"]
+    fits = standard_demo[0]["fits"]
     if not all("ci95" in fits[s] for s in ("params", "data")):
         pytest.skip("this branch's fits record no ci95 yet; the interval check activates when they do")
     for sweep, b_true in (("params", ALPHA), ("data", BETA)):
@@ -238,8 +245,7 @@ def test_comparing_a_demo_with_a_real_run_writes_every_field(quick_demo, real_ru
         assert c["exponent"]["difference"] == pytest.approx(real["fits"][sweep]["b"] - sim["fits"][sweep]["b"])
         assert c["constants"]["a"]["difference"] == pytest.approx(real["fits"][sweep]["a"] - sim["fits"][sweep]["a"])
         assert c["real"]["n_points"] == 2 and c["sim"]["n_points"] == 3
-        assert c["real"]["x_range"] == sorted(e["n_params_nonembedding" if sweep == "params" else "tokens"]
-                                             for e in real["experiments"] if e["sweep"] == sweep)
+        assert c["real"]["x_range"] == sorted(sweep_xs(real, sweep).tolist())
         var = "N" if sweep == "params" else "D"
         assert [p["name"] for p in c["predictions"]] == [m[0] for m in rse.REFERENCE_MODELS[sweep]]
         for p in c["predictions"]:
@@ -266,13 +272,14 @@ def test_without_a_demo_the_comparison_simulates_the_real_runs_mode(real_run, tm
     # the data sweep), not the real run's reduced one, under Kaplan's law (Chinchilla's gives tiny's small
     # models a loss above ln 512), fitted by the runner
     assert sim["simulated"] is True and sim["mode"] == "tiny" and sim["true_law"]["name"] == "kaplan"
-    assert [e["n_params_nonembedding"] for e in sim["experiments"] if e["sweep"] == "params"] == [
+    points = sim["points"]
+    assert [p["N_nonembedding"] for p in points if p["branch_of"] is None] == [
         rse.n_params_nonembedding(2, d) for d in (32, 48, 64, 96, 128)]
-    assert sum(e["sweep"] == "horizons" for e in sim["experiments"]) == 16 and len(sim["experiments"]) == 21
-    assert [e["tokens"] for e in sim["experiments"] if e["in_data_sweep"]] == [
+    assert sum(p["branch_of"] is not None for p in points) == 16 and len(points) == 21
+    assert [p["D"] for p in points if rse.ROLE_D in p["roles"]] == [
         s * 2048 for s in (488, 690, 976, 1380, 1952, 2760, 3904)]
     # L(N) is every size at 4M tokens: the branches of the longer rows and the stable runs of the others
-    assert [e["tokens"] for e in sim["experiments"] if e["in_param_sweep"]] == [1952 * 2048] * 5
+    assert [p["D"] for p in points if rse.ROLE_N in p["roles"]] == [1952 * 2048] * 5
     assert sim["fits"]["params"]["n_points"] == 5 and sim["fits"]["data"]["n_points"] == 7
     assert (tmp_path / "scaling_results_demo" / "scaling_laws_complete.png").exists()
     report = json.loads((tmp_path / "cmp" / "comparison_report.json").read_text())

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import run_scaling_experiments_enhanced as rse
+from conftest import run_records
 from test_resume import main_in_process, small_args
 
 torch = pytest.importorskip("torch")
@@ -105,7 +106,7 @@ def test_a_failing_torch_compile_falls_back_to_eager_and_the_run_finishes(tmp_pa
     assert rc == 0, err[-2000:]
     assert said.count("compile: torch.compile failed (RuntimeError: triton: no working C compiler); "
                       "training eager instead") == 1                  # once: later models do not retry
-    exps = rse.read_results(out)["experiments"]
+    exps = run_records(out)
     assert [e["status"] for e in exps] == ["completed", "completed"]
     assert all(e["compiled"] is False and e["compile_s"] == 0.0 for e in exps)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import run_scaling_experiments_enhanced as rse
-from conftest import SCRIPT, on_cpu
+from conftest import SCRIPT, on_cpu, run_records
 
 INJECT = Path(__file__).resolve().parent / "inject.py"
 
@@ -58,23 +58,31 @@ def load(out: Path, name="results.json") -> dict:
     return json.loads((out / name).read_text())
 
 
+def study(out: Path) -> tuple[dict, list[dict]]:
+    """A study folder's results.json and its runs' full records (curves live only under runs/)."""
+    return load(out), run_records(out)
+
+
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory, byte_tokens):
     """One unsharded single-process run: the reference for every test here."""
     out = tmp_path_factory.mktemp("baseline") / "out"
     r = cli(small_args(byte_tokens, out), out.parent)
     assert r.returncode == 0, r.stderr[-3000:]
-    return load(out)
+    return study(out)
 
 
-def assert_same_runs(a: dict, b: dict):
-    assert [e["run_id"] for e in b["experiments"]] == [e["run_id"] for e in a["experiments"]]
-    for x, y in zip(a["experiments"], b["experiments"]):
+def assert_same_runs(a: tuple[dict, list[dict]], b: tuple[dict, list[dict]]):
+    """The same runs bit for bit (losses, curves, hashes), the same points table, fits and predictions."""
+    (res_a, runs_a), (res_b, runs_b) = a, b
+    assert [e["run_id"] for e in runs_b] == [e["run_id"] for e in runs_a]
+    for x, y in zip(runs_a, runs_b):
         assert y["status"] == x["status"] == "completed"
         assert y["final_val_loss"] == x["final_val_loss"], x["run_id"]
         assert y["curve"] == x["curve"], x["run_id"]
         assert y["experiment_hash"] == x["experiment_hash"]
-    assert b["fits"] == a["fits"] and b["predictions"] == a["predictions"]
+    assert res_b["points"] == res_a["points"]
+    assert res_b["fits"] == res_a["fits"] and res_b["predictions"] == res_a["predictions"]
 
 
 def test_torchrun_two_ranks_match_one_process(tmp_path, byte_tokens, baseline):
@@ -89,14 +97,15 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, byte_tokens, baseline):
     assert "estimated training time:" in r.stdout
     assert "2 processes (torchrun), 2 of every 4 sequences per process" in r.stdout
     assert r.stdout.count("] done: final val loss") == 4                   # rank 1 logs nothing
-    res = load(out)
+    res, runs = study(out)
     assert res["environment"]["processes"] == 2
     assert sorted(p.name for p in out.glob("results*.json")) == ["results.json"]
     assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(
-        f"{e['run_id']}.json" for e in baseline["experiments"])
+        f"{e['run_id']}.json" for e in baseline[1])
     assert not list(out.glob("checkpoints/*.pt"))                          # removed once each run finished
+    assert len(runs) == len(baseline[1])
     worst = 0.0
-    for one, two in zip(baseline["experiments"], res["experiments"]):
+    for one, two in zip(baseline[1], runs):
         assert two["run_id"] == one["run_id"] and two["status"] == "completed"
         assert two["steps"] == one["steps"] and two["tokens"] == one["tokens"]      # same global batch
         assert two["initial_loss"] == pytest.approx(one["initial_loss"], rel=1e-5)
@@ -126,7 +135,7 @@ def test_ranks_take_their_own_slice_of_every_batch(byte_tokens, monkeypatch):
     real_get_batch = rse.get_batch
     monkeypatch.setattr(rse, "get_batch", lambda tokens, offs, t, *dev: (seen.append(offs.tolist()),
                                                                          real_get_batch(tokens, offs, t, *dev))[1])
-    exp = rse.Experiment("probe", "params", 0, 2, 32, 1, 2, 0, 1e-3, 0, 0)
+    exp = rse.RunSpec("probe", n_layer=2, d_model=32, n_head=1, steps=2, peak_lr=1e-3, **rse.config_settings(cfg))
     rm = rse.Trainer(cfg, corpus, device).new_model(exp, 0)      # the model itself, not wrapped in DDP
     trainer.train_step(rm, exp, step=5)
     n, stream = len(corpus.train), rse.data_stream_seed(exp)
@@ -159,9 +168,10 @@ def test_a_crashing_rank_stops_every_rank_and_the_rerun_resumes(tmp_path, byte_t
     again = cli(args, tmp_path, n_cores=2, torchrun=2, timeout=120)
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     assert "[params-N25K-seed0] resuming from its checkpoint at step 9/16" in again.stdout
-    res = load(out)
-    assert res["experiments"][0]["resumed_at_steps"] == [9]
-    for one, two in zip(baseline["experiments"], res["experiments"]):
+    _, runs = study(out)
+    assert runs[0]["resumed_at_steps"] == [9]
+    assert len(runs) == len(baseline[1])
+    for one, two in zip(baseline[1], runs):
         assert two["final_val_loss"] == pytest.approx(one["final_val_loss"], rel=1e-3)
     print(f"crash on rank 1 at step 10: whole job stopped in {wall:.1f}s (exit status {r.returncode})")
 
@@ -176,7 +186,7 @@ def test_shard_and_only_into_one_folder_then_fit_only_equal_one_run(tmp_path, by
     assert not (out / "results.json").exists()                            # parts never write it
     part0 = load(out, "results.shard-0-of-2.json")
     assert part0["scope"]["run_ids"] == ["params-N25K-seed0", "data-D8K-seed0"]
-    assert [e["run_id"] for e in part0["experiments"]] == part0["scope"]["run_ids"]
+    assert [p["run_id"] for p in part0["points"]] == part0["scope"]["run_ids"]
     (part1,) = [p for p in out.glob("results.only-*.json")]
     assert load(out, part1.name)["scope"]["run_ids"] == ["params-N100K-seed0", "data-D16K-seed0"]
 
@@ -187,17 +197,18 @@ def test_shard_and_only_into_one_folder_then_fit_only_equal_one_run(tmp_path, by
     fit = cli(["--fit-only", out, "--bootstrap", "50"], tmp_path)
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "4 runs merged from 4 records" in fit.stdout
-    merged = load(out)
+    merged = study(out)
     assert_same_runs(baseline, merged)
-    assert merged["config"]["steps"] == 16 and len(merged["merged_from"]["results_files"]) == 2
+    res = merged[0]
+    assert res["config"]["steps"] == 16 and len(res["merged_from"]["results_files"]) == 2
 
 
 def test_fit_only_refuses_runs_trained_with_other_settings(tmp_path, baseline):
     runs = tmp_path / "mixed" / "runs"
     runs.mkdir(parents=True)
-    for e in baseline["experiments"]:
+    for e in baseline[1]:
         (runs / f"{e['run_id']}.json").write_text(json.dumps(e))
-    odd = dict(baseline["experiments"][0], run_id="params-N50K-seed0", name="params-N50K")
+    odd = dict(baseline[1][0], run_id="params-N50K-seed0", name="params-N50K")
     odd["definition"] = dict(odd["definition"], batch_size=8)
     (runs / "params-N50K-seed0.json").write_text(json.dumps(odd))
     with pytest.raises(rse.UserError, match=r"different settings \(batch_size 4 in data-D16K-seed0, "
@@ -217,7 +228,7 @@ def test_parallel_two_gives_the_sequential_results(tmp_path, byte_tokens, baseli
     # the parent reports the whole plan as the children's records appear; the children say no progress
     progress = [line for line in r.stdout.splitlines() if line.startswith("progress: ")]
     assert progress and progress[-1].startswith("progress: 4/4 runs") and all("/4 runs" in p for p in progress)
-    assert_same_runs(baseline, load(out))
+    assert_same_runs(baseline, study(out))
     assert sorted(p.name for p in out.glob("results*.json")) == ["results.json"]   # children's parts merged
     print(f"--parallel 2: {wall:.1f}s wall")
 
@@ -256,7 +267,7 @@ def test_parallel_children_stop_when_their_parent_is_killed(tmp_path, byte_token
     again = cli(args, tmp_path, n_cores=2)     # and the same command finishes them, bit for bit
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     assert "continuing" in again.stdout
-    assert_same_runs(baseline, load(out))
+    assert_same_runs(baseline, study(out))
     p.stdout.close()
 
 

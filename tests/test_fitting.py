@@ -181,7 +181,9 @@ def test_fit_only_without_torch_recomputes_fits_holdout_and_bands(tmp_path):
     r = run_cli(["--fit-only", folder, "--bootstrap", "200"], tmp_path, script=script)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads((folder / "results.json").read_text())
-    assert len(out["experiments"]) == 8                                    # nothing lost
+    # a schema-1 folder is read and rewritten in the current schema, every run kept as a points row
+    assert out["schema_version"] == 2 and "experiments" not in out
+    assert len(out["points"]) == 8                                         # nothing lost
     for sweep in ("params", "data"):
         fit = out["fits"][sweep]
         assert fit["form"] == "three_parameter" and fit["n_bootstrap"] == 200
@@ -201,7 +203,7 @@ def test_fit_only_without_torch_recomputes_fits_holdout_and_bands(tmp_path):
     assert out["compute_optimal"]["available"]
     assert "params sweep hold-out: refit on 3 runs" in r.stdout
     assert (folder / "scaling_laws_complete.png").exists() and (folder / "compute_optimal.png").exists()
-    fig = rse.build_scaling_figure(out)
+    fig = rse.build_scaling_figure(out, rse.saved_curves(folder))
     for ax in fig.axes[:2]:
         assert any(type(c).__name__ in ("PolyCollection", "FillBetweenPolyCollection") for c in ax.collections)
         assert any("hold-out: refit on 3 runs" in t.get_text() for t in ax.texts)
@@ -212,7 +214,7 @@ def test_degenerate_runs_never_crash_a_finished_run(tmp_path):
     exps[0].update(status="diverged", final_val_loss=None)                # params sweep: one usable run
     exps[2]["final_val_loss"] = exps[3]["final_val_loss"]                  # data sweep: constant losses
     exps[2]["tokens"] = 0                                                  # and a non-positive D
-    res = {"experiments": exps}
+    res = {"points": rse.as_points(exps)}
     rse.finish_results(res, tmp_path, n_bootstrap=50)
     out = json.loads((tmp_path / "results.json").read_text())
     assert out["fits"]["params"]["available"] is False and "diverged" in out["fits"]["params"]["reason"]
@@ -222,7 +224,7 @@ def test_degenerate_runs_never_crash_a_finished_run(tmp_path):
     assert all(p["predicted_loss"] is None and p["predicted_loss_ci95"] is None for p in out["predictions"])
     assert out["holdout"]["params"]["available"] is False
     assert (tmp_path / "scaling_laws_complete.png").exists() and (tmp_path / "compute_optimal.png").exists()
-    fig = rse.build_scaling_figure(out)
+    fig = rse.build_scaling_figure(out, {})
     assert any("fit unavailable" in t.get_text() for t in fig.axes[0].texts)
 
 
@@ -260,7 +262,7 @@ def test_seconds_sized_run_reports_holdout_and_bands(tmp_path, corpus_file, cach
     assert res["holdout"]["params"]["available"] is False and res["holdout"]["params"]["reason"]
     assert "data sweep hold-out: refit on 2 runs" in r.stdout
     assert "params sweep hold-out check unavailable" in r.stdout
-    fig = rse.build_scaling_figure(res)
+    fig = rse.build_scaling_figure(res, rse.saved_curves(out))
     assert any("hold-out: refit on 2 runs" in t.get_text() for t in fig.axes[1].texts)
     assert any(type(c).__name__ in ("PolyCollection", "FillBetweenPolyCollection") for c in fig.axes[1].collections)
     assert (out / "compute_optimal.png").exists()

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import run_scaling_experiments_enhanced as rse
-from conftest import SCRIPT, SECONDS_SIZED, on_cpu, run_cli
+from conftest import SCRIPT, SECONDS_SIZED, on_cpu, run_cli, run_records
 
 pytestmark = pytest.mark.filterwarnings("ignore::scipy.optimize.OptimizeWarning")
 
@@ -54,7 +54,7 @@ def test_changed_settings_in_the_default_folder_move_the_earlier_results_aside(t
     assert len(moved) == 1 and "steps 6 -> 8 (--max-steps" in moved[0] and str(archives[0].relative_to(tmp_path)) in moved[0]
     assert moved[0].startswith("settings changed (") and "in the default output folder" in moved[0]
     new = json.loads((folder / "results.json").read_text())
-    params = [e for e in new["experiments"] if e["sweep"] == "params"]
+    params = [e for e in run_records(folder) if rse.ROLE_N in rse.roles_of(e)]
     assert new["config"]["steps"] == 8 and params[0]["steps_done"] == 8
     assert "resume:" not in r.stdout                       # started over, nothing taken from the old runs
 
@@ -80,7 +80,7 @@ def test_figure_and_progress_after_every_run(tmp_path, byte_tokens):
     assert proc.wait(timeout=300) == 0
     log = "".join(seen) + rest
     res = json.loads((out / "results.json").read_text())
-    t1, t2 = (e["tokens"] for e in res["experiments"])
+    t1, t2 = (p["D"] for p in res["points"])
     assert (t1, t2) == (6 * 8 * 64, 2 * 8 * 64)                   # 6 steps; D = 1K needs 2 steps
     assert first.startswith(f"progress: 1/2 runs, {rse.format_count(t1)}/{rse.format_count(t1 + t2)} tokens "
                             f"({100 * t1 / (t1 + t2):.0f}%), elapsed ")
@@ -165,8 +165,7 @@ def test_one_writer_per_folder_and_a_killed_run_does_not_block(tmp_path, byte_to
     r = run_cli(args, tmp_path)                                   # ...and blocks nothing: it resumes
     assert r.returncode == 0, r.stderr[-2000:]
     assert "continuing params-N25K-seed0 from checkpoints" in r.stdout
-    res = json.loads((out / "results.json").read_text())
-    assert [e["steps_done"] for e in res["experiments"]] == [400, 2]
+    assert [e["steps_done"] for e in run_records(out)] == [400, 2]
 
 
 def test_a_run_that_cannot_fit_in_memory_is_refused(tmp_path, byte_tokens):
@@ -231,17 +230,21 @@ def test_a_floor_at_its_bound_and_a_negative_exponent_are_written_plainly(capsys
 
 
 def curve_run(sweep: str, n: int, d: int, loss: float) -> dict:
-    return {"sweep": sweep, "status": "completed", "n_params_nonembedding": n, "tokens": d, "seed": 0,
-            "final_val_loss": loss, "curve": {"tokens": [1, d], "train_loss": [6, loss],
-                                              "eval_tokens": [1, d], "val_loss": [6, loss]}}
+    """An old-style run record with its curve; the name makes its run_id unique within the figure."""
+    return {"name": f"{sweep}-N{n}-D{d}", "sweep": sweep, "status": "completed", "n_params_nonembedding": n,
+            "tokens": d, "seed": 0, "final_val_loss": loss,
+            "curve": {"tokens": [1, d], "train_loss": [6, loss], "eval_tokens": [1, d], "val_loss": [6, loss]}}
 
 
 def test_figure_legend_and_panel_colours():
     results = fit_results(True, -0.05)
     rse.flag_rising_losses(results["fits"])
-    results["experiments"] = [curve_run("params", n, 10_000, 3.0) for n in (10_000, 40_000, 160_000)] + \
-                             [curve_run("data", 40_000, d, 3.0) for d in (10_000, 40_000)]
-    fig = rse.build_scaling_figure(results)
+    runs = [curve_run("params", n, 10_000, 3.0) for n in (10_000, 40_000, 160_000)] + \
+           [curve_run("data", 40_000, d, 3.0) for d in (10_000, 40_000)]
+    results["points"] = rse.as_points(runs)
+    curves = {p["run_id"]: r["curve"] for p, r in zip(results["points"], runs)}
+    assert len(curves) == len(runs)
+    fig = rse.build_scaling_figure(results, curves)
     try:
         ax1, ax2, ax3, ax4 = fig.axes[:4]
         legend = [t.get_text() for t in ax1.get_legend().get_texts()]

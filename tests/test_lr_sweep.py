@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import run_scaling_experiments_enhanced as rse
-from conftest import run_cli
+from conftest import run_cli, run_records
 
 MULTS = np.array([0.5, 0.7, 1.0, 1.4, 2.0])
 RULE = 5e-3
@@ -134,8 +134,7 @@ def test_the_1x_run_is_the_ladders_branch(tmp_path, corpus_file, cache_dir):
     assert rse.main([*common, "--lr-sweep", "--lr-multipliers", "0.7,1,1.4", "--output-dir", str(tmp_path / "lr")]) == 0
     assert rse.main([*common, "--output-dir", str(tmp_path / "ladder")]) == 0
     sweep = json.loads((tmp_path / "lr" / "results.json").read_text())["lr_sweep"]
-    ladder = json.loads((tmp_path / "ladder" / "results.json").read_text())
-    branch = next(e for e in ladder["experiments"] if e["steps"] == 20)
+    branch = next(e for e in run_records(tmp_path / "ladder") if e["steps"] == 20)
     one_x = next(p for p in sweep["points"] if p["multiplier"] == 1.0)
     assert one_x["final_val_loss"] == pytest.approx(branch["final_val_loss"], abs=1e-6)
     assert one_x["peak_lr"] == branch["peak_lr"]

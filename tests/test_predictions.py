@@ -59,20 +59,23 @@ def test_prediction_interval_adds_the_scatter_and_covers_new_runs():
 def test_rollout_one_variable_refits_every_prefix():
     x = np.repeat(np.logspace(5, 7.5, 6), 2)               # 6 sizes, 2 seeds each
     y = rse.power_law(x, 40.0, 0.3, 2.0) * np.exp(np.random.default_rng(2).normal(0, 0.005, len(x)))
-    runs = [{"name": f"r{i}", "n_params_nonembedding": a, "final_val_loss": b} for i, (a, b) in enumerate(zip(x, y))]
-    ro = rse.rollout_one_variable(runs, "n_params_nonembedding", n_bootstrap=100, seed=0)
+    runs = [{"name": f"r{i}", "N_nonembedding": a, "loss": b} for i, (a, b) in enumerate(zip(x, y))]
+    ro = rse.rollout_one_variable(runs, "N_nonembedding", n_bootstrap=100, seed=0)
     assert ro["available"] and [c["n_fit_points"] for c in ro["cutoffs"]] == [6, 8, 10]
     assert [c["n_predicted"] for c in ro["cutoffs"]] == [6, 4, 2]
-    assert ro["headline"] is ro["cutoffs"][-1]
+    headline = rse.rollout_headline(ro)
+    assert headline is ro["cutoffs"][-1]
     for c in ro["cutoffs"]:                                # the numbers are the refit's own predictions
         fit = rse.fit_power_law(x[:c["n_fit_points"]], y[:c["n_fit_points"]], n_bootstrap=0)
         rel = rse.power_law(x[c["n_fit_points"]:], fit["a"], fit["b"], fit["c"]) / y[c["n_fit_points"]:] - 1
         assert c["mean_bias"] == pytest.approx(rel.mean(), rel=1e-6)
         assert c["mean_abs_error"] == pytest.approx(np.abs(rel).mean(), rel=1e-6)
         assert c["mean_bias_ci95"][0] <= c["mean_bias_ci95"][1] and c["mean_abs_error_ci95"][0] >= 0
-        for r in c["runs"]:      # the noise widens the interval (up to Monte Carlo error of the draws)
-            assert np.ptp(r["relative_error_pi95"]) > 0.97 * np.ptp(r["relative_error_ci95"])
-    assert rse.rollout_one_variable(runs[:6], "n_params_nonembedding")["available"] is False  # 3 sizes
+    # the headline cutoff lists its predictions run by run, each with both intervals
+    assert len(headline["runs"]) == headline["n_predicted"]
+    for r in headline["runs"]:   # the noise widens the interval (up to Monte Carlo error of the draws)
+        assert np.ptp(r["relative_error_pi95"]) > 0.97 * np.ptp(r["relative_error_ci95"])
+    assert rse.rollout_one_variable(runs[:6], "N_nonembedding")["available"] is False  # 3 sizes
 
 
 def test_rollout_joint_orders_by_compute_and_is_exact_without_noise():
@@ -83,7 +86,7 @@ def test_rollout_joint_orders_by_compute_and_is_exact_without_noise():
     assert ro["available"] and ro["order"].startswith("compute")
     assert len(ro["cutoffs"]) == rse.ROLLOUT_MAX_CUTOFFS
     C = np.sort(6 * N * D)
-    last = ro["headline"]
+    last = rse.rollout_headline(ro)
     assert last["fit_up_to"] == pytest.approx(C[-2]) and last["n_predicted"] == 1
     usable = [c for c in ro["cutoffs"] if c["available"]]
     assert usable[-1]["mean_abs_error"] < 1e-6
@@ -233,7 +236,7 @@ def test_validate_trains_the_predicted_compute_optimal_model_once(tmp_path, corp
     res = json.loads((out / "results.json").read_text())
     v = res["validation"]
     assert v["available"] and v["factor"] == 2.0 and v["status"] == "completed", v
-    largest = max(6 * e["n_params_nonembedding"] * e["tokens"] for e in res["experiments"])
+    largest = max(6 * p["N_nonembedding"] * p["D"] for p in res["points"])
     assert v["target_flops"] == pytest.approx(2 * largest)
     assert 6 * v["N_opt"] * v["D_opt"] == pytest.approx(v["target_flops"], rel=1e-9)
     # N rounded to a shape the tiny preset builds, D to whole steps of 8 x 64 tokens
@@ -248,11 +251,11 @@ def test_validate_trains_the_predicted_compute_optimal_model_once(tmp_path, corp
     # trained like any run (its record under runs/), and never fitted
     record = out / "runs" / f"{v['run_id']}.json"
     assert json.loads(record.read_text())["final_val_loss"] == v["measured_loss"]
-    assert all(e["sweep"] != "validate" for e in res["experiments"]) and res["fits"]["joint"]["n_points"] == 6
+    assert all(rse.ROLE_VALIDATION not in p["roles"] for p in res["points"]) and res["fits"]["joint"]["n_points"] == 6
     # the prediction is logged before the run trains, the comparison after
     said = capsys.readouterr().out
     assert said.index("the joint law predicts") < said.index("validate: training") < said.index(f"{v['name']} measured")
-    fig = rse.build_scaling_figure(res)
+    fig = rse.build_scaling_figure(res, rse.saved_curves(out))
     assert any("validate" in t.get_text() for t in fig.axes[0].get_legend().get_texts())
     # the same command again: the validation run is kept, not retrained
     mtime = record.stat().st_mtime_ns

@@ -10,7 +10,7 @@ import pytest
 import compare_quick_vs_real as cmp
 import quick_scaling_demo as demo
 import run_scaling_experiments_enhanced as rse
-from conftest import SECONDS_SIZED, run_cli
+from conftest import SECONDS_SIZED, run_cli, run_records
 
 # tiny's design under the demo's tiny law, written out here so a wrong constant in the demo fails
 E, A, B, ALPHA, BETA = 1.90, 20.9, 609.0, 0.317, 0.471
@@ -22,7 +22,7 @@ def simulated(law="tiny", multiplier=1.0, seed=0, noise=demo.DEFAULT_NOISE, cons
     """A finished simulated study of tiny's plan as a results dict (fits: the joint law only)."""
     if constants is not None:
         monkeypatch.setitem(demo.JOINT_LAWS, law, constants)
-    res = demo.simulated_study(TINY, law, noise, seed, Path("unused"), multiplier)
+    res, _ = demo.simulated_study(TINY, law, noise, seed, Path("unused"), multiplier)
     res["fits"] = {"joint": {"available": True}}        # load_study refits the joint law itself
     return res
 
@@ -64,15 +64,15 @@ def test_demo_tiny_kaplan_data_sweep_falls(tmp_path):
     """Issue 24's bug: the data sweep (the 25K row) got Kaplan's L(N), flat in D."""
     assert demo.main(["--mode", "tiny", "--law", "kaplan", "--noise", "0", "--output-dir", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
-    row = sorted((e["tokens"], e["final_val_loss"]) for e in res["experiments"] if rse.in_sweep(e, "data"))
+    row = sorted((p["D"], p["loss"]) for p in res["points"] if rse.SWEEP_ROLE["data"] in p["roles"])
     assert len(row) == 7
     losses = [loss for _, loss in row]
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert losses[0] - losses[-1] > 0.3                       # 5.74 -> 5.38 nats from 1M to 8M tokens
     # every run is Kaplan's L(N, D) at its own N and D (eq. 1.5), checked against the formula here
-    for e in res["experiments"]:
-        want = ((8.8e13 / e["n_params_nonembedding"]) ** (0.076 / 0.095) + 5.4e13 / e["tokens"]) ** 0.095
-        assert e["final_val_loss"] == pytest.approx(want, rel=1e-12)
+    for p in res["points"]:
+        want = ((8.8e13 / p["N_nonembedding"]) ** (0.076 / 0.095) + 5.4e13 / p["D"]) ** 0.095
+        assert p["loss"] == pytest.approx(want, rel=1e-12)
     assert res["true_law"]["sweeps"]["data"]["b"] > 0
 
 
@@ -157,7 +157,7 @@ def edited(pair, tmp_path, name, edit):
 
 
 def set_status(res):
-    res["experiments"][3]["status"] = "interrupted"
+    res["points"][3]["status"] = "interrupted"
 
 
 def no_joint(res):
@@ -169,9 +169,9 @@ def other_corpus(res):
 
 
 def far_tokens(res):
-    for e in res["experiments"]:
-        e["tokens"] *= 10**6
-        e["flops"] *= 10**6
+    for p in res["points"]:
+        p["D"] *= 10**6
+        p["flops"] *= 10**6
 
 
 @pytest.mark.parametrize("which,edit,needle", [
@@ -229,9 +229,14 @@ def test_default_folders_differ_by_arch():
     cfg, _ = rse.config_from_args(rse.build_parser().parse_args(["--mode", "tiny", "--arch", "llama"]))
     assert cfg.arch == "llama" and cfg.output_dir == "scaling_results_tiny_llama_v2"
     exp = rse.build_plan(cfg, rse.PRESETS["tiny"])[0]
-    assert rse.experiment_definition(exp, cfg, None)["arch"] == "llama"
+    llama_def = rse.run_definition(exp, None)
+    assert llama_def["arch"] == "llama"
     gpt2, _ = rse.config_from_args(rse.build_parser().parse_args(["--mode", "tiny"]))
-    assert "arch" not in rse.experiment_definition(exp, gpt2, None)     # gpt2's hashes are unchanged
+    gpt2_def = rse.run_definition(rse.build_plan(gpt2, rse.PRESETS["tiny"])[0], None)
+    # the same run under the other recipe: only the arch, hence the hash, tells them apart
+    assert {k for k in llama_def.keys() | gpt2_def.keys() if llama_def.get(k) != gpt2_def.get(k)} == {"arch"}
+    assert gpt2_def["arch"] == "gpt2"
+    assert rse.definition_hash(llama_def) != rse.definition_hash(gpt2_def)
 
 
 FAST = [*SECONDS_SIZED, "--param-sizes", "25K", "--data-sizes", "1K", "--max-steps", "10", "--eval-interval", "5",
@@ -250,10 +255,13 @@ def test_gpt2_is_bit_identical_and_llama_trains(tmp_path, corpus_file, cache_dir
         r = run_cli([*FAST, "--lr", "5e-3", "--arch", arch, "--data", corpus_file, "--cache-dir", cache_dir,
                      "--output-dir", out], tmp_path)
         assert r.returncode == 0, r.stderr[-2000:]
-        res = json.loads((out / "results.json").read_text())
-        runs[arch] = {e["run_id"]: e for e in res["experiments"]}
-    got = {k: (e["final_val_loss"], e["experiment_hash"]) for k, e in runs["gpt2"].items()}
-    assert got == GPT2_AT_0CF71DD
+        runs[arch] = {e["run_id"]: e for e in run_records(out)}
+    # the losses must be 0cf71dd's bit for bit; the table's hashes are of 0cf71dd's definition format, not
+    # this one's, so each record's hash is checked against its own definition instead
+    got = {k: e["final_val_loss"] for k, e in runs["gpt2"].items()}
+    assert got == {k: loss for k, (loss, _) in GPT2_AT_0CF71DD.items()}
+    for e in runs["gpt2"].values():
+        assert e["experiment_hash"] == rse.definition_hash(e["definition"])
     for run_id, e in runs["llama"].items():
         assert e["arch"] == "llama" and e["definition"]["arch"] == "llama"
         assert e["final_val_loss"] < e["initial_loss"] - 0.5

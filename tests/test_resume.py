@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import run_scaling_experiments_enhanced as rse
-from conftest import SCRIPT, on_cpu
+from conftest import SCRIPT, on_cpu, run_records
 from inject import patch_failures
 
 pytestmark = pytest.mark.filterwarnings("ignore::scipy.optimize.OptimizeWarning")
@@ -84,20 +84,23 @@ def start_and_signal(args, cwd, wait_for: str, sig) -> tuple[int, str, str]:
     return p.returncode, "".join(lines) + out, err
 
 
-def load(out: Path) -> dict:
-    return json.loads((out / "results.json").read_text())
+def load(out: Path) -> tuple[dict, list[dict]]:
+    """A study folder's results.json and its runs' full records (curves live only under runs/)."""
+    return json.loads((out / "results.json").read_text()), run_records(out)
 
 
-def assert_same_results(a: dict, b: dict):
-    """Bit-for-bit the same training outcome: losses, curves and fits."""
-    assert [e["run_id"] for e in a["experiments"]] == [e["run_id"] for e in b["experiments"]]
-    for x, y in zip(a["experiments"], b["experiments"]):
+def assert_same_results(a: tuple[dict, list[dict]], b: tuple[dict, list[dict]]):
+    """Bit-for-bit the same training outcome: losses, curves, the points table and fits."""
+    (res_a, runs_a), (res_b, runs_b) = a, b
+    assert [e["run_id"] for e in runs_a] == [e["run_id"] for e in runs_b]
+    for x, y in zip(runs_a, runs_b):
         assert y["status"] == x["status"] == "completed"
         assert y["final_val_loss"] == x["final_val_loss"], x["run_id"]
         assert y["initial_loss"] == x["initial_loss"]
         assert y["curve"] == x["curve"], x["run_id"]
         assert y["experiment_hash"] == x["experiment_hash"]
-    assert a["fits"] == b["fits"]
+    assert res_a["points"] == res_b["points"]
+    assert res_a["fits"] == res_b["fits"]
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +113,7 @@ def baseline(tmp_path_factory, byte_tokens):
 
 
 def test_baseline_records_and_removes_checkpoints(baseline):
-    out, res = baseline
-    exps = res["experiments"]
+    out, (res, exps) = baseline
     assert [e["run_id"] for e in exps] == ["params-N25K-seed0", "params-N100K-seed0", "data-D1K-seed0",
                                            "data-D2K-seed0"]
     assert [e["steps"] for e in exps] == [12, 12, 8, 16]                # D / (4 x 32) tokens per step
@@ -137,10 +139,10 @@ def test_sigkill_mid_experiment_then_same_command_gives_identical_results(tmp_pa
     assert rc == 0, stderr[-2000:]
     assert "resume: 1 of 4 runs finished earlier" in stdout
     assert "[params-N25K-seed0] start" not in stdout                     # not retrained
-    res = load(out)
-    resumed = res["experiments"][1]["resumed_at_steps"]
+    res, runs = load(out)
+    resumed = runs[1]["resumed_at_steps"]
     assert len(resumed) == 1 and 3 <= resumed[0] < 12                    # continued mid-run, not from 0
-    assert_same_results(baseline[1], res)
+    assert_same_results(baseline[1], (res, runs))
     assert list((out / "checkpoints").iterdir()) == []
 
 
@@ -155,9 +157,14 @@ def test_sigterm_checkpoints_writes_results_and_says_how_to_resume(tmp_path, byt
     assert "interrupted by SIGTERM in data-D1K-seed0 at step" in last
     assert "Resume with the same command: python run_scaling_experiments_enhanced.py --mode tiny" in last
     assert "--checkpoint-every 1h" in last
-    res = load(out)
-    assert [e["status"] for e in res["experiments"]] == ["completed", "completed", "interrupted"]
-    assert 3 <= res["experiments"][2]["steps_done"] < 8
+    res, runs = load(out)
+    assert [e["status"] for e in runs] == ["completed", "completed", "interrupted"]
+    assert [p["status"] for p in res["points"]] == ["completed", "completed", "interrupted"]
+    # an interrupted run has no record under runs/ (those are finished runs): where it stopped is in the
+    # message and in its checkpoint
+    stopped_at = int(last.split("interrupted by SIGTERM in data-D1K-seed0 at step ")[1].split("/8")[0])
+    assert 3 <= stopped_at < 8
+    assert rse.read_checkpoint_header(out / "checkpoints" / "data-D1K-seed0.pt")["step"] == stopped_at
     assert res["fits"]["params"]["available"]                           # fits of the finished runs
     assert (out / "checkpoints" / "data-D1K-seed0.pt").exists()
     rc, stdout, stderr = main_in_process(args)
@@ -178,17 +185,18 @@ def two_seeds_with_nan(tmp_path_factory, byte_tokens):
 
 
 def test_injected_nan_marks_one_run_diverged_and_leaves_the_rest(two_seeds_with_nan):
-    stdout, res = two_seeds_with_nan
-    bad = [e for e in res["experiments"] if e["status"] != "completed"]
+    stdout, (res, runs) = two_seeds_with_nan
+    bad = [e for e in runs if e["status"] != "completed"]
     assert [e["run_id"] for e in bad] == ["params-N100K-seed1"]
     d = bad[0]
     assert d["status"] == "diverged" and d["diverged_at_step"] == 5 and d["final_val_loss"] is None
+    assert (d["name"], d["seed"]) == ("params-N100K", 1)
     # the last finite loss is step 4's: finite and already below the untrained loss
     assert math.isfinite(d["last_good_loss"]) and d["last_good_loss"] < d["initial_loss"] - 0.3
     assert d["curve"]["step"] == [3]                                    # nothing logged past the divergence
-    assert res["excluded_from_fits"] == [{"run_id": "params-N100K-seed1", "name": "params-N100K", "seed": 1,
-                                          "status": "diverged", "diverged_at_step": 5,
-                                          "last_good_loss": d["last_good_loss"]}]
+    assert res["excluded_from_fits"] == ["params-N100K-seed1"]
+    row = next(p for p in res["points"] if p["run_id"] == "params-N100K-seed1")
+    assert row["status"] == "diverged" and row["loss"] is None
     assert res["fits"]["params"]["available"] and res["fits"]["params"]["n_points"] == 3
     assert math.isfinite(res["fits"]["params"]["b"])
     assert "DIVERGED at step 5/12" in stdout and "left out of the fits: params-N100K-seed1 (diverged)" in stdout
@@ -196,25 +204,24 @@ def test_injected_nan_marks_one_run_diverged_and_leaves_the_rest(two_seeds_with_
 
 
 def test_two_seeds_write_two_runs_per_experiment_and_fit_both(two_seeds_with_nan, baseline):
-    _, res = two_seeds_with_nan
-    exps = res["experiments"]
+    _, (res, exps) = two_seeds_with_nan
     assert [(e["name"], e["seed"]) for e in exps] == [(n, s) for s in (0, 1) for n in
                                                       ("params-N25K", "params-N100K", "data-D1K", "data-D2K")]
     assert len({e["run_id"] for e in exps}) == 8
     # seed 0 is the baseline run exactly; seed 1 is a different initialisation and data order
-    for e, b in zip(exps[:4], baseline[1]["experiments"]):
+    for e, b in zip(exps[:4], baseline[1][1]):
         assert e["final_val_loss"] == b["final_val_loss"]
     for a, b in zip(exps[:4], exps[4:]):
         if b["status"] == "completed":
             assert a["final_val_loss"] != b["final_val_loss"]
             assert abs(a["final_val_loss"] - b["final_val_loss"]) < 0.5
     assert res["fits"]["data"]["n_points"] == 4                         # both seeds of both data runs
-    x = [e["tokens"] for e in exps if e["sweep"] == "data"]
-    y = [e["final_val_loss"] for e in exps if e["sweep"] == "data"]
+    x = [e["tokens"] for e in exps if rse.ROLE_D in e["roles"]]
+    y = [e["final_val_loss"] for e in exps if rse.ROLE_D in e["roles"]]
     refit = rse.fit_power_law(x, y)
     assert refit["b"] == pytest.approx(res["fits"]["data"]["b"])
     # the figure shows each data size's mean over the seeds with its range
-    fig = rse.build_scaling_figure(res)
+    fig = rse.build_scaling_figure(res, {e["run_id"]: e["curve"] for e in exps})
     bars = [c for c in fig.axes[1].containers if type(c).__name__ == "ErrorbarContainer"]
     assert len(bars) == 1
     means = bars[0].lines[0].get_ydata()
@@ -244,7 +251,10 @@ def test_changed_setting_is_refused_and_fresh_moves_old_results_aside(tmp_path, 
     assert rc == 2
     line = err.strip()
     assert len(line.splitlines()) == 1 and "holds results made with other settings" in line
-    assert "steps 12 -> 8 (--max-steps" in line and "lr None -> 0.003 (--lr)" in line and "--fresh" in line
+    # the settings are compared run by run: --lr changes every run's peak LR (each from its width's rule)
+    old_lr = baseline[1][1][0]["peak_lr"]
+    assert "steps 12 -> 8 (--max-steps" in line and f"peak_lr {old_lr} -> 0.003 (--lr, 4 runs)" in line
+    assert "--fresh" in line
     assert (out / "results.json").read_bytes() == before
     rc, _, err = main_in_process(small_args(byte_tokens, out, "--max-steps", "6", "--data-sizes", "0.5K",
                                             "--fresh"))
@@ -253,9 +263,9 @@ def test_changed_setting_is_refused_and_fresh_moves_old_results_aside(tmp_path, 
     assert len(archived) == 1
     assert (archived[0] / "results.json").read_bytes() == before
     assert sorted(p.name for p in (archived[0] / "runs").iterdir()) == sorted(
-        f"{e['run_id']}.json" for e in baseline[1]["experiments"])
-    new = load(out)
-    assert [e["steps"] for e in new["experiments"]] == [6, 6, 4]
+        f"{e['run_id']}.json" for e in baseline[1][1])
+    _, new = load(out)
+    assert [e["steps"] for e in new] == [6, 6, 4]
 
 
 def test_out_of_memory_retries_with_half_the_micro_batch(tmp_path, byte_tokens, baseline, monkeypatch, capsys):
@@ -273,10 +283,10 @@ def test_out_of_memory_retries_with_half_the_micro_batch(tmp_path, byte_tokens, 
     assert rse.main(small_args(byte_tokens, out, "--param-sizes", "25K", "--data-sizes", "1K")) == 0
     log = capsys.readouterr().out
     assert "out of memory with micro-batches of 4 sequences" in log and "retrying with 2 and 2 micro-steps" in log
-    res = load(out)
-    reference = {e["run_id"]: e for e in baseline[1]["experiments"]}
-    assert [e["run_id"] for e in res["experiments"]] == ["params-N25K-seed0", "data-D1K-seed0"]
-    for e in res["experiments"]:
+    _, runs = load(out)
+    reference = {e["run_id"]: e for e in baseline[1][1]}
+    assert [e["run_id"] for e in runs] == ["params-N25K-seed0", "data-D1K-seed0"]
+    for e in runs:
         b = reference[e["run_id"]]
         assert e["status"] == "completed"
         assert e["micro_batch_size"] == 2 and e["micro_steps_per_step"] == 2
@@ -340,13 +350,15 @@ def test_definition_hash_ignores_plan_position_and_device_but_not_settings():
                         batch_size=4, grad_accum=1, context_length=32, vocab_size=256, lr=None)
     exp = rse.build_plan(cfg, rse.PRESETS["tiny"])[0]
     corpus = {"sha256": "ab" * 32, "tokenizer": "pre-tokenized (.bin)", "validation_split": "last 5%"}
-    h = rse.definition_hash(rse.experiment_definition(exp, cfg, corpus))
+    h = rse.definition_hash(rse.run_definition(exp, corpus))
     wider = rse.RunConfig(**{**cfg.__dict__, "param_sizes": [25_000, 100_000], "device": "cuda"})
-    assert rse.definition_hash(rse.experiment_definition(rse.build_plan(wider, rse.PRESETS["tiny"])[0], wider,
-                                                         corpus)) == h
-    for change in ({"batch_size": 8}, {"warmup_frac": 0.2}, {"eval_batches": 2}):
-        other = rse.RunConfig(**{**cfg.__dict__, **change})
-        assert rse.definition_hash(rse.experiment_definition(exp, other, corpus)) != h
-    assert rse.definition_hash(rse.experiment_definition(exp, cfg, {**corpus, "sha256": "cd" * 32})) != h
+    assert rse.definition_hash(rse.run_definition(rse.build_plan(wider, rse.PRESETS["tiny"])[0], corpus)) == h
     import dataclasses
-    assert rse.definition_hash(rse.experiment_definition(dataclasses.replace(exp, seed=1), cfg, corpus)) != h
+    for change in ({"batch_size": 8}, {"warmup_frac": 0.2}, {"eval_batches": 2}):
+        # the setting given on the command line reaches the run's spec and its hash...
+        other = rse.RunConfig(**{**cfg.__dict__, **change})
+        assert rse.definition_hash(rse.run_definition(rse.build_plan(other, rse.PRESETS["tiny"])[0], corpus)) != h
+        # ...and the hash depends on that field itself, not only on what the plan derives from it
+        assert rse.definition_hash(rse.run_definition(dataclasses.replace(exp, **change), corpus)) != h
+    assert rse.definition_hash(rse.run_definition(exp, {**corpus, "sha256": "cd" * 32})) != h
+    assert rse.definition_hash(rse.run_definition(dataclasses.replace(exp, seed=1), corpus)) != h

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import run_scaling_experiments_enhanced as rse
-from conftest import SECONDS_SIZED, run_cli
+from conftest import SECONDS_SIZED, run_cli, run_records
 
 
 @pytest.mark.parametrize("n_layer,d_model,vocab,ctx", [(2, 32, 512, 64), (4, 320, 1000, 128), (3, 96, 257, 16)])
@@ -52,43 +52,50 @@ def test_tiny_shapes_are_the_documented_ladder():
     cfg, _ = rse.config_from_args(rse.build_parser().parse_args(["--mode", "tiny"]))
     plan = rse.build_plan(cfg, p)
     assert len(plan) == 21 and rse.plan_warmup_steps(cfg) == 39
-    assert not [e for e in plan if e.sweep == "data"]
+    assert not own_data_sweep(plan)
     data_steps = [488, 690, 976, 1380, 1952, 2760, 3904]
-    assert [(e.n_params_nonembedding, e.steps) for e in plan if e.in_data_sweep] == [(25472, s) for s in data_steps]
+    assert [(e.n_params_nonembedding, e.steps) for e in plan if e.has(rse.ROLE_D)] == [(25472, s) for s in data_steps]
     for n, steps in ((25472, 3904), (56640, 3904), (100096, 3904), (223872, 1952), (396800, 1952)):
         row = [e for e in plan if e.n_params_nonembedding == n]
         assert [e.steps for e in row] == (data_steps if n == 25472 else
                                           [s for s in (488, 976, 1952, 3904) if s <= steps])
         assert [e.name for e in row if not e.branch_of] == [row[-1].name] and row[-1].steps == steps
         # L(N) is every size at the D all rows reach (4M); a row's other runs feed the joint law only
-        assert [e.steps for e in row if e.in_param_sweep] == [1952]
-        assert all(e.in_param_sweep is False for e in row if e.steps != 1952)
-    records = [{"sweep": e.sweep, "in_data_sweep": e.in_data_sweep, "in_param_sweep": e.in_param_sweep,
-                "n_params_nonembedding": e.n_params_nonembedding, "tokens": e.tokens, "status": "completed",
-                "final_val_loss": 3.0} for e in plan]
-    assert [r["tokens"] for r in rse.usable_runs(records, "params")] == [1952 * 2048] * 5
-    assert rse.sweep_fixed_values(records) == {"params": 1952 * 2048, "data": 25472}
-    assert len(rse.usable_runs(records, "data")) == 7
+        assert [e.steps for e in row if e.has(rse.ROLE_N)] == [1952]
+        assert not [e for e in row if e.steps != 1952 and e.has(rse.ROLE_N)]
+        assert all(e.has(rse.ROLE_JOINT) for e in row)
+    points = rse.as_points([rse.run_record(e, None, status="completed", final_val_loss=3.0) for e in plan])
+    assert [p["D"] for p in rse.usable_runs(points, "params")] == [1952 * 2048] * 5
+    assert rse.sweep_fixed_values(points) == {"params": 1952 * 2048, "data": 25472}
+    assert len(rse.usable_runs(points, "data")) == 7
     # another ladder size as the data model: its row is the data sweep, branched at every data size
     cfg, _ = rse.config_from_args(rse.build_parser().parse_args(["--mode", "tiny", "--data-model-size", "100K"]))
     plan = rse.build_plan(cfg, p)
-    assert [e.steps for e in plan if e.in_data_sweep] == data_steps and len(plan) == 21
-    assert {e.n_params_nonembedding for e in plan if e.in_data_sweep} == {100096}
+    assert [e.steps for e in plan if e.has(rse.ROLE_D)] == data_steps and len(plan) == 21
+    assert {e.n_params_nonembedding for e in plan if e.has(rse.ROLE_D)} == {100096}
+    assert not own_data_sweep(plan)
     # a wider size's row is shorter than the data sweep's sizes: its own runs, as are other data sizes
     # and a model not in the ladder
     for extra in (["--data-model-size", "220K"], ["--data-sizes", "0.5M,1M,2M"], ["--data-model-size", "6.6K"]):
         cfg, _ = rse.config_from_args(rse.build_parser().parse_args(["--mode", "tiny", *extra]))
         plan = rse.build_plan(cfg, p)
-        assert not any(e.in_data_sweep for e in plan) and [e for e in plan if e.sweep == "data"]
+        assert own_data_sweep(plan) and own_data_sweep(plan) == [e for e in plan if e.has(rse.ROLE_D)]
     # other sizes, steps or horizons: every row to the same length, the stable runs are the parameter sweep
     for extra in (["--max-steps", "1000"], ["--param-sizes", "25K,100K"], ["--horizons", "0.5x,1x"]):
         cfg, _ = rse.config_from_args(rse.build_parser().parse_args(["--mode", "tiny", *extra]))
         plan = rse.build_plan(cfg, p)
-        assert cfg.row_steps is None and {e.steps for e in plan if e.sweep == "params"} == {cfg.steps}
-        assert all(e.in_param_sweep is None for e in plan)
+        stable = [e for e in plan if e.name.startswith("params-") and not e.branch_of]
+        assert cfg.row_steps is None and {e.steps for e in stable} == {cfg.steps}
+        assert [e for e in plan if e.has(rse.ROLE_N)] == stable
     cfg, _ = rse.config_from_args(rse.build_parser().parse_args(["--mode", "tiny"]))
     with pytest.raises(rse.UserError, match="one horizon of"):
         rse.build_plan(dataclasses.replace(cfg, row_steps=[3904, 3904, 3904, 1952, 1000]), p)
+
+
+def own_data_sweep(plan):
+    """The data sweep's own runs (named data-D...): present only when no row of the parameter sweep
+    can serve as the data sweep."""
+    return [e for e in plan if e.name.startswith("data-")]
 
 
 @pytest.mark.parametrize("mode", ["quick", "standard", "full"])
@@ -170,14 +177,14 @@ def test_end_to_end_cli_writes_results_and_figure(tmp_path, corpus_file, cache_d
     assert r.returncode == 0, r.stderr[-2000:]
     assert "device: cpu" in r.stdout.splitlines()[0] and "torch" in r.stdout.splitlines()[0]
     res = json.loads((out / "results.json").read_text())
-    for key in ("schema_version", "mode", "config", "environment", "experiments", "fits", "predictions"):
+    for key in ("schema_version", "mode", "config", "environment", "points", "fits", "predictions"):
         assert key in res
     assert res["environment"]["corpus"]["vocab_size"] == 512
     assert len(res["environment"]["corpus"]["sha256"]) == 64
-    exps = res["experiments"]
-    assert [e["sweep"] for e in exps] == ["params", "params", "data", "data"]
+    exps = run_records(out)
+    assert [tuple(e["roles"]) for e in exps] == [(rse.ROLE_N, rse.ROLE_JOINT)] * 2 + [(rse.ROLE_D, rse.ROLE_JOINT)] * 2
     for e in exps:
-        for key in ("name", "sweep", "n_params_nonembedding", "n_params_total", "n_layer", "d_model", "n_head",
+        for key in ("name", "roles", "n_params_nonembedding", "n_params_total", "n_layer", "d_model", "n_head",
                     "tokens", "steps", "epochs", "initial_loss", "final_val_loss", "status", "wall_time_s",
                     "tokens_per_s", "curve"):
             assert key in e, key
@@ -196,7 +203,7 @@ def test_end_to_end_cli_writes_results_and_figure(tmp_path, corpus_file, cache_d
     assert {"GPT-2", "GPT-3", "LLaMA", "Llama 3"} <= {n.split(" (")[0] for n in names}
     png = out / "scaling_laws_complete.png"
     assert png.stat().st_size > 20_000
-    fig = rse.build_scaling_figure(res)
+    fig = rse.build_scaling_figure(res, rse.saved_curves(out))
     assert len(fig.axes) == 4
     assert [ax.get_title()[:2] for ax in fig.axes] == ["1.", "2.", "3.", "4."]
 

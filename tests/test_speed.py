@@ -4,7 +4,7 @@ import json
 import pytest
 
 import run_scaling_experiments_enhanced as rse
-from conftest import SECONDS_SIZED, run_cli
+from conftest import SECONDS_SIZED, run_cli, run_records
 
 
 def test_flops_per_token_closed_form():
@@ -39,8 +39,7 @@ def test_runs_record_speed_and_benchmark_writes_json(tmp_path, corpus_file, cach
               "--peak-tflops", "0.5"]
     r = run_cli(common, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads((out / "results.json").read_text())
-    for e in res["experiments"]:
+    for e in run_records(out):
         fpt = rse.flops_per_token(e["n_layer"], e["d_model"], 512, 64)
         assert e["flops_per_token"] == fpt
         assert e["peak_flops"] == 0.5e12 and e["peak_flops_source"] == "--peak-tflops"

@@ -18,7 +18,7 @@ import pytest
 
 import quick_scaling_demo as demo
 import run_scaling_experiments_enhanced as rse
-from conftest import SCRIPT
+from conftest import SCRIPT, run_records
 from test_resume import main_in_process
 
 pytestmark = pytest.mark.filterwarnings("ignore::scipy.optimize.OptimizeWarning",
@@ -87,11 +87,11 @@ def tb_study(tmp_path_factory, byte_tokens):
     out = tmp_path_factory.mktemp("tb") / "out"
     rc, stdout, err = main_in_process(ladder(byte_tokens, out, "--tracker", "tensorboard"))
     assert rc == 0, err[-2000:]
-    return out, results(out)
+    return out, results(out), run_records(out)
 
 
-def assert_tb_curves_match(out: Path, res: dict):
-    for e in res["experiments"]:
+def assert_tb_curves_match(out: Path, records: list[dict]):
+    for e in records:
         got = tb_scalars(out / "tb" / e["run_id"])
         for tag, points in expected_points(e).items():
             assert [s for s, _ in got[tag]] == [t for t, _ in points], (e["run_id"], tag)
@@ -103,11 +103,11 @@ def assert_tb_curves_match(out: Path, res: dict):
 
 
 def test_tensorboard_holds_every_runs_curves_against_tokens_and_the_fits(tb_study):
-    out, res = tb_study
-    runs = {e["run_id"]: e for e in res["experiments"]}
+    out, res, records = tb_study
+    runs = {e["run_id"]: e for e in records}
     assert len(runs) == 4 and all(e["status"] == "completed" for e in runs.values())
     assert sorted(p.name for p in (out / "tb").iterdir()) == sorted([*runs, "fits"])
-    assert_tb_curves_match(out, res)
+    assert_tb_curves_match(out, records)
     # a branch is a run of its own whose first point is its stable run's at the branch step (tokens 512)
     branch, stable = runs["params-N25K@1.02K-seed0"], runs["params-N25K-seed0"]
     got_b, got_s = tb_scalars(out / "tb" / branch["run_id"]), tb_scalars(out / "tb" / stable["run_id"])
@@ -124,17 +124,17 @@ def test_tensorboard_holds_every_runs_curves_against_tokens_and_the_fits(tb_stud
 
 
 def test_sigkill_mid_run_then_rerun_writes_no_tensorboard_point_twice(tb_study, byte_tokens, tmp_path):
-    reference, ref = tb_study
+    _, _, ref = tb_study
     out = tmp_path / "out"
     rc, stdout, err = kill_then_rerun(ladder(byte_tokens, out, "--tracker", "tensorboard"), tmp_path)
     assert rc == 0, err[-2000:]
     assert "[params-N100K-seed0] resuming from its checkpoint at step" in stdout
-    res = results(out)
-    resumed = next(e for e in res["experiments"] if e["run_id"] == "params-N100K-seed0")["resumed_at_steps"]
+    records = run_records(out)
+    resumed = next(e for e in records if e["run_id"] == "params-N100K-seed0")["resumed_at_steps"]
     assert len(resumed) == 1
     # the killed process wrote points past its checkpoint; the resumed writer purged and rewrote them
     assert len(list((out / "tb" / "params-N100K-seed0").glob("events.*"))) == 2
-    for e in res["experiments"]:
+    for e in records:
         for tag, points in tb_scalars(out / "tb" / e["run_id"]).items():
             steps = [s for s, _ in points]
             assert steps == sorted(set(steps)), (e["run_id"], tag)          # each step once, in order
@@ -148,11 +148,11 @@ def test_parallel_children_write_each_run_once_and_the_parent_the_fits(byte_toke
     assert rc == 0, err[-2000:]
     assert "parallel: 2 runs in 2 processes at once" in stdout
     res = results(out)
-    runs = [e["run_id"] for e in res["experiments"]]
+    runs = [p["run_id"] for p in res["points"]]
     assert sorted(p.name for p in (out / "tb").iterdir()) == sorted([*runs, "fits"])
     for run_id in runs:                                  # one writer per run: one event file each
         assert len(list((out / "tb" / run_id).glob("events.*"))) == 1, run_id
-    assert_tb_curves_match(out, res)
+    assert_tb_curves_match(out, run_records(out))
     assert tb_scalars(out / "tb" / "fits")["fit/params_b"][-1][1] == pytest.approx(res["fits"]["params"]["b"], rel=1e-6)
 
 
@@ -208,17 +208,17 @@ def wandb_runs(out: Path) -> dict[str, dict]:
 def test_wandb_offline_holds_each_runs_history_and_a_sigkilled_run_logs_no_step_twice(
         tb_study, byte_tokens, tmp_path):
     pytest.importorskip("wandb")
-    _, ref = tb_study
+    _, _, ref = tb_study
     out = tmp_path / "out"
     rc, stdout, err = kill_then_rerun(ladder(byte_tokens, out, "--tracker", "wandb"), tmp_path,
                                       {"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert rc == 0, err[-2000:]
     res = results(out)
     runs = wandb_runs(out)
-    assert sorted(runs) == sorted([e["run_id"] for e in res["experiments"]] + ["fits"])
+    assert sorted(runs) == sorted([p["run_id"] for p in res["points"]] + ["fits"])
     assert {r["group"] for r in runs.values()} == {"out/tiny"}
     assert all(len(r["ids"]) == 1 for r in runs.values())          # the resumed run went on in the same id
-    for e in ref["experiments"]:
+    for e in ref:
         history = runs[e["run_id"]]["history"]
         for tag, points in expected_points(e).items():
             steps = [s for k, s, _ in history if k == tag]
@@ -251,12 +251,12 @@ def test_a_missing_tracker_library_is_one_line_and_exit_2_before_any_work(tracke
 
 
 def test_runs_csv_beside_results_lists_every_finished_run(tb_study):
-    out, res = tb_study
+    out, res, records = tb_study
     rows = list(csv.DictReader((out / "runs.csv").open()))
-    assert [r["run_id"] for r in rows] == [e["run_id"] for e in res["experiments"]]
-    for r, e in zip(rows, res["experiments"]):
-        assert (r["name"], r["sweep"], r["branch_of"], r["seed"], r["status"]) == (
-            e["name"], e["sweep"], e["branch_of"] or "", str(e["seed"]), "completed")
+    assert [r["run_id"] for r in rows] == [e["run_id"] for e in records]
+    for r, e in zip(rows, records):
+        assert (r["name"], r["roles"], r["branch_of"], r["seed"], r["status"]) == (
+            e["name"], "+".join(e["roles"]), e["branch_of"] or "", str(e["seed"]), "completed")
         # N is the count the study's joint law used (the default, total), both counts beside it
         assert r["n_count"] == res["fits"]["joint"]["n_count"] == "total"
         assert (float(r["N"]), float(r["N_nonembedding"]), float(r["N_total"]), float(r["D"]),
@@ -272,7 +272,7 @@ def test_fit_csv_on_runs_csv_gives_the_studys_joint_law(tmp_path, capsys, mode):
     assert demo.main(["--mode", mode, *law, "--output-dir", str(study)]) == 0
     res = results(study)
     rows = list(csv.DictReader((study / "runs.csv").open()))
-    assert len(rows) == len(res["experiments"]) and {r["status"] for r in rows} == {"completed"}
+    assert len(rows) == len(res["points"]) and {r["status"] for r in rows} == {"completed"}
     assert rse.main(["--fit-csv", str(study / "runs.csv"), "--output-dir", str(tmp_path / "refit"),
                      "--bootstrap", "50"]) == 0
     joint, again = res["fits"]["joint"], results(tmp_path / "refit")["fits"]["joint"]
@@ -296,15 +296,15 @@ def test_a_failing_tracker_is_one_log_line_and_sends_nothing_more(capsys, tmp_pa
         def write(self, exp, run, tokens, values):
             raise ConnectionError("no route to host")
 
-    exp = rse.Experiment(name="params-N25K", sweep="params", target=25000, n_layer=2, d_model=32, n_head=2,
-                         steps=8, tokens=1024, peak_lr=5e-3, n_params_nonembedding=25472, n_params_total=34688)
+    exp = rse.RunSpec("params-N25K", n_layer=2, d_model=32, n_head=2, steps=8, peak_lr=5e-3, batch_size=4,
+                      context_length=32, vocab_size=256, roles=(rse.ROLE_N, rse.ROLE_JOINT), target=25000)
     state = rse.TrainState()
     state.curve.update(eval_step=[0], eval_tokens=[0], val_loss=[5.5])
     tracker = Unreachable(tmp_path, 128, study=True)
     with tracker:
         tracker.start_run(exp, state)                       # writes the untrained model's loss: fails
         tracker.point(exp, 256, {"train/loss": 5.0})
-        tracker.study({"experiments": [], "fits": {}}, tmp_path)
+        tracker.study({"points": [], "fits": {}}, tmp_path)
         tracker.end_run(exp, None)
     said = capsys.readouterr().out.splitlines()
     assert said == ["tracker: writing params-N25K-seed0 failed (ConnectionError: no route to host); the study "

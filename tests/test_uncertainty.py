@@ -3,7 +3,6 @@ its cooldown branches share one seed), intervals are open rather than narrowed, 
 zero-width interval, compute is the runs' real FLOPs, N is counted as --n-count says, and the reference
 stars are the joint law at each model's published (N, D)."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,16 +135,16 @@ def test_isoflop_never_reports_a_zero_width_interval():
 
 
 def records(n_count_law="n_params_nonembedding", noise=0.004, seed=0):
-    """tiny's 21 runs as records (both N counts, FLOPs per token, branch_of), losses from TINY_LAW in
-    the given count."""
+    """tiny's 21 runs as records (both N counts, FLOPs per token, branch_of, the plan's roles), losses
+    from TINY_LAW in the given count."""
     N, D, rows, plan = tiny_design()
     rng = np.random.default_rng(seed)
     out = []
     for e in plan:
         n = getattr(e, n_count_law)
-        out.append({"name": e.name, "sweep": e.sweep, "status": "completed", "seed": 0, "branch_of": e.branch_of,
-                    "n_params_nonembedding": e.n_params_nonembedding, "n_params_total": e.n_params_total,
-                    "tokens": e.tokens, "in_data_sweep": e.in_data_sweep, "in_param_sweep": e.in_param_sweep,
+        out.append({"run_id": e.run_id, "name": e.name, "roles": list(e.roles), "status": "completed", "seed": 0,
+                    "branch_of": e.branch_of, "n_params_nonembedding": e.n_params_nonembedding,
+                    "n_params_total": e.n_params_total, "tokens": e.tokens,
                     "flops_per_token": rse.flops_per_token(e.n_layer, e.d_model, 512, 32),
                     "final_val_loss": float(rse.joint_law(n, e.tokens, **TINY_LAW) * np.exp(rng.normal(0, noise)))})
     return out

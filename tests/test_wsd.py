@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 import run_scaling_experiments_enhanced as rse
-from conftest import SCRIPT
+from conftest import SCRIPT, run_records
 
 INJECT = SCRIPT.parent / "tests" / "inject.py"
 
@@ -49,11 +49,12 @@ def test_four_doubling_horizons_cost_under_065_of_separate_runs():
         processed = main.steps + sum(b.trained_steps for b in branches)
         separate = main.steps + sum(b.steps for b in branches)
         assert all(b.branch_step == rse.LRSchedule("wsd").cooldown_start(b.steps) for b in branches)
-        if main.sweep == "params":
+        if main.has(rse.ROLE_N):
             assert [b.steps for b in branches] == [100, 200, 400] and main.steps == 800
             assert processed / separate == pytest.approx((800 + 0.2 * 700) / 1500) and processed / separate < 0.65
-    assert [e.name for e in plan if e.sweep == "horizons"][:3] == ["params-N25K@205K", "params-N25K@410K",
-                                                                   "params-N25K@819K"]
+    ladder_rows = {m.name for m in mains if m.has(rse.ROLE_N)}
+    assert [e.name for e in plan if e.branch_of in ladder_rows][:3] == ["params-N25K@205K", "params-N25K@410K",
+                                                                        "params-N25K@819K"]
     with pytest.raises(rse.UserError, match="add --schedule wsd"):
         plan_of("--schedule", "cosine", "--horizons", "0.5x,1x")
     with pytest.raises(rse.UserError, match="inside the 80-step warmup"):
@@ -66,7 +67,7 @@ def run(args, cwd, out):
 
 
 def losses(out) -> dict:
-    return {e["run_id"]: e["final_val_loss"] for e in json.loads((out / "results.json").read_text())["experiments"]}
+    return {e["run_id"]: e["final_val_loss"] for e in run_records(out)}
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +94,10 @@ def test_figures_are_redrawn_after_a_stable_run_not_after_each_of_its_branches(b
 def test_a_branch_equals_a_separate_run_of_its_length(branched, tmp_path, corpus_file, cache_dir):
     args, out = branched
     res = json.loads((out / "results.json").read_text())
-    branch = next(e for e in res["experiments"] if e["branch_of"])
+    branch = next(e for e in run_records(out) if e["branch_of"])
     assert branch["run_id"] == "params-N25K@15.4K-seed0" and branch["steps"] == 30 and branch["branch_step"] == 15
-    assert branch["tokens_processed"] == 15 * 512 and branch["sweep"] == "horizons"
+    # a shorter horizon of the ladder's row: a point of the joint law only
+    assert branch["tokens_processed"] == 15 * 512 and branch["roles"] == [rse.ROLE_JOINT]
     separate = tmp_path / "separate"
     r = run([*ARGS, "--data", corpus_file, "--cache-dir", cache_dir, "--max-steps", "30", "--cooldown-frac", "0.5",
              "--horizons", "1x"],
@@ -192,10 +194,10 @@ def test_a_data_sweep_of_a_ladder_size_at_its_horizons_is_that_sizes_runs(tmp_pa
     assert r.returncode == 0, r.stderr[-2000:]
     assert "data sweep: the 25.5K model's runs above at 5.12K, 10.2K, 20.5K tokens" in r.stdout
     res = json.loads((out / "results.json").read_text())
-    exps = res["experiments"]
-    assert [e["run_id"] for e in exps] == ["params-N25K@5.12K-seed0", "params-N25K@10.2K-seed0", "params-N25K-seed0"]
-    assert all(e["in_data_sweep"] for e in exps) and len(list((out / "runs").iterdir())) == 3
-    assert [p["tokens"] for p in rse.usable_runs(exps, "data")] == [5120, 10240, 20480]
+    points = res["points"]
+    assert [p["run_id"] for p in points] == ["params-N25K@5.12K-seed0", "params-N25K@10.2K-seed0", "params-N25K-seed0"]
+    assert all(rse.ROLE_D in p["roles"] for p in points) and len(list((out / "runs").iterdir())) == 3
+    assert [p["D"] for p in rse.usable_runs(points, "data")] == [5120, 10240, 20480]
     assert res["fits"]["data"]["n_points"] == 3 and res["fits"]["joint"]["n_points"] == 3    # each run once
     assert res["fits"]["params"]["n_points"] == 1
 
