@@ -273,9 +273,12 @@ def interval_records(multiplier, n_sets, constants=None, monkeypatch=None, n_boo
     """(report, ci95 at the largest common budget) of n_sets independent pairs, seeds 2i and 2i + 1."""
     out = []
     for i in range(n_sets):
+        base = simulated(seed=2 * i)         # before `constants` patch the demo's law for the variant
         variant = (simulated(seed=2 * i + 1, constants=constants, monkeypatch=monkeypatch) if constants
                    else simulated(multiplier=multiplier, seed=2 * i + 1))
-        rep = report_of(simulated(seed=2 * i), variant, n_boot=n_boot)
+        if constants:
+            monkeypatch.undo()
+        rep = report_of(base, variant, n_boot=n_boot)
         lo, hi = rep["multiplier"]["at_largest_common_budget"]["ci95"]
         out.append((rep, lo, math.inf if hi is None else hi))
     return out
