@@ -4051,6 +4051,7 @@ def joint_samples(fit: dict, n_params, tokens) -> np.ndarray | None:
 # noise, where HUBER_DELTA (about 0.1 sd at 1% noise) is least absolute deviations (64%). docs/fits.md.
 SHARED_FLOOR_HUBER_C = 1.345
 
+
 def _study_theta(theta, s: int) -> np.ndarray:
     """Study s's rows (a, alpha, b, beta, e) of the shared-floor parameter rows theta (S, 4 m + 1)."""
     return np.concatenate([theta[:, 4 * s:4 * s + 4], theta[:, -1:]], axis=1)
