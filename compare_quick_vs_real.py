@@ -518,12 +518,25 @@ def law_params(joint: dict) -> list[np.ndarray]:
     return [np.array([joint[k]]) for k in ("E", "A", "B", "alpha", "beta")]
 
 
-def paired_draws(a: dict, b: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Draw i of the baseline's joint-law bootstrap with draw i of the variant's (independent studies, so
-    any pairing is a draw of the pair); draws with a non-finite parameter on either side are left out."""
-    pa, pb = rse._joint_params(a["_samples"]), rse._joint_params(b["_samples"])
-    n = min(len(pa[0]), len(pb[0]))
-    pa, pb = [v[:n] for v in pa], [v[:n] for v in pb]
+def shared_floor_fit(a: Study, b: Study) -> dict:
+    """Both studies' joint laws refitted together with one E (rse.fit_joint_laws_shared_floor), started
+    from each study's own fit, with as many bootstrap draws as each study's own fit was given."""
+    n_boot = max(s.joint["n_bootstrap"] + s.joint.get("n_bootstrap_failed", 0) for s in (a, b))
+    studies = [{"N": [p["N"] for p in s.points], "D": [p["D"] for p in s.points],
+                "loss": [p["loss"] for p in s.points], "rows": rse.point_rows(s.points),
+                "theta": [math.log(s.joint["A"]), s.joint["alpha"], math.log(s.joint["B"]), s.joint["beta"],
+                          math.log(max(s.joint["E"], 1e-300))]} for s in (a, b)]
+    fit = rse.fit_joint_laws_shared_floor(studies, n_boot, rse.BOOTSTRAP_SEED)
+    if not fit.get("available") or fit.get("_samples") is None:
+        raise rse.UserError(f"the two studies' laws cannot be fitted together with one E "
+                            f"({fit.get('reason') or 'no bootstrap draws'})")
+    return fit
+
+
+def paired_draws(shared: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The baseline's and the variant's law from each draw of the shared-E fit (one draw refits both, so
+    draw i is a pair); draws with a non-finite parameter on either side are left out."""
+    pa, pb = rse.shared_floor_params(shared["_samples"], 0), rse.shared_floor_params(shared["_samples"], 1)
     ok = np.all([np.isfinite(v) for v in (*pa, *pb)], axis=0)
     return [v[ok] for v in pa], [v[ok] for v in pb]
 
@@ -566,8 +579,9 @@ def compare_recipes(a: Study, b: Study) -> dict:
         raise rse.UserError(f"no overlapping budgets: the baseline's runs span {fa.min():.3g}-{fa.max():.3g} "
                             f"FLOPs, the variant's {fb.min():.3g}-{fb.max():.3g}; a multiplier needs both "
                             f"studies measured at some common compute")
-    pa, pb = paired_draws(a.joint, b.joint)
-    point_a, point_b = law_params(a.joint), law_params(b.joint)
+    shared = shared_floor_fit(a, b)
+    pa, pb = paired_draws(shared)
+    point_a, point_b = law_params(shared["laws"][0]), law_params(shared["laws"][1])
     budgets = [("at_largest_common_budget", hi, False), ("at_smallest_common_budget", lo, False)]
     budgets += [(budget_key(c), c, True) for c in FAR_BUDGETS]
     grid_c = np.logspace(np.log10(min(fa.min(), fb.min()) / 10), np.log10(max(FAR_BUDGETS)), N_CURVE)
@@ -588,13 +602,15 @@ def compare_recipes(a: Study, b: Study) -> dict:
         "compute": ("FLOPs per token x D from the records (each study's FLOPs per token modelled as 6 N + "
                     "c N^p over its sizes, for the frontier)" if real else "C = 6 N D (N non-embedding)"),
         "measured_common_range": [float(lo), float(hi)],
+        "fit": "joint fit with shared E",
+        "shared_fit": shared_fit_report(shared),
         "multiplier": multiplier,
         "multiplier_definition": "k(C) = C_baseline(L_variant*(C)) / C: the compute the baseline's frontier "
                                  "needs to reach the variant's compute-optimal loss at C; k > 1: the variant "
-                                 "is better. 95% interval: percentiles over paired draws of the two joint "
-                                 "laws' bootstraps",
+                                 "is better. Both laws from one fit with a shared E; 95% interval: "
+                                 "percentiles over its bootstrap draws, each a refit of both studies",
         "n_paired_draws": int(len(pa[0])),
-        "exponents": exponent_report(a, b, pa, pb, multiplier),
+        "exponents": exponent_report(point_a, point_b, pa, pb, multiplier),
         "crossover": crossover(grid_c, curve_hat, lo, hi),
         "rungs": rung_report(a, b, multiplier),
         "multiplier_curve": {"flops": grid_c.tolist(), "k": [finite_or_none(v) for v in curve_hat],
@@ -624,9 +640,18 @@ def describe_study(s: Study, flops: np.ndarray) -> dict:
             "flops_per_token_overhead": list(s.overhead) if s.overhead else None}
 
 
-def exponent_report(a: Study, b: Study, pa, pb, multiplier: dict) -> dict:
-    """Whether the frontiers' exponents differ (then k changes with C), and how k changes."""
-    ga, gb = frontier_exponent(law_params(a.joint))[0], frontier_exponent(law_params(b.joint))[0]
+def shared_fit_report(shared: dict) -> dict:
+    """The shared-E fit in the report: E with its interval, both laws, its objective and noise scales."""
+    keys = ("E_at_bound", "draws_E_at_bound", "huber", "n_points", "dof", "n_bootstrap", "n_bootstrap_failed",
+            "method")
+    return {"E": shared["E"], "E_ci95": shared["ci95"]["E"],
+            "laws": dict(zip(("baseline", "variant"), shared["laws"])), **{k: shared[k] for k in keys}}
+
+
+def exponent_report(point_a, point_b, pa, pb, multiplier: dict) -> dict:
+    """Whether the frontiers' exponents differ (then k changes with C), and how k changes: the laws of
+    the fit k is read from (point_a, point_b) and its paired draws (pa, pb)."""
+    ga, gb = frontier_exponent(point_a)[0], frontier_exponent(point_b)[0]
     diff = frontier_exponent(pb) - frontier_exponent(pa)
     ci = percentile_ci(diff)
     differ = bool(ci is not None and (ci[0] > 1e-6 or ci[1] < -1e-6))     # not float round-off
@@ -642,8 +667,8 @@ def exponent_report(a: Study, b: Study, pa, pb, multiplier: dict) -> dict:
     else:
         how = (f"the frontier exponents agree within their interval (variant {gb:.3f} vs baseline {ga:.3f}); "
                f"the fitted k still moves from {k_near:.3g} to {k_far:.3g} at {far['flops']:.0e}")
-    return {"baseline": {"alpha": a.joint["alpha"], "beta": a.joint["beta"], "frontier_exponent": float(ga)},
-            "variant": {"alpha": b.joint["alpha"], "beta": b.joint["beta"], "frontier_exponent": float(gb)},
+    return {"baseline": {"alpha": float(point_a[3][0]), "beta": float(point_a[4][0]), "frontier_exponent": float(ga)},
+            "variant": {"alpha": float(point_b[3][0]), "beta": float(point_b[4][0]), "frontier_exponent": float(gb)},
             "frontier_exponent_difference": float(gb - ga), "difference_ci95": ci, "differ": differ,
             "log10_k_per_decade": trend, "how": how}
 
@@ -710,6 +735,10 @@ def print_recipe_verdict(report: dict) -> None:
     rse.log(f"variant:  {b['path']} (mode {b['mode']}, arch {b['arch']}, {b['n_runs']} runs)")
     rse.log(f"  compute: {report['compute']}; both measured {report['measured_common_range'][0]:.3g}-"
             f"{report['measured_common_range'][1]:.3g} FLOPs")
+    sf = report["shared_fit"]
+    ci = sf["E_ci95"]
+    rse.log(f"  fit: {report['fit']}: E {sf['E']:.3f} [{num(ci and ci[0], '.3f')}, {num(ci and ci[1], '.3f')}] "
+            f"(own fits: baseline {a['joint']['E']:.3f}, variant {b['joint']['E']:.3f})")
     rse.log(f"  {'budget':<28} {'FLOPs':>9}  k (95% CI, {report['n_paired_draws']} paired draws)")
     for key, m in report["multiplier"].items():
         note = "  (extrapolation)" if m["extrapolation"] else ""
@@ -736,8 +765,9 @@ def print_recipe_verdict(report: dict) -> None:
 
 
 def build_recipe_figure(report: dict, a: Study, b: Study):
-    """Left: both frontiers L*(C) with 95% bands and every run at its compute; right: k(C) with its band,
-    the common measured range shaded, k = 1 marked."""
+    """Left: both frontiers L*(C), each study's own fit with its 95% band and the shared-E fit's (dashed),
+    and every run at its compute; right: k(C) with its band, the common measured range shaded, k = 1
+    marked."""
     fig, (ax_f, ax_k) = rse.plt.subplots(1, 2, figsize=(15, 6))
     grid = np.array(report["multiplier_curve"]["flops"])
     real = report["compute"].startswith("FLOPs per token")
@@ -753,6 +783,9 @@ def build_recipe_figure(report: dict, a: Study, b: Study):
         ax_f.plot(grid, loss[0], color=color, lw=1.8, label=f"{role} ({info['arch']}) frontier: E {s.joint['E']:.3g}, "
                                                             f"alpha {s.joint['alpha']:.3f}, beta {s.joint['beta']:.3f}")
         ax_f.fill_between(grid, lo, hi, color=color, alpha=0.2)
+        shared, _ = frontier(law_params(report["shared_fit"]["laws"][role]), np.log(grid), overhead)
+        ax_f.plot(grid, shared[0], color=color, lw=1.2, ls="--",
+                  label=f"{role} in the shared-E fit (E {report['shared_fit']['E']:.3g}): k is read from these")
         ax_f.scatter(study_flops(s, real), [p["loss"] for p in s.points], color=color, s=18, zorder=5,
                      label=f"{role} runs")
     ax_f.set_xscale("log")

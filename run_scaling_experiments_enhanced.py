@@ -4136,6 +4136,172 @@ def joint_samples(fit: dict, n_params, tokens) -> np.ndarray | None:
         return np.exp(_log_law(fit["_samples"], logx, True)[0])
 
 
+# --- several studies with one floor: each recipe's joint law, E shared (compare_quick_vs_real --a/--b) --
+# theta = (a_1, alpha_1, b_1, beta_1, ..., a_m, alpha_m, b_m, beta_m, e): 4 m + 1 columns.
+# Huber's constant on residuals in units of the noise sd: 95% of least squares' efficiency under normal
+# noise, where HUBER_DELTA (about 0.1 sd at 1% noise) is least absolute deviations (64%). docs/fits.md.
+SHARED_FLOOR_HUBER_C = 1.345
+
+
+def _study_theta(theta, s: int) -> np.ndarray:
+    """Study s's rows (a, alpha, b, beta, e) of the shared-floor parameter rows theta (S, 4 m + 1)."""
+    return np.concatenate([theta[:, 4 * s:4 * s + 4], theta[:, -1:]], axis=1)
+
+
+def _shared_floor_law(theta, logxs) -> tuple[np.ndarray, np.ndarray]:
+    """log L of every study's points, concatenated in study order (S, n), and its Jacobian in the shared
+    columns (S, n, 4 m + 1): a study's points depend on its own four columns and on e."""
+    theta = np.atleast_2d(theta)
+    preds, jacs = [], []
+    for s, logx in enumerate(logxs):
+        pred, share = _log_law(_study_theta(theta, s), logx, True)
+        own = _jacobian(share, logx, True)                                   # (S, n_s, 5)
+        J = np.zeros((theta.shape[0], logx.shape[1], theta.shape[1]))
+        J[:, :, 4 * s:4 * s + 4] = own[:, :, :4]
+        J[:, :, -1] = own[:, :, 4]
+        preds.append(pred)
+        jacs.append(J)
+    return np.concatenate(preds, axis=1), np.concatenate(jacs, axis=1)
+
+
+def _refine_shared_floor(theta, logxs, logy, scale=1.0, delta: float = HUBER_DELTA, max_iter: int = 200):
+    """_refine_batch's damped, Huber-reweighted Gauss-Newton for the shared-floor law: every row of
+    theta (S, p) against its own log losses (S, n) or one vector (n,), all rows in one loop; a step is
+    kept only where it lowers that row's objective, sum huber(r / scale, delta) (scale: one log-loss
+    scale, or one per point). Returns (theta, objective)."""
+    theta = np.array(theta, dtype=float)
+    S, p = theta.shape
+    with np.errstate(over="ignore", invalid="ignore"):
+        pred, J = _shared_floor_law(theta, logxs)
+    logy = np.broadcast_to(logy, pred.shape)
+    scale = np.broadcast_to(np.asarray(scale, dtype=float), pred.shape[1:])
+    f = huber((pred - logy) / scale, delta).sum(axis=1)
+    lam = np.full(S, 1e-3)
+    active = np.isfinite(f)
+    for _ in range(max_iter):
+        idx = np.flatnonzero(active)
+        if not len(idx):
+            break
+        r = pred[idx] - logy[idx]
+        u = np.minimum(1.0, delta * scale / np.maximum(np.abs(r), 1e-300)) / scale ** 2
+        Jt_u = J[idx].transpose(0, 2, 1) * u[:, None, :]                    # (s, p, n)
+        H = Jt_u @ J[idx]
+        g = (Jt_u @ r[:, :, None])[:, :, 0]
+        diag = np.diagonal(H, axis1=1, axis2=2) + 1e-12
+        try:
+            step = np.linalg.solve(H + (lam[idx, None] * diag)[:, :, None] * np.eye(p), -g[:, :, None])[:, :, 0]
+        except np.linalg.LinAlgError:
+            break
+        new = theta[idx] + step
+        with np.errstate(over="ignore", invalid="ignore"):
+            new_pred, new_J = _shared_floor_law(new, logxs)
+            new_f = huber((new_pred - logy[idx]) / scale, delta).sum(axis=1)
+        better = np.isfinite(new_f) & (new_f <= f[idx])
+        gain = np.where(better, f[idx] - new_f, 0.0)
+        b = idx[better]
+        theta[b], pred[b], J[b], f[b] = new[better], new_pred[better], new_J[better], new_f[better]
+        lam[b] = np.maximum(lam[b] / 3, 1e-9)
+        lam[idx[~better]] *= 4
+        done = (better & (gain <= 1e-10 * np.maximum(f[idx], 1e-30))) | (lam[idx] > 1e8)
+        active[idx[done]] = False
+    return theta, f
+
+
+def fit_joint_laws_shared_floor(studies: list[dict], n_bootstrap: int = N_BOOTSTRAP,
+                                seed: int = BOOTSTRAP_SEED, huber_c: float | None = SHARED_FLOOR_HUBER_C) -> dict:
+    """The joint laws L_s = E + A_s / N^alpha_s + B_s / D^beta_s of several studies fitted together with
+    one irreducible loss E (recipes trained on the same corpus and tokenizer share its entropy floor; the
+    caller checks that they do). `studies`: each a dict with 'N', 'D', 'loss' lists and 'rows' (as for
+    fit_joint_law) and 'theta', the study's own fit (a, alpha, b, beta, e) to start from.
+
+    The fit minimises a summed Huber objective over every study's points, started from each study's
+    own fit with e set to each study's e and to their mean: first with delta HUBER_DELTA on log-loss
+    residuals, then (huber_c not None) with delta huber_c on residuals in units of each study's noise sd
+    as measured about that first fit. The interval is fit_joint_law's parametric bootstrap done for all studies
+    at once: each study's synthetic losses are its fitted ones plus noise drawn from its own residuals
+    (noise_components about its law in the shared fit: a row part and a per-point part), and every draw
+    refits all studies together with the same objective, so draw i holds a law of each study.
+    `_samples` holds the draws (S, 4 m + 1), NaN rows where a refit failed."""
+    logxs, logys, rows = [], [], []
+    for st in studies:
+        cols, ys, kept, _ = clean_points({"N": st["N"], "D": st["D"]}, st["loss"])
+        r = st.get("rows")
+        rows.append(row_index(None if r is None else [x for x, k in zip(r, kept) if k], int(kept.sum())))
+        logxs.append(np.log(np.vstack([cols["N"], cols["D"]])))
+        logys.append(np.log(ys))
+        if len(np.unique(cols["N"])) < 3 or len(np.unique(cols["D"])) < 3 or len(ys) < 6:
+            return _unavailable("each study's joint law needs at least 3 distinct N, 3 distinct D and 6 runs",
+                                int(sum(len(y) for y in logys)))
+    m = len(studies)
+    own = np.array([st["theta"] for st in studies], dtype=float)             # (m, 5)
+    floors = sorted({*own[:, 4], float(own[:, 4].mean())})
+    starts = np.array([np.concatenate([own[:, :4].ravel(), [e]]) for e in floors])
+    logy = np.concatenate(logys)
+
+    def best_of(theta, f):
+        if not np.isfinite(f).any():
+            return None
+        i = int(np.nanargmin(np.where(np.isfinite(f), f, np.nan)))
+        return theta[i], float(f[i])
+
+    def noises_at(theta):
+        return [noise_components(_study_theta(theta[None], s)[0], logxs[s], logys[s], rows[s], True)
+                for s in range(m)]
+
+    best = best_of(*_refine_shared_floor(starts, logxs, logy))
+    if best is None:
+        return _unavailable("the optimiser did not converge from any start", len(logy))
+    scale, delta, sd = np.ones(len(logy)), HUBER_DELTA, None
+    if huber_c is not None:
+        sd = [math.sqrt(nz["row_sd_log_estimated"] ** 2 + nz["within_sd_log"] ** 2) for nz in noises_at(best[0])]
+        scale = np.concatenate([np.full(lx.shape[1], max(v, 1e-6)) for v, lx in zip(sd, logxs)])
+        delta = huber_c
+        best = best_of(*_refine_shared_floor(np.vstack([best[0][None], starts]), logxs, logy, scale, delta))
+        if best is None:
+            return _unavailable("the optimiser did not converge from any start", len(logy))
+    theta_hat, objective = best
+    laws = [dict(zip(("E", "A", "B", "alpha", "beta"), (float(v[0]) for v in shared_floor_params(theta_hat, s))))
+            for s in range(m)]
+    fit = {"available": True, "law": "L_s = E + A_s / N^alpha_s + B_s / D^beta_s, E shared",
+           "E": laws[0]["E"], "laws": laws, "objective": objective, "n_points": int(len(logy)),
+           "dof": int(len(logy) - (4 * m + 1)), "n_bootstrap": 0, "ci95": {"E": None},
+           "E_at_bound": bool(laws[0]["E"] < 1e-3 * math.exp(logy.min())),
+           "huber": ({"delta": HUBER_DELTA, "on": "log-loss residuals"} if huber_c is None else
+                     {"delta": huber_c, "on": "log-loss residuals over each study's noise sd",
+                      "noise_sd_log": sd}),
+           "method": f"the studies' joint laws fitted together with one E: summed Huber on log-loss residuals, "
+                     f"damped Gauss-Newton from each study's own fit; 95% CI: parametric bootstrap at every "
+                     f"study's own N and D, seed {seed}, each study's noise from its own residuals (per row "
+                     f"and per point), all studies refitted together per draw"}
+    if n_bootstrap < 1:
+        return fit
+    fitted, _ = _shared_floor_law(theta_hat[None], logxs)
+    rng = np.random.default_rng(seed)
+    synthetic, noises, start = [], noises_at(theta_hat), 0
+    for s, noise in enumerate(noises):
+        n_s = logxs[s].shape[1]
+        shared = rng.standard_normal((n_bootstrap, rows[s].max() + 1))[:, rows[s]] * noise["row_sd_log"]
+        synthetic.append(fitted[0, start:start + n_s] + shared + rng.standard_normal((n_bootstrap, n_s))
+                         * noise["point_sd_log"])
+        start += n_s
+    samples, f = _refine_shared_floor(np.repeat(theta_hat[None], n_bootstrap, 0), logxs,
+                                      np.concatenate(synthetic, axis=1), scale, delta)
+    good = np.all(np.isfinite(samples), axis=1) & np.isfinite(f)
+    samples[~good] = np.nan
+    failed = int((~good).sum())
+    floor = np.exp(samples[good, -1])
+    fit["ci95"] = {"E": _interval(floor, failed)}
+    fit["draws_E_at_bound"] = float(np.mean(floor < 1e-3 * math.exp(logy.min()))) if good.any() else 1.0
+    fit["n_bootstrap"], fit["n_bootstrap_failed"] = int(good.sum()), failed
+    fit["noise"] = [{k: v for k, v in nz.items() if k != "point_sd_log"} for nz in noises]
+    fit["_samples"] = samples
+    return fit
+
+
+def shared_floor_params(theta, s: int) -> tuple:
+    """(E, A, B, alpha, beta) arrays of study s from shared-floor parameter rows theta (S, 4 m + 1)."""
+    return _joint_params(_study_theta(np.atleast_2d(theta), s))
+
 def compute_optimal_allocation(E, A, B, alpha, beta, flops, flops_per_nd: float = 6.0):
     """Minimise E + A/N^alpha + B/D^beta subject to C = k N D (k = flops_per_nd: 6 in the textbook
     count, the runs' measured FLOPs per token and parameter otherwise). Setting the derivative along
