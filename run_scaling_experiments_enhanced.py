@@ -2493,6 +2493,10 @@ class RunInterrupted(Exception):
         self.signum = signum
 
 
+class OtherSchema(UserError):
+    """A results file of this script in another schema (an earlier version's)."""
+
+
 def read_results(out_dir: Path, name: str = "results.json") -> dict | None:
     """The output folder's results.json (or a part's results.<part>.json) if it is ours and resumable;
     None if there is none. Anything else is a UserError: a file this script cannot vouch for is never
@@ -2505,8 +2509,8 @@ def read_results(out_dir: Path, name: str = "results.json") -> dict | None:
     if not (isinstance(obj, dict) and "schema_version" in obj and isinstance(obj.get("config"), dict)):
         raise UserError(f"{path} was not written by this script (no schema_version and config); {advice}")
     if obj["schema_version"] != SCHEMA_VERSION:
-        raise UserError(f"{path} has schema version {obj['schema_version']}, this script writes "
-                        f"{SCHEMA_VERSION} (--fit-only still reads it); {advice}")
+        raise OtherSchema(f"{path} has schema version {obj['schema_version']}, this script writes "
+                          f"{SCHEMA_VERSION} (--fit-only still reads it); {advice}")
     if not (isinstance(obj.get("points"), list) and all(isinstance(p, dict) and "run_id" in p for p in obj["points"])):
         raise UserError(f"{path} has no points table of runs; {advice}")
     return obj
@@ -6926,7 +6930,16 @@ def prepare(cfg: RunConfig, preset: Preset, scope: RunScope, dist_info: Distribu
     if how.fresh and dist_info.is_main and not scope.child:
         archive_previous(out_dir)
     dist_info.barrier()
-    existing = read_results(out_dir)
+    try:
+        existing = read_results(out_dir)
+    except OtherSchema as e:        # an earlier version's study: in the default folder, moved aside
+        if not archive_on_change:
+            raise
+        if dist_info.is_main:
+            archive_previous(out_dir, why=f"an earlier version's results in the default output folder "
+                                          f"({str(e).split(';')[0]})")
+        dist_info.barrier()
+        existing = None
     plan = build_plan(cfg, preset)
     all_runs = expand_seeds(plan, cfg.seeds)
     runs = select_runs(all_runs, scope)

@@ -190,3 +190,17 @@ def test_demo_sweeps_fall_for_every_preset_and_law(mode, law):
         else:                         # two lines: each sweep's own one-variable law
             want = (8.8e13 / n) ** 0.076 if rse.ROLE_N in p["roles"] else (5.4e13 / d) ** 0.095
         assert p["loss"] == pytest.approx(want, rel=1e-12), p["name"]
+
+
+def test_an_earlier_versions_study_in_the_default_folder_is_moved_aside(tmp_path, corpus_file, cache_dir):
+    """The README's command where an earlier version left its results: moved aside as changed settings
+    are, not refused (a folder the user names is refused instead, above)."""
+    from conftest import SECONDS_SIZED
+    shutil.copytree(SCHEMA1, tmp_path / "scaling_results_tiny_v2")
+    r = run_cli([*SECONDS_SIZED, "--data", corpus_file, "--cache-dir", cache_dir], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "an earlier version's results in the default output folder" in r.stdout
+    moved = list((tmp_path / "scaling_results_tiny_v2").glob("previous-*/results.json"))
+    assert len(moved) == 1 and json.loads(moved[0].read_text())["schema_version"] == 1
+    res = json.loads((tmp_path / "scaling_results_tiny_v2" / "results.json").read_text())
+    assert res["schema_version"] == 2 and len(res["points"]) == 4
