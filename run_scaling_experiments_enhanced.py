@@ -3664,33 +3664,24 @@ def _jacobian(share, logx, with_e):
     return np.stack(cols, axis=2)
 
 
-def _refine_batch(theta, logx, logy, weights, with_e, max_iter: int = 200):
-    """Minimise the weighted summed Huber objective for many rows at once: S weight vectors (n,) or
-    (S, n), and one log-loss vector (n,) or one per row (S, n).
-
-    L-BFGS-B with its default tolerances stops early on this objective when started at an optimum:
-    with delta = 1e-3 almost every residual is in the linear part, the objective is nearly piecewise
-    linear and a resample's first steps reduce it too little. Iteratively reweighted least squares
-    (Huber weights min(1, delta/|r|)) with Levenberg-Marquardt damping converges there, and runs all
-    resamples in one vectorised loop. A step is kept only where it lowers that row's objective."""
+def _damped_irls(theta, evaluate, irls_weights, max_iter: int = 200, from_finite_only: bool = False):
+    """Iteratively reweighted least squares with Levenberg-Marquardt damping, for many rows of theta
+    (S, p) at once: the loop of both joint fits. evaluate(theta_rows, idx) gives those rows' residuals
+    (s, n), Jacobians (s, n, p) and objectives (s,); irls_weights(r, idx) the Huber weights of their
+    residuals. A step is kept only where it lowers that row's objective; a row is done when a kept step
+    gains (almost) nothing, or no damping makes progress. Returns (theta, objective)."""
     theta = np.array(theta, dtype=float)
     S, p = theta.shape
-    logy = np.broadcast_to(logy, (S, logx.shape[1]))
-    weights = np.broadcast_to(weights, (S, logx.shape[1]))
-    pred, share = _log_law(theta, logx, with_e)
-    f = (huber(pred - logy) * weights).sum(axis=1)
+    r, J, f = evaluate(theta, np.arange(S))
     lam = np.full(S, 1e-3)
-    active = np.ones(S, dtype=bool)
+    active = np.isfinite(f) if from_finite_only else np.ones(S, dtype=bool)
     for _ in range(max_iter):
         idx = np.flatnonzero(active)
         if not len(idx):
             break
-        r = pred[idx] - logy[idx]
-        u = weights[idx] * np.minimum(1.0, HUBER_DELTA / np.maximum(np.abs(r), 1e-300))
-        J = _jacobian(share[idx], logx, with_e)                              # (s, n, p)
-        Jt_u = J.transpose(0, 2, 1) * u[:, None, :]                         # (s, p, n)
-        H = Jt_u @ J                                                         # (s, p, p)
-        g = (Jt_u @ r[:, :, None])[:, :, 0]                                  # gradient of the objective
+        Jt_u = J[idx].transpose(0, 2, 1) * irls_weights(r[idx], idx)[:, None, :]   # (s, p, n)
+        H = Jt_u @ J[idx]                                                    # (s, p, p)
+        g = (Jt_u @ r[idx][:, :, None])[:, :, 0]                             # gradient of the objective
         diag = np.diagonal(H, axis1=1, axis2=2) + 1e-12
         A = H + (lam[idx, None] * diag)[:, :, None] * np.eye(p)
         try:
@@ -3698,18 +3689,40 @@ def _refine_batch(theta, logx, logy, weights, with_e, max_iter: int = 200):
         except np.linalg.LinAlgError:
             break
         new = theta[idx] + step
-        new_pred, new_share = _log_law(new, logx, with_e)
-        new_f = (huber(new_pred - logy[idx]) * weights[idx]).sum(axis=1)
+        new_r, new_J, new_f = evaluate(new, idx)
         better = np.isfinite(new_f) & (new_f <= f[idx])
         gain = np.where(better, f[idx] - new_f, 0.0)
         b = idx[better]
-        theta[b], pred[b], share[b], f[b] = new[better], new_pred[better], new_share[better], new_f[better]
+        theta[b], r[b], J[b], f[b] = new[better], new_r[better], new_J[better], new_f[better]
         lam[b] = np.maximum(lam[b] / 3, 1e-9)
         lam[idx[~better]] *= 4
-        # a row is done when a kept step gains (almost) nothing, or no damping makes progress
         done = (better & (gain <= 1e-10 * np.maximum(f[idx], 1e-30))) | (lam[idx] > 1e8)
         active[idx[done]] = False
     return theta, f
+
+
+def _refine_batch(theta, logx, logy, weights, with_e, max_iter: int = 200):
+    """Minimise the weighted summed Huber objective for many rows at once: S weight vectors (n,) or
+    (S, n), and one log-loss vector (n,) or one per row (S, n).
+
+    L-BFGS-B with its default tolerances stops early on this objective when started at an optimum:
+    with delta = 1e-3 almost every residual is in the linear part, the objective is nearly piecewise
+    linear and a resample's first steps reduce it too little. Iteratively reweighted least squares
+    (Huber weights min(1, delta/|r|)) with Levenberg-Marquardt damping converges there (_damped_irls),
+    and runs all resamples in one vectorised loop."""
+    theta = np.array(theta, dtype=float)
+    S = theta.shape[0]
+    logy = np.broadcast_to(logy, (S, logx.shape[1]))
+    weights = np.broadcast_to(weights, (S, logx.shape[1]))
+
+    def evaluate(rows, idx):
+        pred, share = _log_law(rows, logx, with_e)
+        r = pred - logy[idx]
+        return r, _jacobian(share, logx, with_e), (huber(r) * weights[idx]).sum(axis=1)
+
+    def irls_weights(r, idx):
+        return weights[idx] * np.minimum(1.0, HUBER_DELTA / np.maximum(np.abs(r), 1e-300))
+    return _damped_irls(theta, evaluate, irls_weights, max_iter)
 
 
 def _bootstrap(theta_hat, logx, logy, with_e, n_boot, seed, min_distinct):
@@ -4169,46 +4182,23 @@ def _shared_floor_law(theta, logxs) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _refine_shared_floor(theta, logxs, logy, scale=1.0, delta: float = HUBER_DELTA, max_iter: int = 200):
-    """_refine_batch's damped, Huber-reweighted Gauss-Newton for the shared-floor law: every row of
-    theta (S, p) against its own log losses (S, n) or one vector (n,), all rows in one loop; a step is
-    kept only where it lowers that row's objective, sum huber(r / scale, delta) (scale: one log-loss
-    scale, or one per point). Returns (theta, objective)."""
+    """_refine_batch's damped, Huber-reweighted Gauss-Newton (_damped_irls) for the shared-floor law:
+    every row of theta (S, p) against its own log losses (S, n) or one vector (n,); the objective is
+    sum huber(r / scale, delta) (scale: one log-loss scale, or one per point). Returns (theta, objective)."""
     theta = np.array(theta, dtype=float)
-    S, p = theta.shape
-    with np.errstate(over="ignore", invalid="ignore"):
-        pred, J = _shared_floor_law(theta, logxs)
-    logy = np.broadcast_to(logy, pred.shape)
-    scale = np.broadcast_to(np.asarray(scale, dtype=float), pred.shape[1:])
-    f = huber((pred - logy) / scale, delta).sum(axis=1)
-    lam = np.full(S, 1e-3)
-    active = np.isfinite(f)
-    for _ in range(max_iter):
-        idx = np.flatnonzero(active)
-        if not len(idx):
-            break
-        r = pred[idx] - logy[idx]
-        u = np.minimum(1.0, delta * scale / np.maximum(np.abs(r), 1e-300)) / scale ** 2
-        Jt_u = J[idx].transpose(0, 2, 1) * u[:, None, :]                    # (s, p, n)
-        H = Jt_u @ J[idx]
-        g = (Jt_u @ r[:, :, None])[:, :, 0]
-        diag = np.diagonal(H, axis1=1, axis2=2) + 1e-12
-        try:
-            step = np.linalg.solve(H + (lam[idx, None] * diag)[:, :, None] * np.eye(p), -g[:, :, None])[:, :, 0]
-        except np.linalg.LinAlgError:
-            break
-        new = theta[idx] + step
+    n = sum(logx.shape[1] for logx in logxs)
+    logy = np.broadcast_to(logy, (theta.shape[0], n))
+    scale = np.broadcast_to(np.asarray(scale, dtype=float), (n,))
+
+    def evaluate(rows, idx):
         with np.errstate(over="ignore", invalid="ignore"):
-            new_pred, new_J = _shared_floor_law(new, logxs)
-            new_f = huber((new_pred - logy[idx]) / scale, delta).sum(axis=1)
-        better = np.isfinite(new_f) & (new_f <= f[idx])
-        gain = np.where(better, f[idx] - new_f, 0.0)
-        b = idx[better]
-        theta[b], pred[b], J[b], f[b] = new[better], new_pred[better], new_J[better], new_f[better]
-        lam[b] = np.maximum(lam[b] / 3, 1e-9)
-        lam[idx[~better]] *= 4
-        done = (better & (gain <= 1e-10 * np.maximum(f[idx], 1e-30))) | (lam[idx] > 1e8)
-        active[idx[done]] = False
-    return theta, f
+            pred, J = _shared_floor_law(rows, logxs)
+            r = pred - logy[idx]
+            return r, J, huber(r / scale, delta).sum(axis=1)
+
+    def irls_weights(r, idx):
+        return np.minimum(1.0, delta * scale / np.maximum(np.abs(r), 1e-300)) / scale ** 2
+    return _damped_irls(theta, evaluate, irls_weights, max_iter, from_finite_only=True)
 
 
 def fit_joint_laws_shared_floor(studies: list[dict], n_bootstrap: int = N_BOOTSTRAP,
