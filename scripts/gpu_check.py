@@ -203,12 +203,17 @@ def check_resume(out: Path, device: str, data: Path, vocab: int, args: list[str]
     rc, text = run_logged(cmd, out / "resume_second.log", max(1.0, t_end - time.time()))
     result = {"first_rc": first_rc, "rc": rc, "resumed": "resuming from its checkpoint" in text}
     if rc == 0:
-        res = json.loads((folder / "results.json").read_text())
         result["runs"] = {e["run_id"]: {"final_val_loss": e["final_val_loss"], "resumed_at_steps": e["resumed_at_steps"],
                                         "compile_s": e.get("compile_s"), "tokens_per_s": e["tokens_per_s"],
-                                        "mfu": e["mfu"]} for e in res["experiments"]}
+                                        "mfu": e["mfu"]} for e in run_records(folder)}
     result["ok"] = first_rc == 128 + signal.SIGINT and rc == 0 and result["resumed"]
     return result
+
+
+def run_records(folder: Path) -> list[dict]:
+    """A study's run records (runs/<run_id>.json), in its results.json's points order."""
+    points = json.loads((folder / "results.json").read_text())["points"]
+    return [json.loads((folder / "runs" / f"{p['run_id']}.json").read_text()) for p in points]
 
 
 def check_parallel(out: Path, device: str, data: Path, vocab: int, args: list[str], limit_s: float) -> dict:
@@ -220,8 +225,8 @@ def check_parallel(out: Path, device: str, data: Path, vocab: int, args: list[st
     result = {"ok": rc == 0, "rc": rc, "wall_s": round(time.time() - t0, 1)}
     resumed = out / "resume_run" / "results.json"
     if rc == 0 and resumed.exists():      # the same plan, one process after another (with an interruption)
-        one = {e["run_id"]: e["final_val_loss"] for e in json.loads(resumed.read_text())["experiments"]}
-        two = {e["run_id"]: e["final_val_loss"] for e in json.loads((folder / "results.json").read_text())["experiments"]}
+        one = {p["run_id"]: p["loss"] for p in json.loads(resumed.read_text())["points"]}
+        two = {p["run_id"]: p["loss"] for p in json.loads((folder / "results.json").read_text())["points"]}
         result["max_loss_difference_vs_resume_run"] = max(abs(two[k] - one[k]) for k in one if k in two)
     return result
 
