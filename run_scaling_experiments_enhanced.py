@@ -3815,6 +3815,13 @@ def noise_components(theta_hat, logx, logy, row, with_e: bool = True) -> dict:
             "grouped": bool(grouped)}
 
 
+def synthetic_log_losses(fitted, row, noise: dict, n_boot: int, rng) -> np.ndarray:
+    """n_boot synthetic data sets (n_boot, n): the fitted log-losses plus a normal offset per row (sd
+    noise['row_sd_log'], shared by a stable run and its branches) plus one per point (its sd)."""
+    shared = rng.standard_normal((n_boot, row.max() + 1))[:, row] * noise["row_sd_log"]
+    return fitted + shared + rng.standard_normal((n_boot, len(fitted))) * noise["point_sd_log"]
+
+
 def _row_bootstrap(theta_hat, logx, logy, row, with_e, n_boot, seed):
     """Refit on n_boot synthetic data sets at the runs' own (N, D): the fitted log-loss plus a normal
     offset per row (sd noise_components' row_sd_log, shared by a stable run and its branches) plus a
@@ -3829,11 +3836,8 @@ def _row_bootstrap(theta_hat, logx, logy, row, with_e, n_boot, seed):
         return None, None, f"{n} points leave no degree of freedom for {p} parameters"
     noise = noise_components(theta_hat, logx, logy, row, with_e)
     fitted = _log_law(theta_hat, logx, with_e)[0][0]
-    rng = np.random.default_rng(seed)
-    shared = rng.standard_normal((n_boot, row.max() + 1))[:, row] * noise["row_sd_log"]
-    own = rng.standard_normal((n_boot, n)) * noise["point_sd_log"]
-    theta, f = _refine_batch(np.repeat(theta_hat[None], n_boot, 0), logx, fitted + shared + own,
-                             np.ones(n), with_e)
+    synthetic = synthetic_log_losses(fitted, row, noise, n_boot, np.random.default_rng(seed))
+    theta, f = _refine_batch(np.repeat(theta_hat[None], n_boot, 0), logx, synthetic, np.ones(n), with_e)
     theta[~(np.all(np.isfinite(theta), axis=1) & np.isfinite(f))] = np.nan
     return theta, noise, None
 
@@ -4216,16 +4220,10 @@ def fit_joint_laws_shared_floor(studies: list[dict], n_bootstrap: int = N_BOOTST
     (noise_components about its law in the shared fit: a row part and a per-point part), and every draw
     refits all studies together with the same objective, so draw i holds a law of each study.
     `_samples` holds the draws (S, 4 m + 1), NaN rows where a refit failed."""
-    logxs, logys, rows = [], [], []
-    for st in studies:
-        cols, ys, kept, _ = clean_points({"N": st["N"], "D": st["D"]}, st["loss"])
-        r = st.get("rows")
-        rows.append(row_index(None if r is None else [x for x, k in zip(r, kept) if k], int(kept.sum())))
-        logxs.append(np.log(np.vstack([cols["N"], cols["D"]])))
-        logys.append(np.log(ys))
-        if len(np.unique(cols["N"])) < 3 or len(np.unique(cols["D"])) < 3 or len(ys) < 6:
-            return _unavailable("each study's joint law needs at least 3 distinct N, 3 distinct D and 6 runs",
-                                int(sum(len(y) for y in logys)))
+    logxs, logys, rows = _shared_floor_points(studies)
+    if logxs is None:
+        return _unavailable("each study's joint law needs at least 3 distinct N, 3 distinct D and 6 runs",
+                            int(sum(len(y) for y in logys)))
     m = len(studies)
     own = np.array([st["theta"] for st in studies], dtype=float)             # (m, 5)
     floors = sorted({*own[:, 4], float(own[:, 4].mean())})
@@ -4269,19 +4267,9 @@ def fit_joint_laws_shared_floor(studies: list[dict], n_bootstrap: int = N_BOOTST
                      f"and per point), all studies refitted together per draw"}
     if n_bootstrap < 1:
         return fit
-    fitted, _ = _shared_floor_law(theta_hat[None], logxs)
-    rng = np.random.default_rng(seed)
-    synthetic, noises, start = [], noises_at(theta_hat), 0
-    for s, noise in enumerate(noises):
-        n_s = logxs[s].shape[1]
-        shared = rng.standard_normal((n_bootstrap, rows[s].max() + 1))[:, rows[s]] * noise["row_sd_log"]
-        synthetic.append(fitted[0, start:start + n_s] + shared + rng.standard_normal((n_bootstrap, n_s))
-                         * noise["point_sd_log"])
-        start += n_s
-    samples, f = _refine_shared_floor(np.repeat(theta_hat[None], n_bootstrap, 0), logxs,
-                                      np.concatenate(synthetic, axis=1), scale, delta)
-    good = np.all(np.isfinite(samples), axis=1) & np.isfinite(f)
-    samples[~good] = np.nan
+    noises = noises_at(theta_hat)
+    samples = _shared_floor_bootstrap(theta_hat, logxs, noises, rows, scale, delta, n_bootstrap, seed)
+    good = ~np.isnan(samples).any(axis=1)
     failed = int((~good).sum())
     floor = np.exp(samples[good, -1])
     fit["ci95"] = {"E": _interval(floor, failed)}
@@ -4290,6 +4278,39 @@ def fit_joint_laws_shared_floor(studies: list[dict], n_bootstrap: int = N_BOOTST
     fit["noise"] = [{k: v for k, v in nz.items() if k != "point_sd_log"} for nz in noises]
     fit["_samples"] = samples
     return fit
+
+
+def _shared_floor_points(studies: list[dict]) -> tuple:
+    """Each study's log (N, D) (2, n_s), log losses and row index, its unusable points left out; logxs
+    None when a study has fewer than 3 distinct N, 3 distinct D or 6 runs."""
+    logxs, logys, rows = [], [], []
+    for st in studies:
+        cols, ys, kept, _ = clean_points({"N": st["N"], "D": st["D"]}, st["loss"])
+        r = st.get("rows")
+        rows.append(row_index(None if r is None else [x for x, k in zip(r, kept) if k], int(kept.sum())))
+        logxs.append(np.log(np.vstack([cols["N"], cols["D"]])))
+        logys.append(np.log(ys))
+        if len(np.unique(cols["N"])) < 3 or len(np.unique(cols["D"])) < 3 or len(ys) < 6:
+            return None, logys, rows
+    return logxs, logys, rows
+
+
+def _shared_floor_bootstrap(theta_hat, logxs, noises, rows, scale, delta: float, n_bootstrap: int,
+                            seed: int) -> np.ndarray:
+    """fit_joint_laws_shared_floor's draws (S, 4 m + 1), NaN rows where a refit failed: every study's
+    synthetic losses (its fitted ones plus its own row and point noise), all studies refitted together
+    per draw with the fit's objective (scale, delta)."""
+    fitted, _ = _shared_floor_law(theta_hat[None], logxs)
+    rng = np.random.default_rng(seed)
+    synthetic, start = [], 0
+    for s, noise in enumerate(noises):
+        n_s = logxs[s].shape[1]
+        synthetic.append(synthetic_log_losses(fitted[0, start:start + n_s], rows[s], noise, n_bootstrap, rng))
+        start += n_s
+    samples, f = _refine_shared_floor(np.repeat(theta_hat[None], n_bootstrap, 0), logxs,
+                                      np.concatenate(synthetic, axis=1), scale, delta)
+    samples[~(np.all(np.isfinite(samples), axis=1) & np.isfinite(f))] = np.nan
+    return samples
 
 
 def shared_floor_params(theta, s: int) -> tuple:
@@ -4932,7 +4953,8 @@ def rollout_one_variable(runs: list[dict], key: str, n_bootstrap: int = ROLLOUT_
     points = [{"name": r["name"], "x": float(r[key]), "loss": float(r["loss"])} for r in runs]
     out = rollout(points, "x", 3, lambda pts, nb, s: fit_power_law([p["x"] for p in pts], [p["loss"] for p in pts],
                                                                    nb, s), n_bootstrap, seed)
-    return {**out, "order": f"{key}, ascending (runs at equal {key} enter together)"}
+    var = {"N_nonembedding": "N", "D": "D"}.get(key, key)
+    return {**out, "order": f"{var}, ascending (runs at equal {var} enter together)"}
 
 
 def rollout_joint(points: list[dict], n_bootstrap: int = ROLLOUT_BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> dict:
