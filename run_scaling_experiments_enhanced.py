@@ -3452,7 +3452,7 @@ class ChildProgress:
         done_ids = {r["run_id"] for r in records if r.get("status") in FINAL_STATUSES}
         if any(not e.branch_of for e in new) and any(e.run_id not in done_ids for e in s.runs):
             results = {**s.results(), "points": [point_row(r) for r in records]}
-            draw_interim_figures(results, s.out_dir, len(s.runs))
+            draw_interim_figures(results, s.out_dir, len(s.runs), clock=s.figures)
             s.tracker.study(results, s.out_dir)
         log(progress_line(plan_progress(s.runs, done_ids, set(), time.time() - s.t0, None)))
 
@@ -5322,13 +5322,37 @@ def draw_figures(results: dict, out_dir: Path, curves: dict | None = None) -> No
             log(f"figure: could not draw {name} ({type(e).__name__}: {e})")
 
 
+# The interim figures take at most about this share of a study's wall time (RedrawClock).
+INTERIM_FIGURE_SHARE = 0.2
+
+
+@dataclasses.dataclass
+class RedrawClock:
+    """When the interim figures are due: after the first finished run, then once the time since the
+    last redraw ended is at least (1 / INTERIM_FIGURE_SHARE - 1) = 4 times what that redraw took. A redraw
+    costs about 2 s, so runs of 10 s or more get one each; a plan of second-long runs (a smoke test, a
+    small grid on a GPU) is not slowed several-fold by figures nobody opens before it ends. The final
+    figures are always drawn."""
+    last_end: float | None = None
+    last_cost: float = 0.0
+
+    def due(self) -> bool:
+        return self.last_end is None or (time.time() - self.last_end
+                                         >= self.last_cost * (1 / INTERIM_FIGURE_SHARE - 1))
+
+    def drawn(self, t0: float) -> None:
+        self.last_end = time.time()
+        self.last_cost = self.last_end - t0
+
+
 def draw_interim_figures(results: dict, out_dir: Path, n_runs_total: int,
-                         n_bootstrap: int = INTERIM_BOOTSTRAP) -> None:
+                         n_bootstrap: int = INTERIM_BOOTSTRAP, clock: RedrawClock | None = None) -> None:
     """The figures of the runs finished so far, redrawn after each run so they can be opened before the
     plan ends: fits on partial data (unavailable while too few points), `n_bootstrap` resamples (fewer
     than the final figure's, to stay cheap), said in the title. A failure is one log line. An
-    --lr-sweep has no scaling laws to draw: its one figure waits for the end (a redraw costs seconds)."""
-    if results["config"].get("lr_multipliers"):
+    --lr-sweep has no scaling laws to draw: its one figure waits for the end (a redraw costs seconds).
+    With a `clock`, only when it says a redraw is due."""
+    if results["config"].get("lr_multipliers") or (clock is not None and not clock.due()):
         return
     t0 = time.time()
     done = [p for p in results["points"] if p["status"] in FINAL_STATUSES]
@@ -5345,6 +5369,8 @@ def draw_interim_figures(results: dict, out_dir: Path, n_runs_total: int,
         log(f"figure: the interim fits failed ({type(e).__name__}: {e}); the figures wait for the next run")
         return
     draw_figures(interim, out_dir)
+    if clock is not None:
+        clock.drawn(t0)
     log(f"figure: redrawn {out_dir / 'scaling_laws_complete.png'} ({interim['interim']}; "
         f"{format_duration(time.time() - t0)})")
 
@@ -6825,6 +6851,7 @@ class Session:
     tracker: Tracker = field(default_factory=NullTracker)     # --tracker: the study's writer and its runs'
     records: dict = field(default_factory=dict)     # run_id -> record of this command's runs (keep() only)
     t0: float | None = None          # when training began (start_training)
+    figures: RedrawClock = field(default_factory=RedrawClock)   # when the interim figures are due
 
     def start_training(self) -> None:
         self.t0 = time.time()
@@ -7157,11 +7184,11 @@ def after_run(s: Session, results: dict, trained: set[str], estimates: dict[str,
               redraw: bool = True) -> None:
     """Between two runs: redraw the figures from the runs so far (a whole plan only: a part's runs are
     fitted once merged, and the last run's figure is the final one; not after a cooldown branch, whose
-    stable run finishes soon after it: a redraw costs about 2 s, a tiny branch 1-17 s), then the plan's
-    progress."""
+    stable run finishes soon after it: a redraw costs about 2 s, a tiny branch 1-17 s; and only when the
+    session's RedrawClock says one is due), then the plan's progress."""
     done_ids = {p["run_id"] for p in results["points"] if p["status"] in FINAL_STATUSES}
     if redraw and not s.scope.partial and any(e.run_id not in done_ids for e in s.runs):
-        draw_interim_figures(results, s.out_dir, len(s.runs))
+        draw_interim_figures(results, s.out_dir, len(s.runs), clock=s.figures)
         s.tracker.study(results, s.out_dir)
     if not s.scope.child:                # a --parallel child's parent reports the whole plan's progress
         log(progress_line(plan_progress(s.runs, done_ids, trained, time.time() - s.t0, estimates)))
@@ -7377,10 +7404,20 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print(f"error{who}: {type(e).__name__}: {e}; torchrun stops the other ranks", file=sys.stderr, flush=True)
         with contextlib.suppress(Exception):
-            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler  # only a failing rank
-            ErrorHandler().record_exception(e)
+            leave_torchrun_error_file(e)
         return leave_process_group(1)
     return leave_process_group(0)
+
+
+def leave_torchrun_error_file(e: BaseException) -> None:
+    """The error file torchrun's summary reads (TORCHELASTIC_ERROR_FILE; torch's ErrorHandler format),
+    written whole and renamed: torchrun also reads the file of a rank it has just stopped, and a rank
+    stopped while writing it (torch's own writer truncates first) left it empty, so torchrun itself
+    died on the JSON instead of naming the failing rank."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        write_json_atomic(Path(path), {"message": {"message": f"{type(e).__name__}: {e}", "extraInfo": {
+            "py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))}}})
 
 
 if __name__ == "__main__":
