@@ -146,28 +146,35 @@ def uninterrupted(tmp_path_factory, corpus_file, cache_dir):
     return args, out
 
 
-# Kill points, one chain of three kills per case: the stable run before its branch point (15: right
-# after the branch point's own checkpoint), the branch, then the stable run after it. --checkpoint-every
-# 2steps writes the stable run's checkpoints at 2, 4, ..., 14, 15, 17, ..., 59 and the branch's at 17,
-# 19, ..., 29: the ten chains kill at 8 + 7 + 7 of them.
-KILL_CHAINS = [(2 + 2 * i if i < 7 else 15, 17 + 2 * (i % 7), 17 + (6 * i) % 42) for i in range(10)]
+# Kill points, one chain of six kills per case: twice in the stable run before its branch point (15:
+# right after the branch point's own checkpoint), twice in the branch, then twice in the stable run after
+# it. --checkpoint-every 2steps writes the stable run's checkpoints at 2, 4, ..., 14, 15, 17, ..., 59 and
+# the branch's at 17, 19, ..., 29: the five chains kill at all 8, all 7 and 10 of them.
+BEFORE, IN_BRANCH = [2, 4, 6, 8, 10, 12, 14, 15], [17, 19, 21, 23, 25, 27, 29]
+KILL_CHAINS = [(sorted((BEFORE[i], BEFORE[(i + 5) % 8])), sorted((IN_BRANCH[i], IN_BRANCH[(i + 4) % 7])),
+                (17 + 8 * i, 25 + 8 * i)) for i in range(5)]
 
 
-@pytest.mark.parametrize("before,in_branch,after", KILL_CHAINS)
+@pytest.mark.parametrize("before,in_branch,after", KILL_CHAINS,
+                         ids=["-".join(str(s) for part in c for s in part) for c in KILL_CHAINS])
 def test_kills_in_a_stable_run_its_branch_and_after_then_the_same_command_gives_identical_losses(
         uninterrupted, tmp_path, before, in_branch, after):
-    """Killed right after a chosen checkpoint in the stable run, in its branch, and in the stable run
-    after the branch; the same command each time; the losses are the uninterrupted run's bit for bit.
-    (At 0cf71dd a test killed the branch on reading a log line, a race that chose the checkpoint.)"""
+    """Killed right after chosen checkpoints: twice in the stable run, twice in its branch, twice in the
+    stable run after the branch; the same command each time; the losses are the uninterrupted run's bit
+    for bit. (At 0cf71dd a test killed the branch on reading a log line, a race that chose the checkpoint.)"""
     args, reference = uninterrupted
     cmd = [*args, "--output-dir", tmp_path / "killed"]
     stable, branch = "params-N25K-seed0", "params-N25K@15.4K-seed0"
-    said = [main_killed_at(cmd, who, step) for who, step in ((stable, before), (branch, in_branch),
-                                                             (stable, after))]
-    assert f"[{stable}] resuming from its checkpoint at step {before}/60" in said[1]
-    assert f"[{branch}] resuming its cooldown from its checkpoint at step {in_branch}/30" in said[2]
+    kills = [(stable, before[0]), (stable, before[1]), (branch, in_branch[0]), (branch, in_branch[1]),
+             (stable, after[0]), (stable, after[1])]
+    said = [main_killed_at(cmd, who, step) for who, step in kills]
+    assert f"[{stable}] resuming from its checkpoint at step {before[0]}/60" in said[1]
+    assert f"[{stable}] resuming from its checkpoint at step {before[1]}/60" in said[2]
+    assert f"[{branch}] resuming its cooldown from its checkpoint at step {in_branch[0]}/30" in said[3]
+    assert f"[{branch}] resuming its cooldown from its checkpoint at step {in_branch[1]}/30" in said[4]
+    assert f"[{stable}] resuming from its checkpoint at step {after[0]}/60" in said[5]
     again = main_killed_at(cmd)
-    assert f"[{stable}] resuming from its checkpoint at step {after}/60" in again
+    assert f"[{stable}] resuming from its checkpoint at step {after[1]}/60" in again
     assert losses(tmp_path / "killed") == losses(reference)                  # bit for bit on a CPU
 
 
