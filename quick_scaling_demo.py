@@ -117,8 +117,8 @@ def loglog_slope(x, y) -> float:
     return float(-np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)[0])
 
 
-def law_record(law: str, sweeps: dict, plan: list[rse.Experiment], noise: float, seed: int,
-               multiplier: float = 1.0) -> dict:
+def law_record(law: str, sweeps: dict, plan: list[rse.RunSpec], noise: float, seed: int,
+               multiplier: float = 1.0, row_noise: float = 0.0) -> dict:
     """The `true_law` entry of results.json: constants, how each sweep is simulated, the noise."""
     if law == "chinchilla":
         head = {"name": "chinchilla", "formula": "L(N, D) = E + A / N^alpha + B / D^beta",
@@ -138,8 +138,10 @@ def law_record(law: str, sweeps: dict, plan: list[rse.Experiment], noise: float,
         head["base_constants"] = head["constants"]
         head["constants"] = multiplied_law(head["constants"], multiplier)
         head["compute_multiplier"] = multiplier
-    out = {**head, "noise": {"kind": "final loss = law * exp(noise * z), z ~ N(0, 1), one draw per run",
-                             "noise": noise, "seed": seed}, "sweeps": {}}
+    kind = ("final loss = law * exp(noise * z), z ~ N(0, 1), one draw per run" if not row_noise else
+            "final loss = law * exp(row_noise * z_row + noise * z), z_row ~ N(0, 1) one draw per row (a WSD "
+            "stable run and its branches share it, as real ones share a seed's luck), z ~ N(0, 1) one per run")
+    out = {**head, "noise": {"kind": kind, "noise": noise, "row_noise": row_noise, "seed": seed}, "sweeps": {}}
     for sweep, truth in sweeps.items():
         xs = [e.n_params_nonembedding if sweep == "params" else e.tokens for e in plan
               if e.has(rse.SWEEP_ROLE[sweep])]
@@ -172,7 +174,7 @@ def smooth_loss(step, steps: int, initial: float, final: float) -> np.ndarray:
     return final + (initial - final) * g
 
 
-def synth_curve(exp: rse.Experiment, cfg: rse.RunConfig, initial: float, final: float, noise: float,
+def synth_curve(exp: rse.RunSpec, cfg: rse.RunConfig, initial: float, final: float, noise: float,
                 rng: np.random.Generator) -> dict:
     """The runner's `curve` dict: a training loss every log_interval steps (the mean of that many noisy
     batches), a validation loss every eval_interval steps and at step 0 and the last step, whose value
@@ -209,7 +211,7 @@ def synth_curve(exp: rse.Experiment, cfg: rse.RunConfig, initial: float, final: 
 # ----------------------------------------------------------------------------------------------------
 
 def simulate(cfg: rse.RunConfig, preset: rse.Preset, law: str, noise: float, seed: int,
-             multiplier: float = 1.0) -> tuple[dict, list[dict]]:
+             multiplier: float = 1.0, row_noise: float = 0.0) -> tuple[dict, list[dict]]:
     """(a results dict in the runner's schema with its points table, fits still to make, `simulated` and
     `true_law` added; the runs' records, curves included, as the runner writes them under runs/).
     Raises UserError when the law predicts a run learns nothing.
@@ -237,6 +239,9 @@ def simulate(cfg: rse.RunConfig, preset: rse.Preset, law: str, noise: float, see
 
     ln_vocab = math.log(cfg.vocab_size)
     z_final = np.random.default_rng([seed, 0]).standard_normal(len(plan))   # one draw per run, plan order
+    # one draw per row (a stable run and its branches), from its own stream: row_noise 0 changes nothing
+    row = rse.row_index([e.branch_of or e.name for e in plan], len(plan))
+    z_row = np.random.default_rng([seed, 2]).standard_normal(row.max() + 1)[row] * row_noise
     records = []
     for i, exp in enumerate(plan):
         # a run of the parameter sweep's rows (a WSD branch, or a row going on past the sweep's D): a
@@ -248,7 +253,7 @@ def simulate(cfg: rse.RunConfig, preset: rse.Preset, law: str, noise: float, see
             t = sweeps["data"] if on_d else sweep_truth(law, "params", exp.tokens, constants)
             x = exp.tokens if on_d else exp.n_params_nonembedding
             true_loss = float(rse.power_law(x, t["a"], t["b"], t["c"]))
-        final = true_loss * math.exp(noise * z_final[i])
+        final = true_loss * math.exp(noise * z_final[i] + z_row[i])
         rng = np.random.default_rng([seed, 1, i])
         initial = ln_vocab + abs(rng.normal(0, 0.02))   # an untrained model sits at or just above ln V
         if final >= initial - 0.05:
@@ -260,7 +265,7 @@ def simulate(cfg: rse.RunConfig, preset: rse.Preset, law: str, noise: float, see
         records.append(rse.run_record(exp, None, epochs=None, initial_loss=initial, final_val_loss=final,
                                       true_loss=true_loss, status="completed", wall_time_s=0.0, tokens_per_s=None,
                                       curve=synth_curve(exp, cfg, initial, final, noise, rng)))
-    true_law = law_record(law, sweeps, plan, noise, seed, multiplier)
+    true_law = law_record(law, sweeps, plan, noise, seed, multiplier, row_noise)
     environment = {"device": "simulated", "device_name": "none: losses drawn from a known law, no training",
                    "dtype": None, "torch_version": None, "python_version": platform.python_version(),
                    "platform": platform.platform(),
@@ -275,7 +280,7 @@ def simulate(cfg: rse.RunConfig, preset: rse.Preset, law: str, noise: float, see
 
 
 def simulated_study(runner_argv: list[str], law: str, noise: float, seed: int, out_dir: Path,
-                    multiplier: float = 1.0) -> tuple[dict, list[dict]]:
+                    multiplier: float = 1.0, row_noise: float = 0.0) -> tuple[dict, list[dict]]:
     """The runner's plan for these runner arguments (e.g. ['--mode', 'quick']) simulated under `law`
     (made `multiplier` times more compute-efficient): a results dict whose fits are still to be made
     (rse.finish_results), the range note in true_law, and the runs' records."""
@@ -286,7 +291,7 @@ def simulated_study(runner_argv: list[str], law: str, noise: float, seed: int, o
     # the laws below are written in non-embedding N, so the joint law is fitted in that count
     cfg = dataclasses.replace(cfg, data="simulated", device="none", cache_dir="", seed=seed, output_dir=str(out_dir),
                               n_count="non-embedding")
-    results, records = simulate(cfg, preset, law, noise, seed, multiplier)
+    results, records = simulate(cfg, preset, law, noise, seed, multiplier, row_noise)
     note = out_of_range_note(results)
     if note:
         results["true_law"]["note"] = note
@@ -409,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", type=non_negative_float, default=DEFAULT_NOISE,
                    help=f"standard deviation of each final loss in log-loss, i.e. relative (default "
                         f"{DEFAULT_NOISE}; 0 gives the law exactly)")
+    p.add_argument("--row-noise", type=non_negative_float, default=0.0,
+                   help="standard deviation in log-loss shared by a row's runs (a WSD stable run and its "
+                        "cooldown branches, which share a seed in real runs), on top of --noise per run; "
+                        "default 0")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
     p.add_argument("--output-dir", default="scaling_results_demo", help="default scaling_results_demo")
     return p
@@ -425,13 +434,14 @@ def main(argv: list[str] | None = None) -> int:
                 runner_argv += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
         out_dir = Path(args.output_dir)
         results, records = simulated_study(runner_argv, args.law, args.noise, args.seed, out_dir,
-                                           args.compute_multiplier)
+                                           args.compute_multiplier, args.row_noise)
         rse.prepare_output_dir(out_dir)
     except rse.UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     rse.log(f"simulating mode '{results['mode']}' ({len(records)} runs of the runner's plan) "
-            f"under the {args.law} law, noise {args.noise:g}, seed {args.seed}: no training")
+            f"under the {args.law} law, noise {args.noise:g}"
+            f"{f' (+{args.row_noise:g} per row)' if args.row_noise else ''}, seed {args.seed}: no training")
     for sweep, truth in results["true_law"]["sweeps"].items():
         rse.log(f"  {sweep} sweep: {truth['how']}")
     if results["true_law"].get("note"):
