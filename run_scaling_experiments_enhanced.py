@@ -3766,18 +3766,33 @@ def row_index(rows, n: int) -> np.ndarray:
     return np.array([labels.setdefault(r, len(labels)) for r in rows], dtype=int)
 
 
+def cell_index(logx) -> np.ndarray:
+    """Each point's (N, D) cell as an integer (log N, log D rounded to 6 decimals): the points of one
+    cell are replicates, seeds of the same run."""
+    return np.unique(np.round(np.asarray(logx), 6), axis=1, return_inverse=True)[1].ravel()
+
+
 def noise_components(theta_hat, logx, logy, row, with_e: bool = True) -> dict:
-    """The log-loss noise of a fit, split into a part shared by a row's points and a part of each point.
+    """The log-loss noise of a fit, split into a part shared by a row's points, a part shared by an (N, D)
+    cell's points (measured only where a cell has replicates: seeds) and a part of each point.
 
     A WSD row (a stable run and its cooldown branches) shares one initialisation and data order, so
     one seed's luck moves the whole row. Method of moments on the residuals r = M y, M = I - H the
-    annihilator of the fit's linearisation (H = J J^+), r the least-squares residuals: with noise covariance sb^2 ZZ' + sw^2 I (Z the
-    row indicators), E[r'r] = sb^2 tr(M ZZ') + sw^2 tr(M) and E[r'ZZ'r] = sb^2 tr(ZZ'M ZZ'M) +
-    sw^2 tr(ZZ'M). M accounts for what the fit absorbs: a row at its own N is mostly absorbed by the
-    N term, which is why one seed can hardly see sb (`row_noise_measured` False) and a floor is used.
-    Each point's own sd is its D column's (r^2 / M_jj over the column, shrunk toward the pooled
-    within-row value with ROW_COLUMN_PRIOR pseudo-points) where that is larger, so early (short, noisy)
-    horizons keep their larger scatter."""
+    annihilator of the fit's linearisation (H = J J^+), r the least-squares residuals: with noise
+    covariance sb^2 ZZ' + sw^2 I (Z the row indicators), E[r'r] = sb^2 tr(M ZZ') + sw^2 tr(M) and
+    E[r'ZZ'r] = sb^2 tr(ZZ'M ZZ'M) + sw^2 tr(ZZ'M). M accounts for what the fit absorbs: a row at its
+    own N is mostly absorbed by the N term, which is why one seed can hardly see sb (`row_noise_measured`
+    False) and a floor is used. Each point's own sd is its D column's (r^2 / M_jj over the column,
+    shrunk toward the pooled within-row value with ROW_COLUMN_PRIOR pseudo-points) where that is larger,
+    so early (short, noisy) horizons keep their larger scatter.
+
+    With replicated cells the law's lack of fit at a cell is shared by its seeds, and the covariance
+    gains sc^2 CC' (C the cell indicators): _shared_components solves for sb, sc and sw together
+    (for sc and sw alone when no row has several points).
+    The column sds then come from what is left after removing every row and cell offset (_column_sds),
+    the seeds' own scatter: the residuals about the law hold the misfit, which the cell offset
+    already draws, and counting it again per point would double it. Without replicates `cell_sd_log`
+    is 0 and everything is as it was before the cell component existed."""
     fitted, share = _log_law(theta_hat, logx, with_e)
     n = len(logy)
     J = _jacobian(share, logx, with_e)[0]                                    # (n, p)
@@ -3786,10 +3801,39 @@ def noise_components(theta_hat, logx, logy, row, with_e: bool = True) -> dict:
     # others large, which the moment equations (written for r = M y) would misread
     r = M @ (logy - fitted[0])
     Z = (row[:, None] == np.arange(row.max() + 1)[None]).astype(float)       # (n, R)
-    ZZ = Z @ Z.T
+    cell = cell_index(logx)
+    C = (cell[:, None] == np.arange(cell.max() + 1)[None]).astype(float)     # (n, cells)
+    grouped = np.bincount(row).max() > 1
+    replicated = np.bincount(cell).max() > 1
+    col = np.unique(np.round(logx[-1], 6), return_inverse=True)[1]
+    if replicated:
+        # without rows of several points a row is a point: its offset is the within part
+        shared = _shared_components(M, r, [Z @ Z.T, C @ C.T] if grouped else [C @ C.T])
+        (sb2, sc2), sw2 = (shared[:2] if grouped else (0.0, shared[0])), shared[-1]
+        point_sd = _column_sds(logy, np.hstack([Z, C]) if grouped else C, col, sw2)
+    else:
+        sb2, sw2 = _two_components(M, r, Z @ Z.T, grouped)
+        sc2 = 0.0
+        m_jj = np.maximum(np.diag(M), 1e-6)
+        k = np.bincount(col).astype(float)
+        col_var = np.bincount(col, r * r / m_jj) / k
+        shrunk = (k * col_var + ROW_COLUMN_PRIOR * sw2) / (k + ROW_COLUMN_PRIOR)
+        point_sd = np.sqrt(np.maximum(shrunk[col], sw2))
+    # one seed per size: a row's offset and the law's N term are the same direction, so sb is floored
+    n_of_row = np.exp(logx[0])[np.unique(row, return_index=True)[1]]
+    measured = bool(grouped and len(np.unique(n_of_row)) < row.max() + 1)
+    floor2 = ROW_NOISE_FLOOR ** 2 * sw2 if grouped and not measured else 0.0
+    return {"row_sd_log": float(np.sqrt(max(sb2, floor2))), "row_sd_log_estimated": float(np.sqrt(sb2)),
+            "row_noise_measured": measured, "row_noise_floored": bool(floor2 > sb2),
+            "point_sd_log": point_sd, "within_sd_log": float(np.sqrt(sw2)), "n_rows": int(row.max() + 1),
+            "grouped": bool(grouped), "cell_sd_log": float(np.sqrt(sc2)), "cell_noise_measured": bool(replicated)}
+
+
+def _two_components(M, r, ZZ, grouped: bool) -> tuple[float, float]:
+    """(sb^2, sw^2) from r'r and r'ZZ'r; without rows of several points, (0, r'r / tr M). Where sw^2
+    comes out negative the first equation alone gives sb^2 and sw^2 falls back to the pooled value."""
     tr_m = max(np.trace(M), 1e-12)
     pooled = float(r @ r / tr_m)
-    grouped = np.bincount(row).max() > 1
     sb2, sw2 = 0.0, pooled
     if grouped:
         lhs = np.array([[np.trace(M @ ZZ), tr_m], [np.trace(ZZ @ M @ ZZ @ M), np.trace(ZZ @ M)]])
@@ -3803,27 +3847,52 @@ def noise_components(theta_hat, logx, logy, row, with_e: bool = True) -> dict:
         sb2, sw2 = max(float(sb2), 0.0), max(float(sw2), 0.0)
         if sw2 == 0.0:
             sw2 = pooled
-    # one seed per size: a row's offset and the law's N term are the same direction, so sb is floored
-    n_of_row = np.exp(logx[0])[np.unique(row, return_index=True)[1]]
-    measured = bool(grouped and len(np.unique(n_of_row)) < row.max() + 1)
-    floor2 = ROW_NOISE_FLOOR ** 2 * sw2 if grouped and not measured else 0.0
-    col = np.unique(np.round(logx[-1], 6), return_inverse=True)[1]
-    m_jj = np.maximum(np.diag(M), 1e-6)
-    k = np.bincount(col).astype(float)
-    col_var = np.bincount(col, r * r / m_jj) / k
-    shrunk = (k * col_var + ROW_COLUMN_PRIOR * sw2) / (k + ROW_COLUMN_PRIOR)
-    point_sd = np.sqrt(np.maximum(shrunk[col], sw2))
-    return {"row_sd_log": float(np.sqrt(max(sb2, floor2))), "row_sd_log_estimated": float(np.sqrt(sb2)),
-            "row_noise_measured": measured, "row_noise_floored": bool(floor2 > sb2),
-            "point_sd_log": point_sd, "within_sd_log": float(np.sqrt(sw2)), "n_rows": int(row.max() + 1),
-            "grouped": bool(grouped)}
+    return sb2, sw2
 
 
-def synthetic_log_losses(fitted, row, noise: dict, n_boot: int, rng) -> np.ndarray:
+def _shared_components(M, r, shared: list) -> list[float]:
+    """The variances of noise covariance sum_k s_k^2 G_k + sw^2 I, G_k the `shared` ZZ'-like matrices
+    (rows, cells), from E[r'Q r] = tr(Q M Sigma M) for Q in (*shared, I): [s_1^2, ..., sw^2]. A shared
+    component that comes out negative is dropped, the most negative first, with its own equation, and
+    the smaller system solved again; the within part is never dropped, only clipped at 0 (replicates
+    measure it directly)."""
+    G = [*shared, np.eye(len(r))]
+    lhs = np.array([[np.trace(Q @ M @ S @ M) for S in G] for Q in G])
+    rhs = np.array([r @ Q @ r for Q in G])
+    keep = list(range(len(G)))
+    while True:
+        s = np.zeros(len(G))
+        s[keep] = np.linalg.lstsq(lhs[np.ix_(keep, keep)], rhs[keep], rcond=None)[0]
+        negative = [i for i in keep[:-1] if s[i] < 0]
+        if not negative:
+            return [max(float(v), 0.0) for v in s]
+        keep.remove(min(negative, key=lambda i: s[i]))
+
+
+def _column_sds(logy, shared, col, sw2: float) -> np.ndarray:
+    """Each point's sd with replicated cells: its D column's scatter about every row and cell offset
+    (the residuals e = M2 y, M2 the annihilator of the row and cell indicators `shared`, which also
+    spans the law: E[e_j^2] = sw^2 M2_jj), sum e^2 / sum M2_jj over the column, shrunk toward sw^2
+    with ROW_COLUMN_PRIOR pseudo-points, where that is larger than sw^2."""
+    M2 = np.eye(len(logy)) - shared @ np.linalg.pinv(shared)
+    e = M2 @ logy
+    dof = np.bincount(col, np.clip(np.diag(M2), 0.0, None))
+    col_var = np.bincount(col, e * e) / np.maximum(dof, 1e-12)
+    shrunk = (dof * col_var + ROW_COLUMN_PRIOR * sw2) / (dof + ROW_COLUMN_PRIOR)
+    return np.sqrt(np.maximum(shrunk[col], sw2))
+
+
+def synthetic_log_losses(fitted, row, noise: dict, n_boot: int, rng, cell=None) -> np.ndarray:
     """n_boot synthetic data sets (n_boot, n): the fitted log-losses plus a normal offset per row (sd
-    noise['row_sd_log'], shared by a stable run and its branches) plus one per point (its sd)."""
+    noise['row_sd_log'], shared by a stable run and its branches) plus one per point (its sd), plus,
+    where noise['cell_sd_log'] > 0, one per (N, D) cell (`cell`, cell_index of the points), shared by
+    a cell's seeds. The cell offsets are drawn after the others, so without them the draws are the
+    same as they were before cells existed."""
     shared = rng.standard_normal((n_boot, row.max() + 1))[:, row] * noise["row_sd_log"]
-    return fitted + shared + rng.standard_normal((n_boot, len(fitted))) * noise["point_sd_log"]
+    out = fitted + shared + rng.standard_normal((n_boot, len(fitted))) * noise["point_sd_log"]
+    if noise.get("cell_sd_log", 0.0) > 0:
+        out = out + rng.standard_normal((n_boot, cell.max() + 1))[:, cell] * noise["cell_sd_log"]
+    return out
 
 
 def _row_bootstrap(theta_hat, logx, logy, row, with_e, n_boot, seed):
@@ -3840,7 +3909,7 @@ def _row_bootstrap(theta_hat, logx, logy, row, with_e, n_boot, seed):
         return None, None, f"{n} points leave no degree of freedom for {p} parameters"
     noise = noise_components(theta_hat, logx, logy, row, with_e)
     fitted = _log_law(theta_hat, logx, with_e)[0][0]
-    synthetic = synthetic_log_losses(fitted, row, noise, n_boot, np.random.default_rng(seed))
+    synthetic = synthetic_log_losses(fitted, row, noise, n_boot, np.random.default_rng(seed), cell_index(logx))
     theta, f = _refine_batch(np.repeat(theta_hat[None], n_boot, 0), logx, synthetic, np.ones(n), with_e)
     theta[~(np.all(np.isfinite(theta), axis=1) & np.isfinite(f))] = np.nan
     return theta, noise, None
@@ -4082,6 +4151,9 @@ def fit_joint_law(n_params, tokens, loss, n_bootstrap: int = N_BOOTSTRAP, seed: 
         fit["noise"] = {k: v for k, v in noise.items() if k != "point_sd_log"} | {
             "point_sd_log_range": [float(noise["point_sd_log"].min()), float(noise["point_sd_log"].max())]}
         fit["conditional_on"] = intervals_conditional_on(noise)
+        if noise["cell_noise_measured"]:
+            fit["method"] += (", plus one per (N, D) cell shared by its seeds (the law's misfit there, "
+                              "measured across the seeds)")
         # E at its bound in many draws: the runs cannot place the floor, so neither the exponents
         unidentified = float(np.mean(cols["E"] < 1e-3 * ys.min())) if len(samples) else 1.0
         fit["draws_E_at_bound"] = unidentified
@@ -4097,13 +4169,15 @@ def fit_joint_law(n_params, tokens, loss, n_bootstrap: int = N_BOOTSTRAP, seed: 
 
 def intervals_conditional_on(noise: dict) -> str:
     """What the joint law's intervals assume, in one sentence for the log and results.json."""
+    cell = (f"a cell-shared misfit of {noise['cell_sd_log']:.2%} measured across seeds (the law's lack of fit "
+            f"at each (N, D), the same for its seeds), " if noise.get("cell_noise_measured") else "")
     if not noise["grouped"]:
-        return ("the fitted form, and independent noise per run (no run shares a seed row with another), "
-                "with each D column's own scatter")
+        return (f"the fitted form, {cell}and independent noise per run (no run shares a seed row with "
+                f"another), with each D column's own scatter")
     row = (f"a row-shared noise of {noise['row_sd_log']:.2%} measured across seeds" if noise["row_noise_measured"]
            else f"a row-shared noise of {noise['row_sd_log']:.2%} (one seed per size cannot measure it; "
                 f"{'floored at ' + format(ROW_NOISE_FLOOR, 'g') + 'x the within-row scatter' if noise['row_noise_floored'] else 'estimated from the residuals'})")
-    return (f"the fitted form, {row}, and per-run noise of {noise['within_sd_log']:.2%} or its D column's "
+    return (f"the fitted form, {row}, {cell}and per-run noise of {noise['within_sd_log']:.2%} or its D column's "
             f"larger scatter")
 
 
@@ -4272,6 +4346,8 @@ def fit_joint_laws_shared_floor(studies: list[dict], n_bootstrap: int = N_BOOTST
     if n_bootstrap < 1:
         return fit
     noises = noises_at(theta_hat)
+    if any(nz["cell_noise_measured"] for nz in noises):
+        fit["method"] += ", and per (N, D) cell where a study has several seeds of it"
     samples = _shared_floor_bootstrap(theta_hat, logxs, noises, rows, scale, delta, n_bootstrap, seed)
     good = ~np.isnan(samples).any(axis=1)
     failed = int((~good).sum())
@@ -4309,7 +4385,8 @@ def _shared_floor_bootstrap(theta_hat, logxs, noises, rows, scale, delta: float,
     synthetic, start = [], 0
     for s, noise in enumerate(noises):
         n_s = logxs[s].shape[1]
-        synthetic.append(synthetic_log_losses(fitted[0, start:start + n_s], rows[s], noise, n_bootstrap, rng))
+        synthetic.append(synthetic_log_losses(fitted[0, start:start + n_s], rows[s], noise, n_bootstrap, rng,
+                                              cell_index(logxs[s])))
         start += n_s
     samples, f = _refine_shared_floor(np.repeat(theta_hat[None], n_bootstrap, 0), logxs,
                                       np.concatenate(synthetic, axis=1), scale, delta)

@@ -73,6 +73,71 @@ def test_noise_components_measure_row_noise_across_seeds():
     assert 0.004 < noise["row_sd_log"] < 0.02 and noise["within_sd_log"] < 0.003
 
 
+def two_seeds_with_cell_misfit(seed=4):
+    """tiny's design run with 2 seeds: the law plus a fixed misfit per (N, D) cell (0.5% sd, the same for
+    both seeds, as a wrong functional form would leave) plus seed noise (0.1% per row, 0.15% per run)."""
+    N, D, rows, _ = tiny_design()
+    cell = np.arange(len(N))                      # every (N, D) of tiny's design is its own cell
+    pattern = np.sin(1.7 * cell + 0.3)
+    misfit = 0.005 * (pattern - pattern.mean()) / pattern.std()
+    rows2 = [(r, 0) for r in rows] + [(r, 1) for r in rows]
+    row = rse.row_index(rows2, len(rows2))
+    rng = np.random.default_rng(seed)
+    logy = np.log(rse.joint_law(np.concatenate([N, N]), np.concatenate([D, D]), **TINY_LAW)) \
+        + np.concatenate([misfit, misfit]) + rng.normal(0, 0.001, row.max() + 1)[row] \
+        + rng.normal(0, 0.0015, len(row))
+    return np.concatenate([N, N]), np.concatenate([D, D]), rows2, logy
+
+
+def test_noise_components_split_cell_misfit_from_seed_noise():
+    # the misfit is shared by a cell's two seeds: the cell sd takes it, the within sd keeps the seed noise
+    N2, D2, rows2, logy = two_seeds_with_cell_misfit()
+    fit = rse.fit_joint_law(N2, D2, np.exp(logy), n_bootstrap=0, rows=rows2)
+    theta = np.array([np.log(fit["A"]), fit["alpha"], np.log(fit["B"]), fit["beta"], np.log(fit["E"])])
+    noise = rse.noise_components(theta, np.log(np.vstack([N2, D2])), logy, rse.row_index(rows2, len(rows2)))
+    assert noise["cell_noise_measured"]
+    assert 0.0025 < noise["cell_sd_log"] < 0.01, noise
+    assert 0.0009 < noise["within_sd_log"] < 0.0036, noise
+    assert noise["point_sd_log"].max() < 0.0036, noise          # the per-column sds are seed noise too
+
+
+def test_two_seeds_of_a_misfit_law_do_not_halve_the_interval():
+    # Drawing each seed's point independently averaged the cells' misfit away. Points as independent
+    # (no rows), so that only the cell component differs: alpha's interval with two seeds was 0.62 of
+    # one seed's before the cell component (0.095 vs 0.152), and is 0.89 now. With rows, one seed floors
+    # the row noise at the within scatter (misfit included) and two seeds measure it near 0: the second
+    # seed narrows it legitimately there (0.343 -> 0.123 now, 0.097 before).
+    N2, D2, rows2, logy = two_seeds_with_cell_misfit()
+    n = len(N2) // 2
+    one = rse.fit_joint_law(N2[:n], D2[:n], np.exp(logy[:n]), n_bootstrap=200, seed=1)
+    two = rse.fit_joint_law(N2, D2, np.exp(logy), n_bootstrap=200, seed=1)
+    w1, w2 = (f["ci95"]["alpha"][1] - f["ci95"]["alpha"][0] for f in (one, two))
+    assert w2 > 0.75 * w1, (one["ci95"]["alpha"], two["ci95"]["alpha"])
+    by_row = rse.fit_joint_law(N2, D2, np.exp(logy), n_bootstrap=200, seed=1, rows=rows2)
+    assert by_row["ci95"]["alpha"][1] - by_row["ci95"]["alpha"][0] > 0.11, by_row["ci95"]["alpha"]
+    assert "cell" in by_row["conditional_on"] and "cell" in by_row["method"]
+
+
+def test_one_seed_fit_and_intervals_are_bit_identical_to_before_the_cell_component():
+    # recorded from the code before the cell-shared component (436b4d2): with no replicated (N, D) cell
+    # the noise, the draws and so every interval must be exactly as they were
+    N, D, rows, _ = tiny_design()
+    loss = rse.joint_law(N, D, **TINY_LAW) * np.exp(row_shared_noise(rows)(np.random.default_rng(11)))
+    fit = rse.fit_joint_law(N, D, loss, n_bootstrap=100, seed=5, rows=rows)
+    assert fit["ci95"]["alpha"] == [0.24974293271491163, 0.3636156702084162]
+    assert fit["ci95"]["beta"] == [0.569753211804012, 0.6851282762922016]
+    assert fit["ci95"]["E"] == [1.4067303701179976, 1.7129413707167547]
+    assert fit["N_opt_exponent_ci95"] == [0.6376397882510072, 0.7189526600093815]
+    noise = fit["noise"]
+    assert noise["row_sd_log"] == 0.002061472126075649 and noise["within_sd_log"] == 0.0018902538070304411
+    assert noise["point_sd_log_range"] == [0.0018902538070304411, 0.002642729518188335]
+    assert not noise["row_noise_measured"] and not noise["row_noise_floored"] and noise["n_rows"] == 5
+    assert noise["cell_sd_log"] == 0.0 and not noise["cell_noise_measured"]
+    assert fit["conditional_on"] == (
+        "the fitted form, a row-shared noise of 0.21% (one seed per size cannot measure it; estimated from "
+        "the residuals), and per-run noise of 0.19% or its D column's larger scatter")
+
+
 def test_intervals_with_draws_without_a_value_are_open_not_narrowed():
     x = np.linspace(1.0, 2.0, 1000)
     assert rse._interval(x) == pytest.approx([1.025, 1.975], abs=1e-3)
