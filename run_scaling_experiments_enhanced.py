@@ -4139,32 +4139,39 @@ def fit_joint_law(n_params, tokens, loss, n_bootstrap: int = N_BOOTSTRAP, seed: 
     if samples is None:
         notes.append(f"no interval: {why}")
     else:
-        good = np.all(np.isfinite(samples), axis=1)
-        failed = int((~good).sum())
-        samples = samples[good]
-        cols = dict(zip(("E", "A", "B", "alpha", "beta"), _joint_params(samples)))
-        fit["ci95"] = {k: _interval(v, failed) for k, v in cols.items()}
-        fit["N_opt_exponent_ci95"] = _interval(cols["beta"] / (cols["alpha"] + cols["beta"]), failed)
-        fit["n_bootstrap"] = int(len(samples))
-        fit["n_bootstrap_failed"] = failed
-        fit["_samples"] = samples
-        fit["noise"] = {k: v for k, v in noise.items() if k != "point_sd_log"} | {
-            "point_sd_log_range": [float(noise["point_sd_log"].min()), float(noise["point_sd_log"].max())]}
-        fit["conditional_on"] = intervals_conditional_on(noise)
-        if noise["cell_noise_measured"]:
-            fit["method"] += (", plus one per (N, D) cell shared by its seeds (the law's misfit there, "
-                              "measured across the seeds)")
-        # E at its bound in many draws: the runs cannot place the floor, so neither the exponents
-        unidentified = float(np.mean(cols["E"] < 1e-3 * ys.min())) if len(samples) else 1.0
-        fit["draws_E_at_bound"] = unidentified
-        if unidentified > OPEN_SHARE:
-            fit["unidentified"] = ["E", "alpha", "beta", "N_opt_exponent"]
-            fit["ci95"].update(E=UNIDENTIFIED, alpha=UNIDENTIFIED, beta=UNIDENTIFIED)
-            fit["N_opt_exponent_ci95"] = UNIDENTIFIED
-            notes.append(f"{unidentified:.0%} of the bootstrap draws put E at its bound 0: the runs do not "
-                         f"identify the floor, so E, alpha, beta and the allocation are reported open")
+        _add_joint_intervals(fit, samples, noise, ys.min(), notes)
     fit["note"] = "; ".join(notes) or None
     return fit
+
+
+def _add_joint_intervals(fit: dict, samples, noise: dict, min_loss: float, notes: list) -> None:
+    """fit_joint_law's intervals from its bootstrap draws (S, 5) (NaN rows: failed refits, counted
+    open), the noise they were drawn with and what they are conditional on; E, alpha, beta and the
+    allocation reported open when too many draws put E at its bound (a note added)."""
+    good = np.all(np.isfinite(samples), axis=1)
+    failed = int((~good).sum())
+    samples = samples[good]
+    cols = dict(zip(("E", "A", "B", "alpha", "beta"), _joint_params(samples)))
+    fit["ci95"] = {k: _interval(v, failed) for k, v in cols.items()}
+    fit["N_opt_exponent_ci95"] = _interval(cols["beta"] / (cols["alpha"] + cols["beta"]), failed)
+    fit["n_bootstrap"] = int(len(samples))
+    fit["n_bootstrap_failed"] = failed
+    fit["_samples"] = samples
+    fit["noise"] = {k: v for k, v in noise.items() if k != "point_sd_log"} | {
+        "point_sd_log_range": [float(noise["point_sd_log"].min()), float(noise["point_sd_log"].max())]}
+    fit["conditional_on"] = intervals_conditional_on(noise)
+    if noise["cell_noise_measured"]:
+        fit["method"] += (", plus one per (N, D) cell shared by its seeds (the law's misfit there, "
+                          "measured across the seeds)")
+    # E at its bound in many draws: the runs cannot place the floor, so neither the exponents
+    unidentified = float(np.mean(cols["E"] < 1e-3 * min_loss)) if len(samples) else 1.0
+    fit["draws_E_at_bound"] = unidentified
+    if unidentified > OPEN_SHARE:
+        fit["unidentified"] = ["E", "alpha", "beta", "N_opt_exponent"]
+        fit["ci95"].update(E=UNIDENTIFIED, alpha=UNIDENTIFIED, beta=UNIDENTIFIED)
+        fit["N_opt_exponent_ci95"] = UNIDENTIFIED
+        notes.append(f"{unidentified:.0%} of the bootstrap draws put E at its bound 0: the runs do not "
+                     f"identify the floor, so E, alpha, beta and the allocation are reported open")
 
 
 def intervals_conditional_on(noise: dict) -> str:
@@ -4643,17 +4650,20 @@ def _isoflop_budget(s: dict, k_flops: float) -> dict:
 def isoflop_draws(budgets: list[dict], joint: dict | None, n_bootstrap: int, rng) -> tuple[list, str | None]:
     """Bootstrap draws of every budget's vertex log N (S,) from one set of perturbed losses: each loss
     times exp(row offset + own offset), the row offset shared by every budget's entries from the same
-    seed row, the sds the joint law's noise components (its row-shared and within-row sd). All budgets
-    are drawn together, so a seed's luck moves them together. None with a reason without a noise estimate."""
+    seed row, the sds the joint law's noise components (its row-shared and within-row sd; with seeds, the
+    within and cell-shared sds together, as the within sd was before the cell part was split from it, so a
+    second seed does not narrow these intervals by dropping the law's misfit). All budgets are drawn
+    together, so a seed's luck moves them together. None with a reason without a noise estimate."""
     noise = (joint or {}).get("noise")
     if not noise or not (noise["row_sd_log"] > 0 or noise["within_sd_log"] > 0):
         return [None] * len(budgets), "no noise estimate (the joint law's residuals) to resample"
     keys = {k: i for i, k in enumerate(dict.fromkeys(r for b in budgets for r in b["row"]))}
     shared = rng.standard_normal((n_bootstrap, len(keys))) * noise["row_sd_log"]
+    own_sd = math.hypot(noise["within_sd_log"], noise.get("cell_sd_log", 0.0))     # hypot(w, 0) is w
     out = []
     for b in budgets:
         idx = np.array([keys[r] for r in b["row"]])
-        own = rng.standard_normal((n_bootstrap, len(idx))) * noise["within_sd_log"]
+        own = rng.standard_normal((n_bootstrap, len(idx))) * own_sd
         loss = np.asarray(b["loss"], dtype=float)[None] * np.exp(shared[:, idx] + own)
         out.append(_parabola_vertices(np.log(b["N"]), loss, np.ones_like(loss))[0])
     return out, None
