@@ -6182,6 +6182,17 @@ class NullTracker(Tracker):
     """--tracker none, torchrun's other ranks, and Trainers that time steps: nothing is written."""
 
 
+def wait_past_event_files(folder: Path) -> None:
+    """Until the clock's second is past every event file's in `folder`. TensorBoard reads a folder's files
+    in name order, and a name starts with the second it was opened in; a resumed run's writer opened in
+    the same second as the killed one's (a rerun within a second, as a script or test may do) could sort
+    first, and its points would then read as orphans of the older file and be dropped."""
+    stamps = [int(m.group(1)) for f in (folder.glob("events.out.tfevents.*") if folder.is_dir() else [])
+              if (m := re.match(r"events\.out\.tfevents\.(\d+)\.", f.name))]
+    while stamps and time.time() < max(stamps) + 1:
+        time.sleep(0.05)
+
+
 class TensorBoardTracker(Tracker):
     """One event folder per run under <output>/tb/ (and tb/fits), so `tensorboard --logdir <output>` shows
     the study. Every point is flushed at once: a SIGKILL loses none, and a resumed run's writer purges
@@ -6193,9 +6204,10 @@ class TensorBoardTracker(Tracker):
         self.fits_writer = None
 
     def open_run(self, exp, tokens, resumed):
+        folder = self.out_dir / "tb" / exp.run_id
+        wait_past_event_files(folder)
         # purge_step hides every event at or after it in this folder (TensorBoard's own rule for restarts)
-        return self.tb.SummaryWriter(str(self.out_dir / "tb" / exp.run_id),
-                                     purge_step=tokens + 1 if resumed else tokens)
+        return self.tb.SummaryWriter(str(folder), purge_step=tokens + 1 if resumed else tokens)
 
     def write(self, exp, run, tokens, values):
         for key, value in values.items():
