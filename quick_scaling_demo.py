@@ -240,7 +240,7 @@ def simulate(cfg: rse.RunConfig, preset: rse.Preset, law: str, noise: float, see
     ln_vocab = math.log(cfg.vocab_size)
     z_final = np.random.default_rng([seed, 0]).standard_normal(len(plan))   # one draw per run, plan order
     # one draw per row (a stable run and its branches), from its own stream: row_noise 0 changes nothing
-    row = rse.row_index([e.branch_of or e.name for e in plan], len(plan))
+    row = rse.row_index([rse.run_row(dataclasses.asdict(e)) for e in plan], len(plan))
     z_row = np.random.default_rng([seed, 2]).standard_normal(row.max() + 1)[row] * row_noise
     records = []
     for i, exp in enumerate(plan):
@@ -333,7 +333,9 @@ def print_comparison(results: dict) -> None:
     law = results["true_law"]
     noise = law["noise"]
     rse.log("")
-    rse.log(f"true vs recovered ({law['name']} law, noise {noise['noise']:g} in log-loss, seed {noise['seed']})")
+    per_row = f" + {noise['row_noise']:g} per row" if noise.get("row_noise") else ""
+    rse.log(f"true vs recovered ({law['name']} law, noise {noise['noise']:g}{per_row} in log-loss, "
+            f"seed {noise['seed']})")
     rse.log(f"  {'sweep':<7} {'fit form':<16} {'true b':>7} {'recovered b':>12} {'95% CI':>18} {'c=0 slope':>10}"
             f" {'true c':>7} {'recovered c':>12} {'95% CI':>18}")
     for sweep, truth in law["sweeps"].items():

@@ -3456,7 +3456,7 @@ class ChildProgress:
         done_ids = {r["run_id"] for r in records if r.get("status") in FINAL_STATUSES}
         if any(not e.branch_of for e in new) and any(e.run_id not in done_ids for e in s.runs):
             results = {**s.results(), "points": [point_row(r) for r in records]}
-            draw_interim_figures(results, s.out_dir, len(s.runs), clock=s.figures)
+            draw_interim_figures(results, s.out_dir, len(s.runs), s.figures)
             s.tracker.study(results, s.out_dir)
         log(progress_line(plan_progress(s.runs, done_ids, set(), time.time() - s.t0, None)))
 
@@ -5437,13 +5437,13 @@ class RedrawClock:
 
 
 def draw_interim_figures(results: dict, out_dir: Path, n_runs_total: int,
-                         n_bootstrap: int = INTERIM_BOOTSTRAP, clock: RedrawClock | None = None) -> None:
+                         clock: RedrawClock, n_bootstrap: int = INTERIM_BOOTSTRAP) -> None:
     """The figures of the runs finished so far, redrawn after each run so they can be opened before the
     plan ends: fits on partial data (unavailable while too few points), `n_bootstrap` resamples (fewer
     than the final figure's, to stay cheap), said in the title. A failure is one log line. An
     --lr-sweep has no scaling laws to draw: its one figure waits for the end (a redraw costs seconds).
-    With a `clock`, only when it says a redraw is due."""
-    if results["config"].get("lr_multipliers") or (clock is not None and not clock.due()):
+    Only when the session's `clock` says a redraw is due."""
+    if results["config"].get("lr_multipliers") or not clock.due():
         return
     t0 = time.time()
     done = [p for p in results["points"] if p["status"] in FINAL_STATUSES]
@@ -5460,8 +5460,7 @@ def draw_interim_figures(results: dict, out_dir: Path, n_runs_total: int,
         log(f"figure: the interim fits failed ({type(e).__name__}: {e}); the figures wait for the next run")
         return
     draw_figures(interim, out_dir)
-    if clock is not None:
-        clock.drawn(t0)
+    clock.drawn(t0)
     log(f"figure: redrawn {out_dir / 'scaling_laws_complete.png'} ({interim['interim']}; "
         f"{format_duration(time.time() - t0)})")
 
@@ -7291,7 +7290,7 @@ def after_run(s: Session, results: dict, trained: set[str], estimates: dict[str,
     session's RedrawClock says one is due), then the plan's progress."""
     done_ids = {p["run_id"] for p in results["points"] if p["status"] in FINAL_STATUSES}
     if redraw and not s.scope.partial and any(e.run_id not in done_ids for e in s.runs):
-        draw_interim_figures(results, s.out_dir, len(s.runs), clock=s.figures)
+        draw_interim_figures(results, s.out_dir, len(s.runs), s.figures)
         s.tracker.study(results, s.out_dir)
     if not s.scope.child:                # a --parallel child's parent reports the whole plan's progress
         log(progress_line(plan_progress(s.runs, done_ids, trained, time.time() - s.t0, estimates)))

@@ -258,3 +258,18 @@ def test_figure_legend_and_panel_colours():
         assert [tuple(c) for c in dots4] == [viridis(0.0), viridis(1.0)]                 # purple .. yellow
     finally:
         rse.plt.close(fig)
+
+
+def test_interim_figures_are_due_after_the_first_run_then_after_four_times_their_cost(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(rse.time, "time", lambda: now[0])
+    clock = rse.RedrawClock()
+    assert clock.due()                              # the first finished run always gets its figures
+    clock.drawn(now[0] - 2.0)                       # a redraw that took 2 s, ending now
+    now[0] += 7.9
+    assert not clock.due()                          # a second-long run later: not yet (8 s = 4 x 2 s)
+    now[0] += 0.1
+    assert clock.due()
+    clock.drawn(now[0] - 0.5)                       # cheaper redraws are due sooner
+    now[0] += 2.0
+    assert clock.due()
