@@ -97,6 +97,11 @@ try:
 except ImportError:
     tokenizers = tqdm = None
 
+# MKL (torch's CPU matmuls) may use fewer threads than asked when the machine is busy, and a matmul split
+# over fewer threads sums in another order: the same run then differs in the 7th digit (seen: 1 of 20
+# runs of a test command under a 3-process CPU hog; 0 of 12 with this set). Fixed threads keep a CPU run
+# bit for bit reproducible, resumed or not. Set before torch loads MKL; a user's own setting wins.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 try:       # the demo, the comparison, --fit-only and --fit-csv also run where torch is not installed
     import torch
     import torch.distributed as dist
