@@ -44,7 +44,6 @@ import ctypes
 import dataclasses
 import datetime
 import fcntl
-import functools
 import gc
 import hashlib
 import io
@@ -2740,15 +2739,12 @@ def gpu_peak_flops(device_name: str, dtype: str) -> float | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
 def measure_matmul_peak(device: str, dtype: str, size: int = 2048, seconds: float = 1.0) -> float:
     """FLOP/s of a large square matmul on this device, the best of many short blocks (other load only
-    ever slows a block down): the ceiling for devices without a data sheet. Measured once per process
-    (a second of work: main() called again in one process, as the tests do, reuses it)."""
+    ever slows a block down): the ceiling for devices without a data sheet."""
     tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    # constant operands: a matmul's speed does not depend on its values, and the global RNG is left alone
-    a = torch.full((size, size), 1.0 / size, device=device, dtype=tdtype)
-    b = torch.full((size, size), 1.0 / size, device=device, dtype=tdtype)
+    a = torch.randn(size, size, device=device, dtype=tdtype)
+    b = torch.randn(size, size, device=device, dtype=tdtype)
     a @ b                                                # warm-up
     best, t_end = 0.0, time.time() + seconds
     while time.time() < t_end or best == 0.0:
